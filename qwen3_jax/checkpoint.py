@@ -1,0 +1,321 @@
+"""Hugging Face safetensors checkpoints in and out, streamed tensor by tensor.
+
+Loading never holds more than one layer's tensor on the host besides the model itself: each stacked
+parameter is allocated once (on its devices / shards) and filled layer by layer with a donated update.
+Both the hub's per-expert names (`mlp.experts.{j}.gate_proj.weight`) and transformers 5's fused names
+(`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj` [E, D, F]) are read; the hub layout is
+written. safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from .config import Qwen3Config
+from .model import Qwen3ForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match its config or is damaged; the message names tensor and file."""
+
+
+# ============================================================================ name mapping
+@dataclass(frozen=True)
+class Slot:
+    """One of our stacked parameters: its path in the module, and per stack index the HF source."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    hf_names: Callable[[int], list[str]]                 # stack index -> hub tensor names (one or E)
+    to_ours: Callable[[list[np.ndarray]], np.ndarray]    # hub tensors -> our slice
+    to_hf: Callable[[np.ndarray], list[np.ndarray]]      # our slice -> hub tensors
+    stacked: bool = True
+
+
+def _slots(cfg: Qwen3Config) -> list[Slot]:
+    d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    L, V = cfg.num_hidden_layers, cfg.vocab_size
+    moe_layers, dense_layers = cfg.moe_layers, cfg.dense_layers
+    E, F, I = cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size
+    one = lambda f: (lambda ts: f(ts[0]))                 # noqa: E731
+    T = lambda x: np.ascontiguousarray(x.T)               # noqa: E731
+    lay = "model.layers.{}."
+    slots = [
+        Slot(("embed_tokens",), (V, d), lambda _: ["model.embed_tokens.weight"], one(lambda x: x), lambda x: [x], False),
+        Slot(("norm",), (d,), lambda _: ["model.norm.weight"], one(lambda x: x), lambda x: [x], False),
+    ]
+    if not cfg.tie_word_embeddings:
+        slots.append(Slot(("lm_head",), (d, V), lambda _: ["lm_head.weight"], one(T), lambda x: [T(x)], False))
+
+    def attn(name, hf, shape, to_ours, to_hf):
+        slots.append(Slot(("layers", "attn", name), (L, *shape), lambda i: [(lay + hf).format(i)], one(to_ours), lambda x: [to_hf(x)]))
+
+    qkv_in = lambda n: (lambda w: np.ascontiguousarray(w.reshape(n, hd, d).transpose(2, 0, 1)))  # noqa: E731
+    qkv_out = lambda n: (lambda x: np.ascontiguousarray(x.transpose(1, 2, 0).reshape(n * hd, d)))  # noqa: E731
+    attn("q_proj", "self_attn.q_proj.weight", (d, h, hd), qkv_in(h), qkv_out(h))
+    attn("k_proj", "self_attn.k_proj.weight", (d, kv, hd), qkv_in(kv), qkv_out(kv))
+    attn("v_proj", "self_attn.v_proj.weight", (d, kv, hd), qkv_in(kv), qkv_out(kv))
+    attn("o_proj", "self_attn.o_proj.weight", (h, hd, d),
+         lambda w: np.ascontiguousarray(w.T.reshape(h, hd, d)), lambda x: T(x.reshape(h * hd, d)))
+    attn("q_norm", "self_attn.q_norm.weight", (hd,), lambda x: x, lambda x: x)
+    attn("k_norm", "self_attn.k_norm.weight", (hd,), lambda x: x, lambda x: x)
+    attn("input_layernorm", "input_layernorm.weight", (d,), lambda x: x, lambda x: x)
+    attn("post_attention_layernorm", "post_attention_layernorm.weight", (d,), lambda x: x, lambda x: x)
+
+    if moe_layers:
+        Lm = len(moe_layers)
+        ml = lambda i: lay.format(moe_layers[i]) + "mlp."  # noqa: E731
+        per_expert = lambda proj: (lambda i: [f"{ml(i)}experts.{j}.{proj}.weight" for j in range(E)])  # noqa: E731
+        stack_T = lambda ts: np.ascontiguousarray(np.stack([t.T for t in ts]))  # noqa: E731
+        unstack_T = lambda x: [np.ascontiguousarray(x[j].T) for j in range(E)]  # noqa: E731
+        slots += [
+            Slot(("layers", "moe", "router"), (Lm, d, E), lambda i: [ml(i) + "gate.weight"], one(T), lambda x: [T(x)]),
+            Slot(("layers", "moe", "gate_proj"), (Lm, E, d, F), per_expert("gate_proj"), stack_T, unstack_T),
+            Slot(("layers", "moe", "up_proj"), (Lm, E, d, F), per_expert("up_proj"), stack_T, unstack_T),
+            Slot(("layers", "moe", "down_proj"), (Lm, E, F, d), per_expert("down_proj"), stack_T, unstack_T),
+        ]
+    if dense_layers:
+        Ld = len(dense_layers)
+        dl = lambda i: lay.format(dense_layers[i]) + "mlp."  # noqa: E731
+        for proj, shape in (("gate_proj", (d, I)), ("up_proj", (d, I)), ("down_proj", (I, d))):
+            slots.append(Slot(("layers", "mlp", proj), (Ld, *shape), functools.partial(lambda p, i: [f"{dl(i)}{p}.weight"], proj),
+                              one(T), lambda x: [T(x)]))
+    return slots
+
+
+def _fused_source(slot: Slot, cfg: Qwen3Config, i: int):
+    """transformers 5 fused expert tensor for a MoE slot: (name, converter) or None."""
+    if slot.path[:2] != ("layers", "moe") or slot.path[2] == "router":
+        return None
+    base = f"model.layers.{cfg.moe_layers[i]}.mlp.experts."
+    F = cfg.moe_intermediate_size
+    if slot.path[2] == "down_proj":   # [E, D, F] -> [E, F, D]
+        return base + "down_proj", lambda w: np.ascontiguousarray(w.transpose(0, 2, 1))
+    half = slice(0, F) if slot.path[2] == "gate_proj" else slice(F, 2 * F)  # gate rows first
+    return base + "gate_up_proj", lambda w: np.ascontiguousarray(w[:, half, :].transpose(0, 2, 1))
+
+
+# ============================================================================ reading
+class _Reader:
+    """Lazily opened safetensors files of a checkpoint directory, with clear errors."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, INDEX_FILE)
+        single = os.path.join(path, SINGLE_FILE)
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            self.files = sorted(set(weight_map.values()))
+        elif os.path.exists(single):
+            self.files = [SINGLE_FILE]
+        else:
+            found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not found:
+                raise CheckpointError(f"{path}: no model.safetensors, no {INDEX_FILE} (only safetensors are read)")
+            self.files = found
+        self._handles: dict[str, object] = {}
+        self.where: dict[str, str] = {}
+        for fn in self.files:
+            for name in self._open(fn).keys():
+                self.where[name] = fn
+        self.used: set[str] = set()
+
+    def _open(self, fn: str):
+        if fn not in self._handles:
+            full = os.path.join(self.path, fn)
+            if not os.path.exists(full):
+                raise CheckpointError(f"{full}: shard listed in the index is missing")
+            try:
+                self._handles[fn] = safe_open(full, framework="numpy")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{full}: cannot read safetensors file (truncated or damaged?): {e}") from None
+        return self._handles[fn]
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        if name not in self.where:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        fn = self.where[name]
+        try:
+            x = self._open(fn).get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{os.path.join(self.path, fn)}: cannot read tensor {name!r} (truncated file?): {e}") from None
+        if shape is not None and tuple(x.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{os.path.join(self.path, fn)}: tensor {name!r} has shape {tuple(x.shape)}, the config expects {tuple(shape)}"
+            )
+        self.used.add(name)
+        return x
+
+    def unexpected(self) -> list[str]:
+        return sorted(n for n in self.where if n not in self.used and not _IGNORED.match(n))
+
+
+def _hf_shapes(slot: Slot, cfg: Qwen3Config) -> list[tuple[int, ...]]:
+    """Hub shapes of one stack index of `slot` (from the inverse conversion of a dummy slice)."""
+    shape = slot.shape[1:] if slot.stacked else slot.shape
+    return [t.shape for t in slot.to_hf(np.zeros(shape, np.int8))]
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_index(buf, val, i):
+    return jax.lax.dynamic_update_index_in_dim(buf, val.astype(buf.dtype), i, 0)
+
+
+def _placement(shape, dtype, sharding):
+    """Allocate zeros directly on their devices (sharded when a sharding is given)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+def load_params(path: str, cfg: Qwen3Config, param_dtype, shardings: dict | None = None) -> dict:
+    """Read a checkpoint into {slot path: array}. `shardings` maps slot path -> jax Sharding (optional)."""
+    reader = _Reader(path)
+    out = {}
+    for slot in _slots(cfg):
+        sharding = (shardings or {}).get(slot.path)
+        hf_shapes = _hf_shapes(slot, cfg)
+
+        def read(i):
+            names = slot.hf_names(i)
+            if len(names) > 1 and not reader.has(names[0]):
+                fused = _fused_source(slot, cfg, i)
+                if fused is not None and reader.has(fused[0]):
+                    E, F, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+                    want = (E, D, F) if slot.path[2] == "down_proj" else (E, 2 * F, D)
+                    return fused[1](reader.get(fused[0], want))
+            return slot.to_ours([reader.get(n, s) for n, s in zip(names, hf_shapes)])
+
+        if not slot.stacked:
+            x = read(0).astype(param_dtype)
+            out[slot.path] = jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+            continue
+        buf = _placement(slot.shape, param_dtype, sharding)
+        for i in range(slot.shape[0]):
+            buf = _set_index(buf, read(i), i)
+        out[slot.path] = buf
+    extra = reader.unexpected()
+    if cfg.tie_word_embeddings:
+        extra = [n for n in extra if n != "lm_head.weight"]  # tied: transformers ignores it too
+    if extra:
+        shown = ", ".join(f"{n!r} (in {reader.where[n]})" for n in extra[:5])
+        raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s) for this config: {shown}")
+    return out
+
+
+def from_pretrained(path, dtype="float32", param_dtype=None, *, mesh=None, rules=None, **model_kw) -> Qwen3ForCausalLM:
+    """Load a Hugging Face Qwen3 / Qwen3-MoE checkpoint directory (config.json + safetensors)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a checkpoint directory")
+    cfg = Qwen3Config.from_pretrained(path)
+    dtype = jnp.dtype(dtype)
+    param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else dtype
+    abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **model_kw))
+    shardings = None
+    if mesh is not None:
+        from qwen3_jax.sharding import param_shardings  # issue: expert parallelism
+
+        shardings = param_shardings(cfg, mesh, rules)
+    params = load_params(path, cfg, param_dtype, shardings)
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    for p, arr in params.items():
+        flat[p].set_value(arr) if hasattr(flat[p], "set_value") else setattr(flat[p], "value", arr)
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    if mesh is not None:
+        model.mesh = mesh
+    return model
+
+
+# ============================================================================ writing
+def _parse_size(s) -> int:
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(s), re.I)
+    if not m:
+        raise ValueError(f"max_shard_size {s!r}: expected bytes or e.g. '5GB', '500MB'")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def save_pretrained(model: Qwen3ForCausalLM, path, max_shard_size="5GB") -> None:
+    """Write config.json and hub-layout safetensors (per-expert names; shards + index when large)."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    cfg = model.config
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    dtype = np.dtype(state[("embed_tokens",)][...].dtype)
+    # plan rows (hf name, slot, stack index, position in the slot's hub list, nbytes), layer by layer
+    plan = []
+    for slot in _slots(cfg):
+        shapes = _hf_shapes(slot, cfg)
+        for i in range(slot.shape[0] if slot.stacked else 1):
+            for j, (name, shp) in enumerate(zip(slot.hf_names(i), shapes)):
+                plan.append((name, slot, i, j, int(np.prod(shp)) * dtype.itemsize))
+    plan.sort(key=lambda r: _layer_of(r[0]))  # stable: within a layer, slot order
+    limit = _parse_size(max_shard_size)
+    shards, cur, size = [], [], 0
+    for row in plan:
+        if cur and size + row[4] > limit:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(row)
+        size += row[4]
+    shards.append(cur)
+    n = len(shards)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    weight_map = {}
+    cache: dict = {}  # hub tensors of the current layer's slices, converted once each
+    for fn, rows in zip(names, shards):
+        tensors = {}
+        for name, slot, i, j, _ in rows:
+            key = (slot.path, i)
+            if key not in cache:
+                if cache and _layer_of(name) != _layer_of(next(iter(cache.values()))[0][0]):
+                    cache.clear()
+                leaf = state[slot.path][...]
+                hub = slot.to_hf(np.asarray(leaf[i] if slot.stacked else leaf))
+                cache[key] = [(nm, t) for nm, t in zip(slot.hf_names(i), hub)]
+            tensors[name] = cache[key][j][1]
+            weight_map[name] = fn
+        save_file(tensors, os.path.join(path, fn), metadata={"format": "pt"})
+        del tensors
+    cache.clear()
+    if n > 1:
+        total = sum(r[4] for r in plan)
+        with open(os.path.join(path, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    torch_dtype = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}.get(dtype.name, dtype.name)
+    cfg.replace(torch_dtype=torch_dtype).save_pretrained(path)
+
+
+def _layer_of(name: str) -> tuple[int, int]:
+    """Sort key: embeddings, then layers in order, then the final norm and lm_head (hub shard layout)."""
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    if m:
+        return (1, int(m.group(1)))
+    return (0, 0) if name == "model.embed_tokens.weight" else (2, 0)

@@ -1,0 +1,373 @@
+"""Qwen3 / Qwen3-MoE decoder in Flax NNX.
+
+Read top to bottom: pure math functions (norm, RoPE, attention, router, MoE) over explicit shapes, then thin
+NNX modules that hold the parameters stacked over layers, then the decoder stack run by `nnx.scan`.
+
+Shape letters: B batch, T query positions, S key positions, D hidden, H query heads, K kv heads,
+G = H / K query heads per kv head, hd head dim, E experts, k top-k, F expert width, I dense MLP width,
+V vocab, L layers, M = tokens x top-k routed rows.
+
+Parameters are stored `[in, out]` (x @ W) with the layer axis first:
+    embed_tokens [V, D]; lm_head [D, V] (absent when tied)
+    layers.attn:  q_proj [L, D, H, hd], k_proj/v_proj [L, D, K, hd], o_proj [L, H, hd, D],
+                  q_norm/k_norm [L, hd], input_layernorm/post_attention_layernorm [L, D]
+    layers.moe:   router [Lm, D, E], gate_proj/up_proj [Lm, E, D, F], down_proj [Lm, E, F, D]
+    layers.mlp:   gate_proj/up_proj [Ld, D, I], down_proj [Ld, I, D]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import Qwen3Config
+from .gmm import gmm
+
+NEG_INF = float(np.finfo(np.float32).min)
+
+
+# ============================================================================ pure math
+def rms_norm(x, w, eps):
+    """HF Qwen3RMSNorm: normalise in fp32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: Qwen3Config) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [hd/2] and the cos/sin scale, as transformers computes them (default, YaRN)."""
+    dim = cfg.head_dim
+    base = cfg.rope_theta
+    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    rs = cfg.rope_scaling
+    if not rs:
+        return (1.0 / pos_freqs).astype(np.float32), 1.0
+    factor = float(rs["factor"])
+    orig = rs["original_max_position_embeddings"]
+
+    def get_mscale(scale, mscale=1.0):
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        ms, ms_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        attention_factor = get_mscale(factor, ms) / get_mscale(factor, ms_all) if ms and ms_all else get_mscale(factor)
+    beta_fast = rs.get("beta_fast") or 32
+    beta_slow = rs.get("beta_slow") or 1
+
+    def correction_dim(rot):
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1.0 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def rope_cos_sin(positions_bt, inv_freq, scale, dtype):
+    """cos, sin [B, T, hd] (halves repeated, HF layout), scaled by YaRN's attention factor."""
+    freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
+
+
+def apply_rope(x_bthd, cos_btd, sin_btd):
+    half = x_bthd.shape[-1] // 2
+    rot = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
+    return x_bthd * cos_btd[:, :, None, :] + rot * sin_btd[:, :, None, :]
+
+
+def attention_core(q_bthd, k_bskd, v_bskd, mask_bts):
+    """Grouped-query softmax attention, fp32 scores. mask_bts True = may attend."""
+    b, t, h, hd = q_bthd.shape
+    kv = k_bskd.shape[2]
+    q = q_bthd.reshape(b, t, kv, h // kv, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32) * hd**-0.5
+    s = jnp.where(mask_bts[:, None, None], s, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1).astype(v_bskd.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v_bskd)
+    return o.reshape(b, t, h, hd)
+
+
+def attention_qkv(x_btd, p, cos, sin, eps):
+    """Projections, per-head q/k RMSNorm, RoPE. Returns q [B,T,H,hd], k, v [B,T,K,hd]."""
+    dt = x_btd.dtype
+    q = jnp.einsum("btd,dhk->bthk", x_btd, p["q_proj"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x_btd, p["k_proj"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x_btd, p["v_proj"].astype(dt))
+    q = apply_rope(rms_norm(q, p["q_norm"], eps), cos, sin)
+    k = apply_rope(rms_norm(k, p["k_norm"], eps), cos, sin)
+    return q, k, v
+
+
+def attention_out(o_bthd, p):
+    return jnp.einsum("bthk,hkd->btd", o_bthd, p["o_proj"].astype(o_bthd.dtype))
+
+
+def swiglu_mlp(x, p):
+    dt = x.dtype
+    h = jax.nn.silu(x @ p["gate_proj"].astype(dt)) * (x @ p["up_proj"].astype(dt))
+    return h @ p["down_proj"].astype(dt)
+
+
+def route(x_td, router_de, top_k, norm_topk_prob):
+    """fp32 router: logits [T,E], softmax, top-k, renormalise. Returns logits, weights [T,k], experts [T,k]."""
+    logits_te = jnp.dot(x_td.astype(jnp.float32), router_de.astype(jnp.float32))
+    probs_te = jax.nn.softmax(logits_te, axis=-1)
+    w_tk, e_tk = jax.lax.top_k(probs_te, top_k)
+    if norm_topk_prob:
+        w_tk = w_tk / jnp.sum(w_tk, axis=-1, keepdims=True)
+    return logits_te, w_tk, e_tk
+
+
+def moe_experts(x_td, w_tk, e_tk, p, *, num_experts=None, gmm_backend="auto"):
+    """Dropless expert computation: sort (token, slot) pairs by expert, grouped SwiGLU, unsort, combine.
+
+    `e_tk` may name experts outside [0, num_experts) (expert-parallel callers drop them by giving them
+    weight 0 and an index >= num_experts): those slots sort last and are not computed.
+    """
+    t, d = x_td.shape
+    k = e_tk.shape[1]
+    n_exp = num_experts or p["gate_proj"].shape[0]
+    dt = x_td.dtype
+    flat_e = e_tk.reshape(-1)                                   # [M]
+    order = jnp.argsort(flat_e, stable=True)                    # [M] sorted slot -> flat slot
+    x_md = x_td[order // k]                                     # [M, D] token rows in expert order
+    sizes_e = jnp.bincount(flat_e, length=n_exp).astype(jnp.int32)
+    kw = dict(backend=gmm_backend)
+    h = jax.nn.silu(gmm(x_md, p["gate_proj"].astype(dt), sizes_e, **kw)) * gmm(x_md, p["up_proj"].astype(dt), sizes_e, **kw)
+    y_md = gmm(h, p["down_proj"].astype(dt), sizes_e, **kw)     # [M, D]
+    y_tkd = y_md[jnp.argsort(order)].reshape(t, k, d)           # back to (token, slot) order
+    return jnp.einsum("tkd,tk->td", y_tkd, w_tk.astype(dt))
+
+
+def moe_block(x_btd, p, cfg: Qwen3Config, gmm_backend="auto"):
+    """Qwen3-MoE sparse block. Returns output [B,T,D] and router logits [B,T,E] (fp32)."""
+    b, t, d = x_btd.shape
+    x_td = x_btd.reshape(b * t, d)
+    logits, w_tk, e_tk = route(x_td, p["router"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    y = moe_experts(x_td, w_tk, e_tk, p, gmm_backend=gmm_backend)
+    return y.reshape(b, t, d), logits.reshape(b, t, -1)
+
+
+# ============================================================================ masks and positions
+def positions_from_mask(mask_bt):
+    """Left/right padding aware positions: cumsum(mask) - 1 (pads get 0)."""
+    return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_mask(positions_bt, mask_bt=None, segment_ids_bt=None):
+    """[B, T, T] bool: key index <= query index, key is real, same segment."""
+    t = positions_bt.shape[1]
+    m = jnp.tril(jnp.ones((t, t), bool))[None]
+    if mask_bt is not None:
+        m = m & mask_bt.astype(bool)[:, None, :]
+    if segment_ids_bt is not None:
+        m = m & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
+    return m
+
+
+# ============================================================================ modules
+def _normal(rngs, shape, std, dtype):
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+
+
+class Attention(nnx.Module):
+    """Stacked over `n` layers: GQA projections and per-head q/k RMSNorm, plus the two layer norms."""
+
+    def __init__(self, cfg: Qwen3Config, n: int, *, rngs: nnx.Rngs, param_dtype):
+        d, h, kv, hd, std = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.initializer_range
+        self.q_proj = nnx.Param(_normal(rngs, (n, d, h, hd), std, param_dtype))
+        self.k_proj = nnx.Param(_normal(rngs, (n, d, kv, hd), std, param_dtype))
+        self.v_proj = nnx.Param(_normal(rngs, (n, d, kv, hd), std, param_dtype))
+        self.o_proj = nnx.Param(_normal(rngs, (n, h, hd, d), std, param_dtype))
+        self.q_norm = nnx.Param(jnp.ones((n, hd), param_dtype))
+        self.k_norm = nnx.Param(jnp.ones((n, hd), param_dtype))
+        self.input_layernorm = nnx.Param(jnp.ones((n, d), param_dtype))
+        self.post_attention_layernorm = nnx.Param(jnp.ones((n, d), param_dtype))
+
+
+class MoE(nnx.Module):
+    """Stacked over `n` MoE layers: router and the experts' SwiGLU weights."""
+
+    def __init__(self, cfg: Qwen3Config, n: int, *, rngs: nnx.Rngs, param_dtype):
+        d, e, f, std = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.initializer_range
+        self.router = nnx.Param(_normal(rngs, (n, d, e), std, param_dtype))
+        self.gate_proj = nnx.Param(_normal(rngs, (n, e, d, f), std, param_dtype))
+        self.up_proj = nnx.Param(_normal(rngs, (n, e, d, f), std, param_dtype))
+        self.down_proj = nnx.Param(_normal(rngs, (n, e, f, d), std, param_dtype))
+
+
+class MLP(nnx.Module):
+    """Stacked over `n` dense layers: SwiGLU MLP."""
+
+    def __init__(self, cfg: Qwen3Config, n: int, *, rngs: nnx.Rngs, param_dtype):
+        d, i, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
+        self.gate_proj = nnx.Param(_normal(rngs, (n, d, i), std, param_dtype))
+        self.up_proj = nnx.Param(_normal(rngs, (n, d, i), std, param_dtype))
+        self.down_proj = nnx.Param(_normal(rngs, (n, i, d), std, param_dtype))
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers, parameters stacked on a leading layer axis."""
+
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs, param_dtype):
+        n_moe, n_dense = len(cfg.moe_layers), len(cfg.dense_layers)
+        self.attn = Attention(cfg, cfg.num_hidden_layers, rngs=rngs, param_dtype=param_dtype)
+        self.moe = MoE(cfg, n_moe, rngs=rngs, param_dtype=param_dtype) if n_moe else None
+        self.mlp = MLP(cfg, n_dense, rngs=rngs, param_dtype=param_dtype) if n_dense else None
+
+
+@dataclasses.dataclass
+class CausalLMOutput:
+    logits: jax.Array                 # [B, T, V]
+    router_logits: jax.Array | None   # [L_moe, B, T, E] fp32, or None for a dense model
+    hidden_states: jax.Array | None = None  # final normed hidden [B, T, D]
+
+
+jax.tree_util.register_dataclass(
+    CausalLMOutput, data_fields=["logits", "router_logits", "hidden_states"], meta_fields=[]
+)
+
+
+def _pure(module) -> Any:
+    """Parameter arrays of a module as a nested dict (None-safe)."""
+    if module is None:
+        return None
+    return jax.tree.map(lambda v: v[...], nnx.state(module, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    """Qwen3 / Qwen3-MoE causal LM. `model(input_ids, attention_mask=None, positions=None)`."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 gmm_backend: str = "auto", remat: str = "none"):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.gmm_backend = gmm_backend
+        self.remat = remat
+        v, d, std = config.vocab_size, config.hidden_size, config.initializer_range
+        self.embed_tokens = nnx.Param(_normal(rngs, (v, d), std, param_dtype))
+        self.layers = DecoderLayers(config, rngs=rngs, param_dtype=param_dtype)
+        self.norm = nnx.Param(jnp.ones((d,), param_dtype))
+        self.lm_head = None if config.tie_word_embeddings else nnx.Param(_normal(rngs, (d, v), std, param_dtype))
+        inv_freq, scale = rope_inv_freq(config)
+        self._rope = (tuple(float(f) for f in inv_freq), scale)  # static, hashable
+
+    # -- pieces reused by the KV-cached engine and the trainer --------------------------------
+    def embed(self, input_ids_bt):
+        return self.embed_tokens[...][input_ids_bt].astype(self.dtype)
+
+    def rope(self, positions_bt):
+        inv_freq, scale = self._rope
+        return rope_cos_sin(positions_bt, np.asarray(inv_freq, np.float32), scale, self.dtype)
+
+    def unembed(self, h_btd):
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return h_btd @ w.astype(h_btd.dtype)
+
+    def mlp_fn(self, h_btd, moe_p, dense_p, layer_kind):
+        """MLP of one layer. layer_kind: 'moe', 'dense' or a traced bool (True = MoE) for mixed stacks."""
+        cfg = self.config
+        b, t, _ = h_btd.shape
+        e = cfg.num_experts
+
+        def run_moe(h):
+            return moe_block(h, moe_p, cfg, self.gmm_backend)
+
+        def run_dense(h):
+            return swiglu_mlp(h, dense_p), jnp.zeros((b, t, e), jnp.float32)
+
+        if layer_kind == "moe":
+            return run_moe(h_btd)
+        if layer_kind == "dense":
+            return run_dense(h_btd)[0], None
+        return jax.lax.cond(layer_kind, run_moe, run_dense, h_btd)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                 return_hidden: bool = False) -> CausalLMOutput:
+        cfg = self.config
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        b, t = input_ids.shape
+        if positions is None:
+            positions = positions_from_mask(attention_mask) if attention_mask is not None else \
+                jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask_bts = causal_mask(positions, attention_mask, segment_ids)
+        cos, sin = self.rope(positions)
+        h = self.embed(input_ids)
+        h, router_logits = self.decoder(h, cos, sin, mask_bts)
+        h = rms_norm(h, self.norm[...], cfg.rms_norm_eps)
+        logits = self.unembed(h)
+        return CausalLMOutput(logits=logits, router_logits=router_logits, hidden_states=h if return_hidden else None)
+
+    def decoder(self, h_btd, cos, sin, mask_bts):
+        """Run the layer stack with `nnx.scan`: one compiled layer body whatever the depth."""
+        cfg = self.config
+        eps = cfg.rms_norm_eps
+        attn_p = _pure(self.layers.attn)
+        moe_p, dense_p = _pure(self.layers.moe), _pure(self.layers.mlp)
+        n_layers = cfg.num_hidden_layers
+        is_moe = np.array([cfg.is_moe_layer(i) for i in range(n_layers)])
+        mixed = 0 < is_moe.sum() < n_layers
+
+        def layer(h, a, mlp_kind, moe_l, dense_l):
+            x = rms_norm(h, a["input_layernorm"], eps)
+            q, k, v = attention_qkv(x, a, cos, sin, eps)
+            h = h + attention_out(attention_core(q, k, v, mask_bts), a)
+            x = rms_norm(h, a["post_attention_layernorm"], eps)
+            y, rl = self.mlp_fn(x, moe_l, dense_l, mlp_kind)
+            return h + y, rl
+
+        if mixed:
+            # per-layer kind and index into the MoE / dense stacks; lax.cond picks the branch.
+            moe_idx = np.maximum(np.cumsum(is_moe) - 1, 0).astype(np.int32)
+            dense_idx = np.maximum(np.cumsum(~is_moe) - 1, 0).astype(np.int32)
+
+            def body(h, xs):
+                a, kind, mi, di = xs
+                moe_l = jax.tree.map(lambda w: w[mi], moe_p)
+                dense_l = jax.tree.map(lambda w: w[di], dense_p)
+                return layer(h, a, kind, moe_l, dense_l)
+
+            xs = (attn_p, jnp.asarray(is_moe), jnp.asarray(moe_idx), jnp.asarray(dense_idx))
+        elif is_moe.all():
+            def body(h, xs):
+                return layer(h, xs[0], "moe", xs[1], None)
+            xs = (attn_p, moe_p)
+        else:
+            def body(h, xs):
+                return layer(h, xs[0], "dense", None, xs[1])
+            xs = (attn_p, dense_p)
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
+        h, rl = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(h_btd, xs)
+        if mixed:
+            rl = rl[jnp.asarray(np.nonzero(is_moe)[0])]
+        return h, rl
+
+
+def remat_policy(name: str):
+    policies = {
+        "full": None,  # recompute everything in the layer
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "minimal": jax.checkpoint_policies.nothing_saveable,
+    }
+    if name not in policies:
+        raise ValueError(f"remat policy {name!r}: choose none, {', '.join(policies)}")
+    return policies[name]
