@@ -364,9 +364,8 @@ class Qwen3ForCausalLM(nnx.Module):
 
 def remat_policy(name: str):
     policies = {
-        "full": None,  # recompute everything in the layer
+        "full": jax.checkpoint_policies.nothing_saveable,  # recompute all in the layer
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        "minimal": jax.checkpoint_policies.nothing_saveable,
     }
     if name not in policies:
         raise ValueError(f"remat policy {name!r}: choose none, {', '.join(policies)}")

@@ -1,0 +1,1 @@
+"""Inference (installed as qwen3_jax.infer)."""

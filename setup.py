@@ -1,0 +1,34 @@
+from setuptools import setup
+
+setup(
+    name="qwen3-jax",
+    version="0.1.0",
+    description="Qwen3 / Qwen3-MoE in JAX + Flax NNX: HF checkpoint parity, expert parallelism, fine-tuning, inference",
+    python_requires=">=3.10",
+    packages=["qwen3_jax", "qwen3_jax.sharding", "qwen3_jax.train", "qwen3_jax.infer"],
+    package_dir={
+        "qwen3_jax": "qwen3_jax",
+        "qwen3_jax.sharding": "sharding",
+        "qwen3_jax.train": "train",
+        "qwen3_jax.infer": "infer",
+    },
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "safetensors>=0.6",
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "psutil"],
+    },
+    entry_points={
+        "console_scripts": [
+            "qwen3-jax=qwen3_jax.cli:main",
+        ],
+    },
+)

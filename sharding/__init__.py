@@ -1,0 +1,1 @@
+"""Device mesh, partition rules and expert parallelism (installed as qwen3_jax.sharding)."""

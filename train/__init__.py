@@ -1,0 +1,1 @@
+"""Fine-tuning (installed as qwen3_jax.train)."""
