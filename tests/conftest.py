@@ -4,3 +4,30 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import functools  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(name: str, root: str):
+    """(transformers model, its save_pretrained directory, our model loaded from it), built once."""
+    import qwen3_jax
+    from tests.hf_ref import hf_model
+
+    hf = hf_model(name)
+    path = os.path.join(root, name)
+    hf.save_pretrained(path)
+    return hf, path, qwen3_jax.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def ref_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hf_refs"))
+
+
+@pytest.fixture(scope="session")
+def reference(ref_root):
+    """reference(name) -> (hf_model, checkpoint_dir, qwen3_jax model); cached for the session."""
+    return lambda name: _reference(name, ref_root)

@@ -1,0 +1,161 @@
+"""Numerical parity with transformers' Qwen3MoeForCausalLM / Qwen3ForCausalLM on small random configs."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import qwen3_jax
+from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
+from qwen3_jax.gmm import gmm
+from tests.hf_ref import CONFIGS, hf_forward
+
+NAMES = list(CONFIGS)
+
+
+def _ids(cfg, b, t, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (b, t)).astype(np.int32)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp32_logits_and_router_logits_match_transformers(reference, name):
+    hf, _, model = reference(name)
+    ids = _ids(model.config, 3, 17)
+    ref_logits, ref_router = hf_forward(hf, ids)
+    out = model(jnp.asarray(ids))
+    assert out.logits.shape == ref_logits.shape
+    np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=1e-4, rtol=0)
+    if model.config.is_moe:
+        assert out.router_logits.shape == ref_router.shape  # [L_moe, B, T, E]
+        np.testing.assert_allclose(np.asarray(out.router_logits), ref_router, atol=1e-4, rtol=0)
+    else:
+        assert out.router_logits is None
+
+
+@pytest.mark.parametrize("name", ["moe_mixed_yarn_tied", "moe_uniform", "dense_yarn"])
+def test_left_padded_batch_equals_unpadded_rows(reference, name):
+    hf, _, model = reference(name)
+    cfg = model.config
+    ids = _ids(cfg, 2, 12, seed=1)
+    pad = 5
+    padded = np.concatenate([np.zeros((2, pad), np.int32), ids], axis=1)
+    mask = np.ones_like(padded)
+    mask[0, :pad] = 0  # row 0 left-padded, row 1 has 5 more real tokens in front
+    padded[1, :pad] = _ids(cfg, 1, pad, seed=2)[0]
+    out = model(jnp.asarray(padded), attention_mask=jnp.asarray(mask))
+    alone = model(jnp.asarray(ids[:1]))
+    np.testing.assert_allclose(np.asarray(out.logits[0, pad:]), np.asarray(alone.logits[0]), atol=1e-4, rtol=0)
+    # row 1 (no padding) equals transformers on the full row
+    ref_logits, _ = hf_forward(hf, padded[1:])
+    np.testing.assert_allclose(np.asarray(out.logits[1]), ref_logits[0], atol=1e-4, rtol=0)
+    # and the padded batch equals transformers given the same mask and positions
+    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    ref_pad, _ = hf_forward(hf, padded, attention_mask=mask, position_ids=pos)
+    np.testing.assert_allclose(np.asarray(out.logits[0, pad:]), ref_pad[0, pad:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["moe_mixed_yarn_tied", "moe_uniform", "dense_yarn"])
+def test_bf16_close_to_fp32_reference(reference, name):
+    hf, path, _ = reference(name)
+    model = qwen3_jax.from_pretrained(path, dtype="bfloat16")
+    assert model.embed_tokens[...].dtype == jnp.bfloat16
+    ids = _ids(model.config, 2, 16, seed=3)
+    ref_logits, _ = hf_forward(hf, ids)
+    logits = np.asarray(model(jnp.asarray(ids)).logits.astype(jnp.float32))
+    err = np.abs(logits - ref_logits).mean() / np.abs(ref_logits).mean()
+    # transformers itself in bf16 is the yardstick: we may not be much further from fp32 than it is
+    hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    if model.config.is_moe:  # torch's CPU grouped_mm wants 16-byte strides, our odd test sizes have none
+        hf16.set_experts_implementation("eager")
+    hf_logits16, _ = hf_forward(hf16, ids)
+    hf_err = np.abs(hf_logits16 - ref_logits).mean() / np.abs(ref_logits).mean()
+    assert err < max(1.5 * hf_err, 0.01), (err, hf_err)
+
+
+def test_gradients_match_torch_autograd(reference):
+    """The grouped matmul's custom VJP, routing and attention backprop like torch autograd."""
+    hf, _, model = reference("moe_uniform")
+    ids = _ids(model.config, 2, 9, seed=4)
+    proj = np.random.default_rng(5).normal(size=(2, 9, model.config.vocab_size)).astype(np.float32)
+
+    hf.zero_grad()
+    (hf(torch.tensor(ids)).logits * torch.tensor(proj)).sum().backward()
+
+    def loss(m):
+        return jnp.sum(m(jnp.asarray(ids)).logits * proj)
+
+    grads = nnx.grad(loss)(model)
+    g_experts = np.asarray(grads.layers.moe.gate_proj[...])           # [Lm, E, D, F]
+    t_experts = hf.model.layers[1].mlp.experts.gate_up_proj.grad.numpy()  # [E, 2F, D], gate rows first
+    f = model.config.moe_intermediate_size
+    np.testing.assert_allclose(g_experts[1], t_experts[:, :f, :].transpose(0, 2, 1), atol=2e-4, rtol=1e-3)
+    g_down = np.asarray(grads.layers.moe.down_proj[...])[2]
+    t_down = hf.model.layers[2].mlp.experts.down_proj.grad.numpy().transpose(0, 2, 1)
+    np.testing.assert_allclose(g_down, t_down, atol=2e-4, rtol=1e-3)
+    g_q = np.asarray(grads.layers.attn.q_proj[...])[0]                # [D, H, hd]
+    t_q = hf.model.layers[0].self_attn.q_proj.weight.grad.numpy()     # [H*hd, D]
+    np.testing.assert_allclose(g_q.reshape(g_q.shape[0], -1).T, t_q, atol=2e-4, rtol=1e-3)
+    g_emb = np.asarray(grads.embed_tokens[...])
+    np.testing.assert_allclose(g_emb, hf.model.embed_tokens.weight.grad.numpy(), atol=2e-4, rtol=1e-3)
+
+
+def test_random_init_dtypes_and_call_contract():
+    cfg = Qwen3Config.from_dict(dict(CONFIGS["moe_uniform"], model_type="qwen3_moe"))
+    m = Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    assert m.layers.moe.gate_proj[...].dtype == jnp.float32
+    out = m(jnp.ones((2, 5), jnp.int32))
+    assert out.logits.shape == (2, 5, cfg.vocab_size) and out.logits.dtype == jnp.bfloat16
+    assert out.router_logits.shape == (cfg.num_hidden_layers, 2, 5, cfg.num_experts)
+    assert out.router_logits.dtype == jnp.float32
+    m16 = Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert m16.layers.attn.q_proj[...].dtype == jnp.bfloat16
+
+
+def test_layer_stack_is_scanned_not_unrolled():
+    """One compiled layer body: the HLO has a while loop and its size does not grow with depth."""
+    base = Qwen3Config.from_dict(dict(CONFIGS["moe_uniform"], model_type="qwen3_moe"))
+    sizes = []
+    for layers in (2, 8):
+        cfg = base.replace(num_hidden_layers=layers)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))))
+        fwd = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids).logits)
+        hlo = fwd.lower(state, jax.ShapeDtypeStruct((1, 8), jnp.int32)).as_text()
+        assert "while" in hlo
+        sizes.append(len(hlo))
+    assert abs(sizes[1] - sizes[0]) < 0.02 * sizes[0]
+
+
+@pytest.mark.parametrize("backend", ["blocked", "gather", "megablox"])
+def test_grouped_matmul_backends_equal_ragged_dot(backend):
+    rng = np.random.default_rng(0)
+    for m, k, n, g in [(37, 16, 24, 5), (200, 32, 8, 16), (5, 8, 8, 12)]:
+        sizes = rng.multinomial(m - 3, np.ones(g) / g)  # 3 trailing rows belong to no group
+        sizes[1] = 0
+        sizes = jnp.asarray(sizes, jnp.int32)
+        x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(g, k, n)), jnp.float32)
+        for tile in ([8, 16] if backend == "blocked" else [None]):
+            out = gmm(x, w, sizes, backend=backend, tile=tile)
+            np.testing.assert_allclose(out, jax.lax.ragged_dot(x, w, sizes), atol=1e-4)
+
+            def f(x, w):
+                return jnp.sum(jnp.sin(gmm(x, w, sizes, backend=backend, tile=tile)))
+
+            def f_ref(x, w):
+                return jnp.sum(jnp.sin(jax.lax.ragged_dot(x, w, sizes)))
+
+            for a, b in zip(jax.grad(f, (0, 1))(x, w), jax.grad(f_ref, (0, 1))(x, w)):
+                np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_blocked_grouped_matmul_cost_follows_routed_rows():
+    """The blocked loop's trip count is tiles + non-empty groups - 1, not groups x tiles."""
+    from qwen3_jax.gmm import _schedule
+
+    sizes = jnp.asarray([0, 64, 0, 0, 70, 0, 0, 0] * 16, jnp.int32)  # 128 experts, 32 non-empty
+    _, _, visits, _, _ = _schedule(sizes, int(sizes.sum()), 32)
+    assert int(visits) <= -(-int(sizes.sum()) // 32) + 32 - 1
