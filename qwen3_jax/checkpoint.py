@@ -9,6 +9,7 @@ written. safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
@@ -133,41 +134,49 @@ class _Reader:
             if not found:
                 raise CheckpointError(f"{path}: no model.safetensors, no {INDEX_FILE} (only safetensors are read)")
             self.files = found
-        self._handles: dict[str, object] = {}
         self.where: dict[str, str] = {}
         for fn in self.files:
-            for name in self._open(fn).keys():
-                self.where[name] = fn
+            with self._open(fn) as f:
+                for name in f.keys():
+                    self.where[name] = fn
         self.used: set[str] = set()
 
     def _open(self, fn: str):
-        if fn not in self._handles:
-            full = os.path.join(self.path, fn)
-            if not os.path.exists(full):
-                raise CheckpointError(f"{full}: shard listed in the index is missing")
-            try:
-                self._handles[fn] = safe_open(full, framework="numpy")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{full}: cannot read safetensors file (truncated or damaged?): {e}") from None
-        return self._handles[fn]
+        full = os.path.join(self.path, fn)
+        if not os.path.exists(full):
+            raise CheckpointError(f"{full}: shard listed in the index is missing")
+        try:
+            return safe_open(full, framework="numpy")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{full}: cannot read safetensors file (truncated or damaged?): {e}") from None
 
     def has(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        if name not in self.where:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-        fn = self.where[name]
-        try:
-            x = self._open(fn).get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{os.path.join(self.path, fn)}: cannot read tensor {name!r} (truncated file?): {e}") from None
-        if shape is not None and tuple(x.shape) != tuple(shape):
-            raise CheckpointError(
-                f"{os.path.join(self.path, fn)}: tensor {name!r} has shape {tuple(x.shape)}, the config expects {tuple(shape)}"
-            )
-        self.used.add(name)
-        return x
+    def get(self, names: list[str], shapes: list[tuple[int, ...]] | None = None) -> list[np.ndarray]:
+        """Read tensors, each file opened once and closed after (its mapped pages leave our RSS)."""
+        for name in names:
+            if name not in self.where:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        out: dict[str, np.ndarray] = {}
+        for fn in dict.fromkeys(self.where[n] for n in names):
+            with self._open(fn) as f:
+                for name in names:
+                    if self.where[name] != fn:
+                        continue
+                    try:
+                        out[name] = f.get_tensor(name)
+                    except (SafetensorError, OSError, ValueError) as e:
+                        raise CheckpointError(
+                            f"{os.path.join(self.path, fn)}: cannot read tensor {name!r} (truncated file?): {e}") from None
+        for k, name in enumerate(names):
+            if shapes is not None and tuple(out[name].shape) != tuple(shapes[k]):
+                raise CheckpointError(
+                    f"{os.path.join(self.path, self.where[name])}: tensor {name!r} has shape {tuple(out[name].shape)}, "
+                    f"the config expects {tuple(shapes[k])}"
+                )
+            self.used.add(name)
+        return [out[n] for n in names]
 
     def unexpected(self) -> list[str]:
         return sorted(n for n in self.where if n not in self.used and not _IGNORED.match(n))
@@ -177,6 +186,14 @@ def _hf_shapes(slot: Slot, cfg: Qwen3Config) -> list[tuple[int, ...]]:
     """Hub shapes of one stack index of `slot` (from the inverse conversion of a dummy slice)."""
     shape = slot.shape[1:] if slot.stacked else slot.shape
     return [t.shape for t in slot.to_hf(np.zeros(shape, np.int8))]
+
+
+def _release_host_memory():
+    """Return freed host buffers to the OS (glibc keeps large freed chunks otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -204,17 +221,18 @@ def load_params(path: str, cfg: Qwen3Config, param_dtype, shardings: dict | None
                 if fused is not None and reader.has(fused[0]):
                     E, F, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
                     want = (E, D, F) if slot.path[2] == "down_proj" else (E, 2 * F, D)
-                    return fused[1](reader.get(fused[0], want))
-            return slot.to_ours([reader.get(n, s) for n, s in zip(names, hf_shapes)])
+                    return fused[1](reader.get([fused[0]], [want])[0])
+            return slot.to_ours(reader.get(names, hf_shapes))
 
         if not slot.stacked:
-            x = read(0).astype(param_dtype)
+            x = read(0).astype(param_dtype, copy=False)
             out[slot.path] = jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
             continue
         buf = _placement(slot.shape, param_dtype, sharding)
         for i in range(slot.shape[0]):
             buf = _set_index(buf, read(i), i)
         out[slot.path] = buf
+        _release_host_memory()
     extra = reader.unexpected()
     if cfg.tie_word_embeddings:
         extra = [n for n in extra if n != "lm_head.weight"]  # tied: transformers ignores it too

@@ -213,10 +213,11 @@ def test_param_count_of_30b_a3b():
 
 
 def test_streaming_load_keeps_host_memory_near_one_copy(tmp_path):
-    """Load a ~240 MB checkpoint in a fresh process: peak RSS growth stays within 1.25x its size."""
+    """Load a ~600 MB checkpoint in a fresh process: peak RSS growth stays within 1.25x its size
+    (fixed costs such as compiled executables are ~50 MB here; per layer ~3 host copies of one slice)."""
     cfg = Qwen3Config.from_dict(dict(
         model_type="qwen3_moe", vocab_size=1000, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
-        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=64,
+        num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=32,
         num_experts_per_tok=4, torch_dtype="float32"))
     script = textwrap.dedent(f"""
         import resource, sys, os, json
@@ -230,7 +231,7 @@ def test_streaming_load_keeps_host_memory_near_one_copy(tmp_path):
             qwen3_jax.save_pretrained(Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0)), path)
             sys.exit(0)
         jnp.zeros(1).block_until_ready()
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # current RSS
         m = qwen3_jax.from_pretrained(path)
         jax.block_until_ready(nnx.state(m))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -241,6 +242,6 @@ def test_streaming_load_keeps_host_memory_near_one_copy(tmp_path):
     subprocess.run([sys.executable, "-c", script, path, "write"], check=True)
     res = subprocess.run([sys.executable, "-c", script, path, "read"], check=True, capture_output=True, text=True)
     r = json.loads(res.stdout.strip().splitlines()[-1])
-    assert r["size"] > 200e6
-    print("peak host growth / checkpoint size:", r["growth"] / r["size"])
+    assert r["size"] > 600e6
+    print("peak host growth / checkpoint size:", r["growth"] / r["size"], r)
     assert r["growth"] < 1.25 * r["size"], r
