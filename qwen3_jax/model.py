@@ -235,11 +235,34 @@ class CausalLMOutput:
     logits: jax.Array                 # [B, T, V]
     router_logits: jax.Array | None   # [L_moe, B, T, E] fp32, or None for a dense model
     hidden_states: jax.Array | None = None  # final normed hidden [B, T, D]
+    dropped_tokens: jax.Array | None = None  # [L_moe] int32 token copies dropped (EP with a capacity)
+    cache: "KVCache | None" = None           # the updated KV cache when one was passed in
 
 
 jax.tree_util.register_dataclass(
-    CausalLMOutput, data_fields=["logits", "router_logits", "hidden_states"], meta_fields=[]
+    CausalLMOutput, data_fields=["logits", "router_logits", "hidden_states", "dropped_tokens", "cache"], meta_fields=[]
 )
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated KV cache. Row b holds its tokens in slots [0, lengths[b]) (no padding inside)."""
+
+    k: jax.Array        # [L, B, S, K, hd]
+    v: jax.Array        # [L, B, S, K, hd]
+    lengths: jax.Array  # [B] int32 tokens already cached per row
+
+    @classmethod
+    def init(cls, cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "lengths"], meta_fields=[])
 
 
 def _pure(module) -> Any:
@@ -253,8 +276,14 @@ class Qwen3ForCausalLM(nnx.Module):
     """Qwen3 / Qwen3-MoE causal LM. `model(input_ids, attention_mask=None, positions=None)`."""
 
     def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 gmm_backend: str = "auto", remat: str = "none"):
+                 gmm_backend: str = "auto", remat: str = "none", capacity_factor: float | None = None,
+                 ep_dispatch: str = "auto"):
         self.config = config
+        # expert parallelism (qwen3_jax.sharding): the mesh the parameters live on (set by shard_model /
+        # from_pretrained(mesh=)); capacity_factor None = dropless; ep_dispatch: auto, padded, ragged.
+        self.mesh = None
+        self.capacity_factor = capacity_factor
+        self.ep_dispatch = ep_dispatch
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
         self.gmm_backend = gmm_backend
@@ -269,7 +298,8 @@ class Qwen3ForCausalLM(nnx.Module):
 
     # -- pieces reused by the KV-cached engine and the trainer --------------------------------
     def embed(self, input_ids_bt):
-        return self.embed_tokens[...][input_ids_bt].astype(self.dtype)
+        table = self._shard(self.embed_tokens[...], "embed_table")  # FSDP: gather D, keep vocab split
+        return self._shard(table[input_ids_bt].astype(self.dtype), "btd")
 
     def rope(self, positions_bt):
         inv_freq, scale = self._rope
@@ -277,15 +307,33 @@ class Qwen3ForCausalLM(nnx.Module):
 
     def unembed(self, h_btd):
         w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return h_btd @ w.astype(h_btd.dtype)
+        return self._shard(h_btd @ w.astype(h_btd.dtype), "btv")
+
+    def _sharded(self) -> bool:
+        return getattr(self, "mesh", None) is not None and self.mesh.size > 1
+
+    def _shard(self, x, kind):
+        """Sharding constraint of an activation by the rules in qwen3_jax.sharding (no-op without a mesh)."""
+        if not self._sharded():
+            return x
+        from qwen3_jax.sharding.rules import constrain
+
+        return constrain(x, self.mesh, kind)
 
     def mlp_fn(self, h_btd, moe_p, dense_p, layer_kind):
         """MLP of one layer. layer_kind: 'moe', 'dense' or a traced bool (True = MoE) for mixed stacks."""
         cfg = self.config
         b, t, _ = h_btd.shape
         e = cfg.num_experts
+        h_btd = self._shard(h_btd, "btd")
 
         def run_moe(h):
+            if self._sharded():  # expert-parallel: all-to-all over the mesh's 'expert' axis
+                from qwen3_jax.sharding.ep import ep_moe
+
+                y, logits, _ = ep_moe(h, moe_p, cfg, self.mesh, capacity_factor=self.capacity_factor,
+                                      dispatch=self.ep_dispatch, gmm_backend=self.gmm_backend)
+                return self._shard(y, "btd"), logits
             return moe_block(h, moe_p, cfg, self.gmm_backend)
 
         def run_dense(h):
@@ -298,25 +346,55 @@ class Qwen3ForCausalLM(nnx.Module):
         return jax.lax.cond(layer_kind, run_moe, run_dense, h_btd)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
-                 return_hidden: bool = False) -> CausalLMOutput:
+                 return_hidden: bool = False, cache: KVCache | None = None) -> CausalLMOutput:
+        """Logits for `input_ids` [B, T].
+
+        Without `cache`: attention_mask [B, T] marks real tokens (left or right padding); positions default
+        to cumsum(mask) - 1. segment_ids [B, T] keep packed documents apart.
+        With `cache`: the new tokens go to slots lengths[b] + t; attention_mask then marks the real new tokens
+        as a prefix of each row (right padding), positions default to lengths[b] + t; `out.cache` is the
+        updated cache.
+        """
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
         b, t = input_ids.shape
-        if positions is None:
-            positions = positions_from_mask(attention_mask) if attention_mask is not None else \
-                jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask_bts = causal_mask(positions, attention_mask, segment_ids)
+        kv = None
+        if cache is None:
+            if positions is None:
+                positions = positions_from_mask(attention_mask) if attention_mask is not None else \
+                    jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            mask_bts = causal_mask(positions, attention_mask, segment_ids)
+        else:
+            write_bt = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+            n_new = jnp.sum(attention_mask, -1).astype(jnp.int32) if attention_mask is not None else jnp.full((b,), t, jnp.int32)
+            if positions is None:
+                positions = write_bt
+            slot = jnp.arange(cache.max_len, dtype=jnp.int32)
+            mask_bts = (slot[None, None] <= write_bt[:, :, None]) & (slot[None, None] < (cache.lengths + n_new)[:, None, None])
+            kv = (cache.k, cache.v, write_bt)
         cos, sin = self.rope(positions)
         h = self.embed(input_ids)
-        h, router_logits = self.decoder(h, cos, sin, mask_bts)
+        h, router_logits, kv_out = self.decoder(h, cos, sin, mask_bts, kv)
+        new_cache = None if cache is None else KVCache(kv_out[0], kv_out[1], cache.lengths + n_new)
         h = rms_norm(h, self.norm[...], cfg.rms_norm_eps)
         logits = self.unembed(h)
-        return CausalLMOutput(logits=logits, router_logits=router_logits, hidden_states=h if return_hidden else None)
+        dropped = None
+        if self._sharded() and router_logits is not None and self.capacity_factor is not None:
+            from qwen3_jax.sharding.ep import count_dropped
 
-    def decoder(self, h_btd, cos, sin, mask_bts):
-        """Run the layer stack with `nnx.scan`: one compiled layer body whatever the depth."""
+            dropped = count_dropped(router_logits, cfg, self.mesh, self.capacity_factor)
+        return CausalLMOutput(logits=logits, router_logits=router_logits, hidden_states=h if return_hidden else None,
+                              dropped_tokens=dropped, cache=new_cache)
+
+    def decoder(self, h_btd, cos, sin, mask_bts, kv=None):
+        """Run the layer stack with `nnx.scan`: one compiled layer body whatever the depth.
+
+        kv: None, or (k [L,B,S,K,hd], v [L,B,S,K,hd], write slots [B,T]): the caches ride in the scan carry and
+        each layer writes its new keys/values in place, then attends over its whole cache row.
+        Returns (h, router logits [L_moe,B,T,E] or None, (k, v) or None).
+        """
         cfg = self.config
         eps = cfg.rms_norm_eps
         attn_p = _pure(self.layers.attn)
@@ -325,41 +403,52 @@ class Qwen3ForCausalLM(nnx.Module):
         is_moe = np.array([cfg.is_moe_layer(i) for i in range(n_layers)])
         mixed = 0 < is_moe.sum() < n_layers
 
-        def layer(h, a, mlp_kind, moe_l, dense_l):
-            x = rms_norm(h, a["input_layernorm"], eps)
-            q, k, v = attention_qkv(x, a, cos, sin, eps)
-            h = h + attention_out(attention_core(q, k, v, mask_bts), a)
-            x = rms_norm(h, a["post_attention_layernorm"], eps)
-            y, rl = self.mlp_fn(x, moe_l, dense_l, mlp_kind)
-            return h + y, rl
-
         if mixed:
             # per-layer kind and index into the MoE / dense stacks; lax.cond picks the branch.
             moe_idx = np.maximum(np.cumsum(is_moe) - 1, 0).astype(np.int32)
             dense_idx = np.maximum(np.cumsum(~is_moe) - 1, 0).astype(np.int32)
-
-            def body(h, xs):
-                a, kind, mi, di = xs
-                moe_l = jax.tree.map(lambda w: w[mi], moe_p)
-                dense_l = jax.tree.map(lambda w: w[di], dense_p)
-                return layer(h, a, kind, moe_l, dense_l)
-
             xs = (attn_p, jnp.asarray(is_moe), jnp.asarray(moe_idx), jnp.asarray(dense_idx))
+
+            def select(xs_l):
+                a, kind, mi, di = xs_l
+                return a, kind, jax.tree.map(lambda w: w[mi], moe_p), jax.tree.map(lambda w: w[di], dense_p)
         elif is_moe.all():
-            def body(h, xs):
-                return layer(h, xs[0], "moe", xs[1], None)
             xs = (attn_p, moe_p)
+            select = lambda xs_l: (xs_l[0], "moe", xs_l[1], None)  # noqa: E731
         else:
-            def body(h, xs):
-                return layer(h, xs[0], "dense", None, xs[1])
             xs = (attn_p, dense_p)
+            select = lambda xs_l: (xs_l[0], "dense", None, xs_l[1])  # noqa: E731
+
+        def body(carry, xs_l):
+            l, xs_l = xs_l
+            a, kind, moe_l, dense_l = select(xs_l)
+            h = carry if kv is None else carry[0]
+            x = rms_norm(h, a["input_layernorm"], eps)
+            q, k, v = attention_qkv(x, a, cos, sin, eps)
+            if kv is None:
+                o = attention_core(q, k, v, mask_bts)
+            else:
+                _, ck, cv = carry
+                rows = jnp.arange(h.shape[0])[:, None]
+                ck = ck.at[l, rows, kv[2]].set(k.astype(ck.dtype), mode="drop")
+                cv = cv.at[l, rows, kv[2]].set(v.astype(cv.dtype), mode="drop")
+                o = attention_core(q, ck[l].astype(q.dtype), cv[l].astype(q.dtype), mask_bts)
+            h = h + attention_out(o, a)
+            x = rms_norm(h, a["post_attention_layernorm"], eps)
+            y, rl = self.mlp_fn(x, moe_l, dense_l, kind)
+            h = h + y
+            return (h if kv is None else (h, ck, cv)), rl
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
-        h, rl = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(h_btd, xs)
+        carry = h_btd if kv is None else (h_btd, kv[0], kv[1])
+        carry, rl = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
+            carry, (jnp.arange(n_layers), xs))
         if mixed:
             rl = rl[jnp.asarray(np.nonzero(is_moe)[0])]
-        return h, rl
+        if kv is None:
+            return carry, rl, None
+        return carry[0], rl, carry[1:]
 
 
 def remat_policy(name: str):
