@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from .config import Qwen3Config
-from .gmm import gmm
+from .gmm import grouped_swiglu
 
 NEG_INF = float(np.finfo(np.float32).min)
 
@@ -146,9 +146,8 @@ def moe_experts(x_td, w_tk, e_tk, p, *, num_experts=None, gmm_backend="auto"):
     order = jnp.argsort(flat_e, stable=True)                    # [M] sorted slot -> flat slot
     x_md = x_td[order // k]                                     # [M, D] token rows in expert order
     sizes_e = jnp.bincount(flat_e, length=n_exp).astype(jnp.int32)
-    kw = dict(backend=gmm_backend)
-    h = jax.nn.silu(gmm(x_md, p["gate_proj"].astype(dt), sizes_e, **kw)) * gmm(x_md, p["up_proj"].astype(dt), sizes_e, **kw)
-    y_md = gmm(h, p["down_proj"].astype(dt), sizes_e, **kw)     # [M, D]
+    y_md = grouped_swiglu(x_md, p["gate_proj"].astype(dt), p["up_proj"].astype(dt), p["down_proj"].astype(dt),
+                          sizes_e, backend=gmm_backend)         # [M, D]
     y_tkd = y_md[jnp.argsort(order)].reshape(t, k, d)           # back to (token, slot) order
     return jnp.einsum("tkd,tk->td", y_tkd, w_tk.astype(dt))
 
