@@ -213,8 +213,8 @@ def test_param_count_of_30b_a3b():
 
 
 def test_streaming_load_keeps_host_memory_near_one_copy(tmp_path):
-    """Load a ~600 MB checkpoint in a fresh process: peak RSS growth stays within 1.25x its size
-    (fixed costs such as compiled executables are ~50 MB here; per layer ~3 host copies of one slice)."""
+    """Load a ~600 MB checkpoint in a fresh process (runtime warmed by a 1-layer load): peak RSS growth
+    stays within 1.2x its size (per layer the host holds ~3 copies of one layer's slice)."""
     cfg = Qwen3Config.from_dict(dict(
         model_type="qwen3_moe", vocab_size=1000, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
         num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=32,
@@ -227,10 +227,12 @@ def test_streaming_load_keeps_host_memory_near_one_copy(tmp_path):
         from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
         cfg = Qwen3Config.from_dict(json.loads({json.dumps(json.dumps(cfg.to_hf_dict()))}))
         path = sys.argv[1]
+        small = cfg.replace(num_hidden_layers=1)
         if sys.argv[2] == "write":
             qwen3_jax.save_pretrained(Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0)), path)
+            qwen3_jax.save_pretrained(Qwen3ForCausalLM(small, rngs=nnx.Rngs(0)), path + "-1layer")
             sys.exit(0)
-        jnp.zeros(1).block_until_ready()
+        qwen3_jax.from_pretrained(path + "-1layer")  # warm the runtime: thread pools, compiled updates
         base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # current RSS
         m = qwen3_jax.from_pretrained(path)
         jax.block_until_ready(nnx.state(m))
@@ -244,4 +246,4 @@ def test_streaming_load_keeps_host_memory_near_one_copy(tmp_path):
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["size"] > 600e6
     print("peak host growth / checkpoint size:", r["growth"] / r["size"], r)
-    assert r["growth"] < 1.25 * r["size"], r
+    assert r["growth"] < 1.2 * r["size"], r
