@@ -30,6 +30,7 @@ setup(
     entry_points={
         "console_scripts": [
             "qwen3-jax=qwen3_jax.cli:main",
+            "qwen3-jax-plan=qwen3_jax.sharding.plan:main",
         ],
     },
 )

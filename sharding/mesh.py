@@ -1,0 +1,77 @@
+"""Device mesh with the axes ('data', 'fsdp', 'expert', 'tensor') and multi-host start-up.
+
+    data    pure data parallelism: parameters replicated, batch split
+    fsdp    batch split and parameters split (gathered when used: ZeRO-3 / FSDP)
+    expert  batch split outside the MoE; inside it, experts split and tokens sent to them by all-to-all
+    tensor  attention heads, vocab and expert/MLP widths split (Megatron style)
+
+The innermost axis ('tensor', then 'expert') gets the devices that are closest (same host / ICI ring).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
+
+AXES = ("data", "fsdp", "expert", "tensor")
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A `Mesh` over `devices` (default: all devices of all processes). One size may be -1: the rest."""
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    free = [a for a, s in sizes.items() if s == -1]
+    bad = {a: s for a, s in sizes.items() if not isinstance(s, (int, np.integer)) or (s < 1 and s != -1)}
+    if bad:
+        raise ValueError(f"make_mesh: axis sizes must be positive integers or -1, got {bad}")
+    if len(free) > 1:
+        raise ValueError(f"make_mesh: only one axis size may be -1, got -1 for {free}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if n % fixed:
+            raise ValueError(f"make_mesh: {n} devices are not divisible by the fixed axis sizes {sizes} (product {fixed})")
+        sizes[free[0]] = n // fixed
+    if math.prod(sizes.values()) != n:
+        raise ValueError(
+            f"make_mesh: data*fsdp*expert*tensor = {'*'.join(str(sizes[a]) for a in AXES)} = "
+            f"{math.prod(sizes.values())}, but there are {n} devices (use -1 for one axis to take the rest)"
+        )
+    shape = tuple(sizes[a] for a in AXES)
+    try:  # physical-topology-aware order on TPU / GPU; a plain reshape elsewhere
+        arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except Exception:  # noqa: BLE001  (unknown topologies, subsets of devices)
+        arr = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def check_experts(num_experts: int, mesh_shape) -> None:
+    """Expert parallelism needs whole experts per shard: num_experts divisible by the 'expert' size."""
+    ep = dict(mesh_shape).get("expert", 1)
+    if num_experts and num_experts % ep:
+        raise ValueError(
+            f"expert parallelism: num_experts={num_experts} is not divisible by the mesh's expert axis size {ep}; "
+            f"choose expert in {[d for d in range(1, num_experts + 1) if num_experts % d == 0]}"
+        )
+    if not num_experts and ep > 1:
+        raise ValueError(f"expert parallelism: the model is dense (no experts) but the mesh has expert={ep}; "
+                         "put those devices on 'data' or 'fsdp'")
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, **kw) -> tuple[int, int]:
+    """Start multi-host JAX (call before anything else touches devices); returns (process_index, count).
+
+    On Cloud TPU pods and SLURM / Open MPI GPU clusters every argument is auto-detected:
+    `initialize()` in each process. Elsewhere give the coordinator (process 0's host:port), the number of
+    processes and this process's id. CPU processes exchange collectives over gloo.
+    """
+    if jax.config.jax_cpu_collectives_implementation in (None, "none", ""):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, **kw)
+    return jax.process_index(), jax.process_count()

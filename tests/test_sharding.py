@@ -1,0 +1,313 @@
+"""Mesh, partition rules and expert parallelism on 8 simulated CPU devices (tests/conftest.py), plus a real
+two-process run. One tiny random MoE model; the single-device model is the reference throughout."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import qwen3_jax
+from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
+from qwen3_jax.model import moe_block
+from qwen3_jax.sharding import (count_dropped, ep_moe, fit_spec, make_mesh, param_shardings, param_specs,
+                                shard_model)
+from qwen3_jax.sharding import plan
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices: see tests/conftest.py")
+
+CFG = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  num_experts=16, num_experts_per_tok=4, max_position_embeddings=64)
+MESHES = {"expert8": dict(expert=8), "data2_expert4": dict(data=2, expert=4),
+          "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2)}
+TRAIN = (4, 5)    # 20 tokens: padded to 24 over 8 devices; batch 4 only partly divisible
+DECODE = (2, 1)   # 2 tokens on 8 devices
+
+
+def _build(cfg=CFG, **kw):
+    return Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), **kw)
+
+
+def _ids(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, CFG.vocab_size, shape).astype(np.int32)
+
+
+def _loss(model, ids, cot):
+    out = model(ids)
+    return jnp.sum(out.logits * cot), out
+
+
+_fwd = nnx.jit(lambda m, ids: m(ids))
+_fwd_grad = nnx.jit(nnx.value_and_grad(_loss, has_aux=True))  # one compile: logits and gradients
+
+
+def _flat(state):
+    return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single-device logits, router logits and parameter gradients for the train and decode batches."""
+    model = _build()
+    out = {}
+    for name, shape in (("train", TRAIN), ("decode", DECODE)):
+        ids = _ids(shape)
+        cot = np.random.default_rng(1).normal(size=(*shape, CFG.vocab_size)).astype(np.float32)
+        (_, o), g = _fwd_grad(model, ids, cot)
+        out[name] = (ids, cot, np.asarray(o.logits), np.asarray(o.router_logits), _flat(g))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    """sharded(name) -> the tiny model placed on that mesh (built once per mesh)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = shard_model(_build(), make_mesh(**MESHES[name]))
+        return cache[name]
+
+    return get
+
+
+# ============================================================================ mesh and rules
+def test_make_mesh_axes_sizes_and_errors():
+    mesh = make_mesh(data=2, expert=-1)
+    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+    assert make_mesh(expert=4, devices=jax.devices()[:4]).size == 4
+    with pytest.raises(ValueError, match="8 devices"):
+        make_mesh(expert=3)
+    with pytest.raises(ValueError, match="only one axis"):
+        make_mesh(data=-1, expert=-1)
+    with pytest.raises(ValueError, match="positive"):
+        make_mesh(expert=0)
+    with pytest.raises(ValueError, match="not divisible by the fixed"):
+        make_mesh(expert=3, data=-1)
+    # 16 experts cannot be split 6 ways; a dense model has no experts to split
+    six = make_mesh(expert=6, devices=jax.devices()[:6])
+    with pytest.raises(ValueError, match="num_experts=16 is not divisible by .* expert axis size 6"):
+        param_shardings(CFG, six)
+    with pytest.raises(ValueError, match="num_experts=16"):
+        shard_model(_build(), six)
+    dense = Qwen3Config(model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96,
+                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=0)
+    with pytest.raises(ValueError, match="dense"):
+        param_shardings(dense, make_mesh(expert=8))
+
+
+def test_rules_degrade_gracefully_when_not_divisible():
+    sizes = {"data": 2, "fsdp": 2, "expert": 4, "tensor": 2}
+    assert fit_spec(("tensor", ("fsdp", "expert")), (7, 64), sizes) == P(None, ("fsdp", "expert"))
+    assert fit_spec((("data", "fsdp", "expert"), None), (4, 3), sizes) == P(("data", "fsdp"), None)
+    assert fit_spec((("data", "fsdp", "expert"), None), (1, 3), sizes) == P(None, None)
+    specs = param_specs(CFG.replace(num_key_value_heads=1, num_attention_heads=3), {"tensor": 2, "expert": 8})
+    assert specs[("layers", "attn", "k_proj")] == P(None, "expert", None, None)   # 1 kv head: not split
+    assert specs[("layers", "attn", "q_proj")] == P(None, "expert", None, None)   # 3 heads: not split
+    assert specs[("layers", "moe", "gate_proj")] == P(None, "expert", None, "tensor")
+    full = param_specs(CFG, {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
+    assert full[("layers", "moe", "down_proj")] == P(None, "expert", "tensor", "fsdp")
+    assert full[("embed_tokens",)] == P("tensor", ("fsdp", "expert"))
+    assert all(spec[0] is None for path, spec in full.items() if path[0] == "layers")  # layer axis never split
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_each_device_holds_only_its_experts(sharded, name):
+    model = sharded(name)
+    sizes = model.mesh.shape
+    w = model.layers.moe.gate_proj[...]
+    L, E, D, F = w.shape
+    want = (L, E // sizes["expert"], D // sizes["fsdp"], F // sizes["tensor"])
+    assert len(w.addressable_shards) == 8
+    assert {s.data.shape for s in w.addressable_shards} == {want}
+    blocks = {tuple((sl.start or 0) for sl in s.index) for s in w.addressable_shards}
+    assert len(blocks) == 8 // (sizes["data"])  # only 'data' replicates expert weights
+
+
+# ============================================================================ equality with one device
+@pytest.mark.parametrize("name", list(MESHES))
+@pytest.mark.parametrize("batch", ["train", "decode"])
+def test_dropless_ep_equals_single_device(reference, sharded, name, batch):
+    ids, cot, logits, router_logits, grads = reference[batch]
+    model = sharded(name)
+    (_, out), g = _fwd_grad(model, ids, cot)
+    assert out.dropped_tokens is None  # dropless
+    np.testing.assert_allclose(np.asarray(out.logits), logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.router_logits), router_logits, atol=1e-5, rtol=0)
+    g = _flat(g)
+    assert g.keys() == grads.keys()
+    for path in grads:  # 1e-5 of each gradient's scale (the sum loss makes embedding grads ~50)
+        scale = max(1.0, float(np.abs(grads[path]).max()))
+        assert np.abs(g[path] - grads[path]).max() <= 1e-5 * scale, path
+
+
+def test_mixed_dense_moe_stack_on_mesh():
+    """mlp_only_layers: the MoE runs in shard_map inside the scan's lax.cond."""
+    cfg = CFG.replace(mlp_only_layers=[1])
+    ids = _ids(TRAIN, seed=5)
+    ref = _fwd(_build(cfg), ids)
+    out = _fwd(shard_model(_build(cfg), make_mesh(data=2, expert=4)), ids)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
+
+
+# ============================================================================ what the compiled program does
+@pytest.mark.parametrize("name", ["expert8", "data2_expert4"])
+def test_hlo_has_all_to_all_and_no_expert_weight_all_gather(sharded, name):
+    model = sharded(name)
+    hlo = nnx.jit(lambda m, x: m(x).logits).lower(model, _ids(TRAIN)).compile().as_text()
+    assert "all-to-all" in hlo
+    d, f = CFG.hidden_size, CFG.moe_intermediate_size
+    gathers = re.findall(r"= ([^=]*?) all-gather(?:-start)?\(", hlo)
+    assert gathers, "expected the FSDP all-gathers of attention weights"
+    for shape in gathers:
+        dims = [int(x) for x in re.findall(r"\d+", shape.split("{")[0].split("[", 1)[-1])]
+        assert not (len(dims) >= 3 and f in dims and d in dims), f"expert weights all-gathered: {shape}"
+
+
+def test_single_device_model_has_no_collectives(reference):
+    hlo = nnx.jit(lambda m, x: m(x).logits).lower(_build(), _ids(TRAIN)).compile().as_text()
+    assert "all-to-all" not in hlo and "all-gather" not in hlo
+
+
+# ============================================================================ capacity, ragged dispatch
+def test_capacity_mode_drops_and_reports(reference, sharded):
+    ids, _, logits, _, _ = reference["train"]
+    model = shard_model(_build(capacity_factor=0.5), sharded("expert8").mesh)
+    out = _fwd(model, ids)
+    dropped = np.asarray(out.dropped_tokens)
+    assert dropped.shape == (len(CFG.moe_layers),) and (dropped > 0).all()
+    assert not np.allclose(np.asarray(out.logits), logits, atol=1e-5)
+    # a capacity factor large enough drops nothing and equals the single-device model
+    model.capacity_factor = float(CFG.num_experts)
+    out = _fwd(model, ids)
+    assert int(np.asarray(out.dropped_tokens).sum()) == 0
+    np.testing.assert_allclose(np.asarray(out.logits), logits, atol=1e-5, rtol=0)
+
+
+def _moe_params(seed=0):
+    rng = np.random.default_rng(seed)
+    e, d, f = CFG.num_experts, CFG.hidden_size, CFG.moe_intermediate_size
+    return {"router": jnp.asarray(rng.normal(size=(d, e)), jnp.float32),
+            "gate_proj": jnp.asarray(rng.normal(size=(e, d, f)) * 0.1, jnp.float32),
+            "up_proj": jnp.asarray(rng.normal(size=(e, d, f)) * 0.1, jnp.float32),
+            "down_proj": jnp.asarray(rng.normal(size=(e, f, d)) * 0.1, jnp.float32)}
+
+
+def test_ep_moe_layer_capacity_count_matches_recount():
+    p = _moe_params()
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(3, 7, CFG.hidden_size)), jnp.float32)
+    mesh = make_mesh(data=2, expert=4)
+    y, logits, dropped = jax.jit(lambda x, p: ep_moe(x, p, CFG, mesh, capacity_factor=0.75))(x, p)
+    assert int(dropped) > 0
+    assert int(count_dropped(logits[None], CFG, mesh, 0.75)[0]) == int(dropped)
+    ref, ref_logits = moe_block(x, p, CFG)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
+    # dropped copies only remove terms: rows with nothing dropped are unchanged, at least one row changed
+    changed = np.abs(np.asarray(y) - np.asarray(ref)).max(-1) > 1e-5
+    assert 0 < changed.sum() <= int(dropped)
+
+
+def test_ragged_dispatch_is_dropless_and_lowers():
+    """The ragged_all_to_all path (GPU/TPU) run with an all_gather emulation of the op on CPU, and lowered
+    with the real op (XLA:CPU cannot compile it)."""
+    p = _moe_params(1)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, CFG.hidden_size)), jnp.float32)
+    mesh = make_mesh(data=2, expert=4)
+    ref = moe_block(x, p, CFG)[0]
+
+    def loss(x, p, dispatch):
+        return jnp.sum(jnp.sin(ep_moe(x, p, CFG, mesh, dispatch=dispatch)[0]))
+
+    y = jax.jit(lambda x, p: ep_moe(x, p, CFG, mesh, dispatch="ragged_emulated")[0])(x, p)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5, rtol=0)
+    g = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, p, "ragged_emulated")
+    g_ref = jax.grad(lambda x, p: jnp.sum(jnp.sin(moe_block(x, p, CFG)[0])), argnums=(0, 1))(x, p)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    text = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2).lower(x, p, "ragged").as_text()
+    assert text.count("ragged_all_to_all") == 4  # dispatch + combine, and their transposes
+    with pytest.raises(ValueError, match="dropless"):
+        ep_moe(x, p, CFG, mesh, dispatch="ragged", capacity_factor=1.0)
+
+
+# ============================================================================ loading and multi-process
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ep_ckpt"))
+    qwen3_jax.save_pretrained(_build(), path)
+    return path
+
+
+def test_from_pretrained_places_tensors_in_their_shards(reference, checkpoint):
+    ids, _, logits, _, _ = reference["train"]
+    mesh = make_mesh(fsdp=2, expert=2, tensor=2)
+    model = qwen3_jax.from_pretrained(checkpoint, mesh=mesh)
+    assert model.mesh is mesh
+    want = param_shardings(CFG, mesh)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        arr = var.get_value()
+        assert arr.sharding.is_equivalent_to(want[tuple(path)], arr.ndim), path
+    # used as on one device: no context manager, eager or under jit
+    np.testing.assert_allclose(np.asarray(model(ids).logits), logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(_fwd(model, ids).logits), logits, atol=1e-5, rtol=0)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_expert_parallel_forward_equals_one_device(checkpoint):
+    """jax.distributed on localhost (gloo): 2 processes x 2 CPU devices, expert=4 across both."""
+    worker = os.path.join(os.path.dirname(__file__), "_ep_worker.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), checkpoint], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err[-3000:]
+            results.append(json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert sorted(r["process"] for r in results) == [0, 1]
+    for r in results:
+        assert (r["processes"], r["devices"], r["local_devices"]) == (2, 4, 2)
+        assert r["all_to_all"] and r["placed_ok"] and r["local_experts"] == CFG.num_experts // 4
+        assert r["err"] <= 1e-5, r
+
+
+# ============================================================================ plan
+def test_plan_cli_table_and_shard_sizes(capsys):
+    argv = ["--preset", "Qwen3-30B-A3B", "--mesh", "data=4,expert=8", "--dtype", "bfloat16",
+            "--batch", "256", "--seq", "4096"]
+    assert plan.main(argv) == 0
+    text = capsys.readouterr().out
+    for row in ("params (bfloat16)", "grads", "AdamW", "KV cache", "activations", "TPU v5e 16G", "H200 141G"):
+        assert row in text
+    cfg = Qwen3Config.preset("Qwen3-30B-A3B")
+    mesh = plan.parse_mesh("data=4,expert=8")
+    r = plan.plan(cfg, mesh, "bfloat16", 256, 4096)
+    experts = 3 * 48 * 128 * 2048 * 768                             # gate, up, down
+    norms = 48 * (2 * 2048 + 2 * 128) + 2048                         # replicated
+    rest = qwen3_jax.param_count(cfg)["total"] - experts - norms     # attention, router, embeddings: D over expert
+    assert r["params"] == (experts // 8 + rest // 8 + norms) * 2
+    assert r["adam"] == r["params"] // 2 * 12                      # m, v and master weights in fp32
+    assert r["kv"] == 48 * 2 * (256 // 32) * 4096 * 4 * 128 * 2    # batch split over data x expert
+    assert plan.main(["--mesh", "data=4,bogus=2"]) == 2
+    assert plan.main(["--preset", "Qwen3-30B-A3B", "--mesh", "expert=3"]) == 2   # 128 experts / 3
