@@ -230,9 +230,11 @@ def load_params(path: str, cfg: Qwen3Config, param_dtype, shardings: dict | None
             continue
         buf = _placement(slot.shape, param_dtype, sharding)
         for i in range(slot.shape[0]):
-            buf = _set_index(buf, read(i), i)
+            # wait for each write: with async dispatch the loop would run ahead, keeping many layers' host
+            # slices alive at once (host memory would then depend on how fast the device drains the queue)
+            buf = jax.block_until_ready(_set_index(buf, read(i), i))
+            _release_host_memory()  # per layer: freed slices go back to the OS before the next read
         out[slot.path] = buf
-        _release_host_memory()
     extra = reader.unexpected()
     if cfg.tie_word_embeddings:
         extra = [n for n in extra if n != "lm_head.weight"]  # tied: transformers ignores it too

@@ -220,7 +220,7 @@ def test_streaming_load_keeps_host_memory_near_one_copy(tmp_path):
         num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=32,
         num_experts_per_tok=4, torch_dtype="float32"))
     script = textwrap.dedent(f"""
-        import resource, sys, os, json
+        import sys, os, json
         import jax, jax.numpy as jnp
         from flax import nnx
         import qwen3_jax
@@ -236,7 +236,8 @@ def test_streaming_load_keeps_host_memory_near_one_copy(tmp_path):
         base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # current RSS
         m = qwen3_jax.from_pretrained(path)
         jax.block_until_ready(nnx.state(m))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # VmHWM: this process image's peak RSS (ru_maxrss would also carry the forking parent's RSS over exec)
+        peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
         size = os.path.getsize(os.path.join(path, "model.safetensors"))
         print(json.dumps({{"growth": peak - base, "size": size}}))
     """)
