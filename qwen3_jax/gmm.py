@@ -220,20 +220,23 @@ def grouped_swiglu(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, *, bac
 
 
 def swiglu_tile(m: int, e: int) -> int:
-    """Row tile of the CPU kernel: with balanced routing an expert gets ~mean = M/E rows (binomial, sd ~
-    sqrt(mean)); a tile of mean + 2.5 sd (multiple of 16) takes almost every expert in one visit with ~25%
-    padding, where a power of two just under the mean would need two visits for half the experts.
-    Large groups use 128-row tiles (the padding is then small)."""
+    """Row tile of the CPU kernel. An expert's group is covered by ceil(n / tile) tiles, so a tile costs its
+    padding plus a fixed overhead (~16 rows: loop step, small-matmul inefficiency). With balanced routing n is
+    ~ Normal(mean = M/E, sd = sqrt(mean)): pick the multiple of 16 in [32, 256] that minimises the expected
+    E[ceil(n / tile)] * (tile + 16) (e.g. mean 128 -> 144: one tile for most experts, two for the largest)."""
     mean = max(m / e, 1.0)
-    t = 16 * math.ceil((mean + 2.5 * math.sqrt(mean)) / 16)
-    return int(t if mean <= 160 else 128)
+    sd = math.sqrt(mean)
+
+    def expected_tiles(t):  # E[ceil(n / t)] = sum_k P(n > k t), k >= 0
+        return sum(0.5 * math.erfc((k * t - mean) / (sd * math.sqrt(2))) for k in range(int((mean + 6 * sd) / t) + 1))
+
+    return min(range(32, 257, 16), key=lambda t: (expected_tiles(t) * (t + 16), t))
 
 
-def _swiglu_tile(x_tk, w):
-    w_g, w_u, _ = w
-    gate = jnp.dot(x_tk, w_g, preferred_element_type=jnp.float32)
-    up = jnp.dot(x_tk, w_u, preferred_element_type=jnp.float32)
-    return gate, up, (jax.nn.silu(gate) * up).astype(x_tk.dtype)
+def _swiglu_tile(x_tk, w_gu, f):
+    """gate|up in one matmul [t, 2F] (fp32) and h = silu(gate) * up [t, F]."""
+    gu = jnp.dot(x_tk, w_gu, preferred_element_type=jnp.float32)
+    return gu, (jax.nn.silu(gu[:, :f]) * gu[:, f:]).astype(x_tk.dtype)
 
 
 def _for_each_group_tile(sizes, tile, group_init, tile_body, group_done, carry):
@@ -264,17 +267,24 @@ def _pad_for_tiles(x, tile):
     return jnp.pad(x, ((0, tile), (0, 0)))
 
 
+def _group_weights(ws, g):
+    """Expert g's weights: gate|up concatenated [D, 2F] (one matmul for both) and down [F, D]."""
+    w_g, w_u, w_d = ws
+    return jnp.concatenate([w_g[g], w_u[g]], axis=-1), w_d[g]
+
+
 def _swiglu_fwd_loop(x_md, ws, sizes, tile):
     m, d = x_md.shape
+    f = ws[2].shape[1]
     x_p = _pad_for_tiles(x_md, tile)
 
     def group_init(g, out):
-        return out, tuple(w[g] for w in ws)
+        return out, _group_weights(ws, g)
 
     def tile_body(w, r0, keep, out):
         x_tk = jax.lax.dynamic_slice_in_dim(x_p, r0, tile)
-        _, _, h = _swiglu_tile(x_tk, w)
-        y = jnp.dot(h, w[2], preferred_element_type=jnp.float32)
+        _, h = _swiglu_tile(x_tk, w[0], f)
+        y = jnp.dot(h, w[1], preferred_element_type=jnp.float32)
         cur = jax.lax.dynamic_slice_in_dim(out, r0, tile)
         return jax.lax.dynamic_update_slice_in_dim(out, cur + jnp.where(keep[:, None], y, 0.0), r0, 0)
 
@@ -295,32 +305,35 @@ def _swiglu_blocked_fwd(x_md, ws, sizes, tile):
 def _swiglu_blocked_bwd(tile, res, dy_md):
     x_md, ws, sizes = res
     m, d = x_md.shape
+    f = ws[2].shape[1]
     x_p = _pad_for_tiles(x_md, tile)
     dy_p = _pad_for_tiles(dy_md.astype(x_md.dtype), tile)
     f32 = jnp.float32
 
     def group_init(g, carry):
-        local = (carry[0],) + tuple(jnp.zeros(w.shape[1:], f32) for w in ws)
-        return local, tuple(w[g] for w in ws)
+        return (carry[0], jnp.zeros((d, 2 * f), f32), jnp.zeros((f, d), f32)), _group_weights(ws, g)
 
     def tile_body(w, r0, keep, local):
-        dx, dwg, dwu, dwd = local
+        dx, dw_gu, dw_d = local
         x_tk = jnp.where(keep[:, None], jax.lax.dynamic_slice_in_dim(x_p, r0, tile), 0)
         dy_t = jnp.where(keep[:, None], jax.lax.dynamic_slice_in_dim(dy_p, r0, tile), 0)
-        gate, up, h = _swiglu_tile(x_tk, w)
-        dh = jnp.dot(dy_t, w[2].T, preferred_element_type=f32)                  # [t, F]
+        gu, h = _swiglu_tile(x_tk, w[0], f)                                     # recomputed, [t, 2F] and [t, F]
+        gate, up = gu[:, :f], gu[:, f:]
+        dh = jnp.dot(dy_t, w[1].T, preferred_element_type=f32)                 # [t, F]
         sig = jax.nn.sigmoid(gate)
-        dgate = (dh * up * (sig * (1 + gate * (1 - sig)))).astype(x_md.dtype)  # d silu = s (1 + g (1 - s))
-        dup = (dh * gate * sig).astype(x_md.dtype)
-        dwd = dwd + jnp.dot(h.T, dy_t, preferred_element_type=f32)
-        dwg = dwg + jnp.dot(x_tk.T, dgate, preferred_element_type=f32)
-        dwu = dwu + jnp.dot(x_tk.T, dup, preferred_element_type=f32)
-        dx_t = jnp.dot(dgate, w[0].T, preferred_element_type=f32) + jnp.dot(dup, w[1].T, preferred_element_type=f32)
+        # d silu(g) = s (1 + g (1 - s));  dgu = [dgate | dup]: one matmul each for d(x) and d(w_gate|w_up)
+        dgu = jnp.concatenate([dh * up * (sig * (1 + gate * (1 - sig))), dh * gate * sig], axis=1).astype(x_md.dtype)
+        dw_d = dw_d + jnp.dot(h.T, dy_t, preferred_element_type=f32)
+        dw_gu = dw_gu + jnp.dot(x_tk.T, dgu, preferred_element_type=f32)
+        dx_t = jnp.dot(dgu, w[0].T, preferred_element_type=f32)
         cur = jax.lax.dynamic_slice_in_dim(dx, r0, tile)
-        return jax.lax.dynamic_update_slice_in_dim(dx, cur + dx_t, r0, 0), dwg, dwu, dwd
+        return jax.lax.dynamic_update_slice_in_dim(dx, cur + dx_t, r0, 0), dw_gu, dw_d
 
     def group_done(g, local, carry):
-        return (local[0],) + tuple(acc.at[g].set(l.astype(acc.dtype)) for acc, l in zip(carry[1:], local[1:]))
+        dx, dw_gu, dw_d = local
+        dwg, dwu, dwd = carry[1:]
+        return (dx, dwg.at[g].set(dw_gu[:, :f].astype(dwg.dtype)), dwu.at[g].set(dw_gu[:, f:].astype(dwu.dtype)),
+                dwd.at[g].set(dw_d.astype(dwd.dtype)))
 
     carry = (jnp.zeros((x_p.shape[0], d), f32),) + tuple(jnp.zeros(w.shape, w.dtype) for w in ws)
     dx, *dws = _for_each_group_tile(sizes, tile, group_init, tile_body, group_done, carry)

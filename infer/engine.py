@@ -1,0 +1,215 @@
+"""KV-cached generation engine: jitted prefill into cache rows, jitted on-device decode chunks, continuous batching.
+
+Device state (`slots`, a dict of arrays over B rows, donated to every call):
+    cache      KVCache k, v [L, B, S, K, hd], lengths [B]
+    tok_b      next input token per row (the last prompt token, then each sampled token)
+    active_b   row is generating;  reason_b 0 running / 1 stop / 2 length;  n_gen_b, max_new_b
+    temp_b, top_k_b, top_p_b, min_p_b, rep_b, pres_b, freq_b, key_b [B, 2]   per-row sampling
+    stop_bs [B, NS]   stop ids (-1 pad);  seen_bv [B, V] prompt+output tokens;  counts_bv [B, V] output counts
+    budget_b (-1 none), in_think_b, think_n_b, force_b (index into the forced `</think>` sequence, -1 none)
+
+`prefill` writes new prompts into chosen rows: the prompt minus its last token goes through the model into a
+fresh [P, T] cache that is copied into the rows; the last token becomes the row's next input, so the first
+new token comes out of the decode loop like every other. `decode` runs up to `n_steps` model steps in a
+`lax.while_loop` (sampling, penalties, stop and thinking-budget logic inside), stopping early when no row
+is active or, with `stop_on_finish`, when some row finishes (the host then refills it). Shapes are bucketed
+(P, T powers of two; B, S, N fixed per engine): no recompilation per token or per request.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen3_jax.model import KVCache
+
+from .sampling import apply_penalties, sample
+
+ROW_FIELDS = ("max_new_b", "temp_b", "top_k_b", "top_p_b", "min_p_b", "rep_b", "pres_b", "freq_b", "key_b",
+              "stop_bs", "budget_b", "in_think_b")
+
+
+def pow2(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def init_slots(cfg, batch: int, max_len: int, n_stop: int, cache_dtype, vocab: int):
+    z = lambda dt, *s: jnp.zeros((batch, *s), dt)  # noqa: E731
+    return dict(
+        cache=KVCache.init(cfg, batch, max_len, cache_dtype),
+        tok_b=z(jnp.int32), active_b=z(bool), reason_b=z(jnp.int32), n_gen_b=z(jnp.int32), max_new_b=z(jnp.int32),
+        temp_b=z(jnp.float32), top_k_b=z(jnp.int32), top_p_b=jnp.ones((batch,), jnp.float32), min_p_b=z(jnp.float32),
+        rep_b=jnp.ones((batch,), jnp.float32), pres_b=z(jnp.float32), freq_b=z(jnp.float32),
+        key_b=z(jnp.uint32, 2), stop_bs=jnp.full((batch, n_stop), -1, jnp.int32),
+        seen_bv=z(bool, vocab), counts_bv=z(jnp.int32, vocab),
+        budget_b=jnp.full((batch,), -1, jnp.int32), in_think_b=z(bool), think_n_b=z(jnp.int32),
+        force_b=jnp.full((batch,), -1, jnp.int32),
+    )
+
+
+class Engine:
+    """Compiled prefill/decode for one model; `think_ids` = (<think>, </think>) ids or None (no budget);
+    `forced_ids` the tokens forced when a thinking budget runs out (ends with </think>). The jitted functions
+    are shared by every Engine of the same graph (parameters are arguments): a new Engine does not recompile."""
+
+    def __init__(self, model, *, think_ids=None, forced_ids=None, chunk: int = 32):
+        graphdef, self.params = nnx.split(model)
+        self.cfg = model.config
+        self.mesh = getattr(model, "mesh", None)
+        self.cache_default = model.dtype
+        think = tuple(int(i) for i in think_ids) if think_ids else (-1, -1)
+        forced = tuple(int(i) for i in (forced_ids or ([think[1]] if think_ids else [-1])))
+        self.chunk = chunk
+        self.fns = _compiled(graphdef, model.config, think, forced)
+
+    def new_slots(self, batch: int, max_len: int, n_stop: int, cache_dtype=None):
+        dt = jnp.dtype(cache_dtype or self.cache_default)
+        mesh = self.mesh if self.mesh is not None and self.mesh.size > 1 else None
+        return _slots_init(self.cfg, batch, max_len, n_stop, dt, mesh)()
+
+    # ------------------------------------------------------------------------------------------ host side
+    def prefill(self, slots, prompts: list[list[int]], rows: list[int], row: dict):
+        """Write `prompts` into `rows` (buckets: P and T powers of two, T <= S)."""
+        b, s_max = slots["tok_b"].shape[0], slots["cache"].max_len
+        p = min(pow2(len(prompts)), pow2(b))
+        t = min(pow2(max(len(x) for x in prompts), 16), s_max)
+        ids = np.zeros((p, t), np.int32)
+        n_p = np.ones((p,), np.int32)
+        rows_p = np.full((p,), b, np.int32)
+        for j, (x, r) in enumerate(zip(prompts, rows)):
+            ids[j, :len(x)] = x
+            n_p[j], rows_p[j] = len(x), r
+        row_p = {}
+        for name, vals in row.items():
+            arr = np.asarray(vals)
+            pad = np.zeros((p - len(prompts), *arr.shape[1:]), arr.dtype)
+            row_p[name] = np.concatenate([arr, pad]) if len(pad) else arr
+        return self.fns.prefill(self.params, slots, ids, n_p, rows_p, row_p)
+
+    def decode(self, slots, n_steps: int, stop_on_finish: bool, n_max: int | None = None):
+        """Up to n_steps tokens; returns (slots, tokens [B, n] on host, -1 where a row emitted nothing, reason [B])."""
+        n_max = n_max or self.chunk
+        slots, out_bn, n = self.fns.decode(self.params, slots, np.int32(n_steps), np.bool_(stop_on_finish), n_max=n_max)
+        out_bn, n, reason_b = jax.device_get((out_bn, n, slots["reason_b"]))
+        return slots, out_bn[:, : int(n)], reason_b
+
+
+@functools.lru_cache(maxsize=16)
+def _slots_init(cfg, batch, max_len, n_stop, dtype, mesh):
+    """Jitted allocation of the slots, placed by the sharding rules when a mesh is given: the cache by
+    'kv_cache' ([L, B, S, K, hd]: batch over the data axes, kv heads over 'tensor'), per-row arrays over the
+    batch axes of 'bt'."""
+    fn = functools.partial(init_slots, cfg, batch, max_len, n_stop, dtype, cfg.vocab_size)
+    if mesh is None:
+        return jax.jit(fn)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from qwen3_jax.sharding.rules import activation_sharding
+
+    def one(x):
+        if x.ndim == 5:
+            return activation_sharding("kv_cache", x.shape, mesh)
+        spec = activation_sharding("bt", (x.shape[0], 1), mesh).spec
+        return NamedSharding(mesh, P(spec[0], *([None] * (x.ndim - 1))))
+
+    return jax.jit(fn, out_shardings=jax.tree.map(one, jax.eval_shape(fn)))
+
+
+class _Compiled:
+    """The jitted device functions (prefill and the decode loop) of one model graph."""
+
+    def __init__(self, graphdef, cfg, think_ids, forced):
+        self.graphdef, self.cfg, self.think_ids, self.forced = graphdef, cfg, think_ids, forced
+        self.prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self.decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("n_max",))
+
+    def _prefill_fn(self, params, slots, ids_pt, n_p, rows_p, row):
+        """Prompts ids_pt [P, T] (right-padded, n_p real tokens each) into rows rows_p (B = padding row, dropped)."""
+        model = nnx.merge(self.graphdef, params)
+        p, t = ids_pt.shape
+        cache = slots["cache"]
+        mask_pt = jnp.arange(t)[None] < (n_p - 1)[:, None]
+        small = KVCache.init(self.cfg, p, t, cache.k.dtype)
+        out = model(ids_pt, attention_mask=mask_pt.astype(jnp.int32), cache=small)
+        k = cache.k.at[:, rows_p, :t].set(out.cache.k, mode="drop")
+        v = cache.v.at[:, rows_p, :t].set(out.cache.v, mode="drop")
+        s = dict(slots)
+        s["cache"] = KVCache(k, v, cache.lengths.at[rows_p].set(n_p - 1, mode="drop"))
+        put = lambda name, val: s[name].at[rows_p].set(val, mode="drop")  # noqa: E731
+        s["tok_b"] = put("tok_b", jnp.take_along_axis(ids_pt, (n_p - 1)[:, None], 1)[:, 0])
+        s["active_b"] = put("active_b", True)
+        for name in ("reason_b", "n_gen_b", "think_n_b"):
+            s[name] = put(name, 0)
+        for name in ROW_FIELDS:
+            s[name] = put(name, row[name])
+        s["force_b"] = put("force_b", jnp.where(row["in_think_b"] & (row["budget_b"] == 0), 0, -1))
+        seen_pv = jnp.zeros((p, self.cfg.vocab_size), bool).at[jnp.arange(p)[:, None], ids_pt].max(
+            jnp.arange(t)[None] < n_p[:, None])
+        s["seen_bv"] = put("seen_bv", seen_pv)
+        s["counts_bv"] = put("counts_bv", 0)
+        return s
+
+    def _decode_fn(self, params, slots, n_steps, stop_on_finish, *, n_max: int):
+        model = nnx.merge(self.graphdef, params)
+        b = slots["tok_b"].shape[0]
+        rows = jnp.arange(b)
+        think_start, think_end = self.think_ids
+        forced = jnp.asarray(self.forced, jnp.int32)
+        n_forced = len(self.forced)
+
+        def step(carry):
+            i, s, out_bn, _ = carry
+            act = s["active_b"]
+            o = model(s["tok_b"][:, None], attention_mask=act[:, None].astype(jnp.int32), cache=s["cache"])
+            logits = o.logits[:, 0].astype(jnp.float32)
+            penalised = jax.lax.cond(
+                jnp.any(act & ((s["rep_b"] != 1) | (s["pres_b"] != 0) | (s["freq_b"] != 0))),
+                lambda l: apply_penalties(l, s["seen_bv"], s["counts_bv"], s["rep_b"], s["pres_b"], s["freq_b"]),
+                lambda l: l, logits)
+            keys = jax.vmap(jax.random.fold_in)(s["key_b"], s["n_gen_b"])
+            temp = jnp.where(act, s["temp_b"], 0.0)  # finished rows must not push an all-greedy batch off argmax
+            tok = sample(penalised, keys, temp, s["top_k_b"], s["top_p_b"], s["min_p_b"])
+            # thinking budget: forced tokens replace the sample
+            forcing = s["force_b"] >= 0
+            tok = jnp.where(forcing, forced[jnp.clip(s["force_b"], 0, n_forced - 1)], tok)
+            force = jnp.where(forcing, s["force_b"] + 1, -1)
+            force = jnp.where(force >= n_forced, -1, force)
+            in_think = jnp.where(tok == think_start, True, jnp.where(tok == think_end, False, s["in_think_b"]))
+            think_n = jnp.where(tok == think_start, 0, s["think_n_b"] + in_think.astype(jnp.int32))
+            start = act & in_think & (force < 0) & (s["budget_b"] >= 0) & (think_n >= s["budget_b"])
+            force = jnp.where(start, 0, force)
+            # bookkeeping and stop detection
+            n_gen = s["n_gen_b"] + act
+            cache = o.cache
+            hit_stop = jnp.any(tok[:, None] == s["stop_bs"], axis=-1)
+            full = (n_gen >= s["max_new_b"]) | (cache.lengths >= cache.max_len)
+            done = act & (hit_stop | full)
+            n = dict(s)
+            n.update(cache=cache, n_gen_b=n_gen, active_b=act & ~done,
+                     tok_b=jnp.where(act, tok, s["tok_b"]),
+                     reason_b=jnp.where(done, jnp.where(hit_stop, 1, 2), s["reason_b"]),
+                     in_think_b=jnp.where(act, in_think, s["in_think_b"]),
+                     think_n_b=jnp.where(act, think_n, s["think_n_b"]),
+                     force_b=jnp.where(act, force, s["force_b"]),
+                     counts_bv=s["counts_bv"].at[rows, tok].add(act.astype(jnp.int32)),
+                     seen_bv=s["seen_bv"].at[rows, tok].max(act))
+            out_bn = out_bn.at[:, i].set(jnp.where(act, tok, -1))
+            return i + 1, n, out_bn, jnp.any(done)
+
+        def cond(carry):
+            i, s, _, any_done = carry
+            return (i < jnp.minimum(n_steps, n_max)) & jnp.any(s["active_b"]) & ~(stop_on_finish & any_done)
+
+        init = (jnp.int32(0), slots, jnp.full((b, n_max), -1, jnp.int32), jnp.bool_(False))
+        n, slots, out_bn, _ = jax.lax.while_loop(cond, step, init)
+        return slots, out_bn, n
+
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(graphdef, cfg, think_ids, forced) -> _Compiled:
+    return _Compiled(graphdef, cfg, think_ids, forced)
