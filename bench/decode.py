@@ -30,6 +30,8 @@ from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
 from qwen3_jax.infer import Request, SamplingParams, iter_generate
 from qwen3_jax.infer.engine import Engine
 
+from forward import timeit as _timeit  # bench/forward.py (this script's folder is on sys.path)
+
 SMALL = dict(
     model_type="qwen3_moe", vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=32,
@@ -39,15 +41,8 @@ SMALL = dict(
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def median_time(fn, warmup=1, iters=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def median_time(fn):
+    return _timeit(fn, warmup=1, iters=3)
 
 
 def row_params(n):
