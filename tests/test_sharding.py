@@ -22,7 +22,7 @@ from qwen3_jax.sharding import (count_dropped, ep_moe, fit_spec, make_mesh, para
                                 shard_model)
 from qwen3_jax.sharding import plan
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices: see tests/conftest.py")
+assert jax.device_count() >= 8, "the multi-device tests need 8 (simulated) devices: see tests/conftest.py (XLA_FLAGS)"
 
 CFG = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
