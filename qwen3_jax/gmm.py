@@ -198,12 +198,17 @@ _gmm_blocked.defvjp(_gmm_blocked_fwd, _gmm_blocked_bwd)
 
 # --------------------------------------------------------------------------------------- fused SwiGLU
 def grouped_swiglu(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, *, backend: str = "auto",
-                   tile: int | None = None):
+                   tile: int | None = None, stacked=None):
     """Experts' SwiGLU on rows sorted by expert: down(silu(x @ gate) * (x @ up)) per group -> [M, D].
 
     On CPU ("blocked") one loop per expert visits its row tiles and does all three matmuls there, with a
     custom VJP that recomputes the tile's activations: no [M, F] intermediates, one loop instead of three.
     Other backends compose three `gmm` calls.
+
+    stacked: optional ((gate [L,E,D,F], up, down [L,E,F,D]), l) of which the w_* are layer l (a layer scan's
+    slices). The CPU kernel's primal (not differentiated: inference) then reads each expert's weights straight
+    from the stack, so the scan's per-layer copy of all experts' weights becomes dead code; under
+    differentiation the w_* are used as usual.
     """
     m = x_md.shape[0]
     e = w_gate_edf.shape[0]
@@ -216,21 +221,20 @@ def grouped_swiglu(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, *, bac
         h = jax.nn.silu(gmm(x_md, w_gate_edf, group_sizes_e, **kw)) * gmm(x_md, w_up_edf, group_sizes_e, **kw)
         return gmm(h, w_down_efd, group_sizes_e, **kw)
     tile = tile or swiglu_tile(m, e)
-    return _swiglu_blocked(x_md, (w_gate_edf, w_up_edf, w_down_efd), group_sizes_e.astype(jnp.int32), tile)
+    ws, sizes = (w_gate_edf, w_up_edf, w_down_efd), group_sizes_e.astype(jnp.int32)
+    if stacked is None:
+        return _swiglu_blocked(x_md, ws, sizes, tile)
+    stack, layer = stacked
+    return _swiglu_blocked_stacked(x_md, ws, sizes, jax.lax.stop_gradient(tuple(stack)), layer, tile,
+                                   jnp.dtype(w_gate_edf.dtype))
 
 
 def swiglu_tile(m: int, e: int) -> int:
-    """Row tile of the CPU kernel. An expert's group is covered by ceil(n / tile) tiles, so a tile costs its
-    padding plus a fixed overhead (~16 rows: loop step, small-matmul inefficiency). With balanced routing n is
-    ~ Normal(mean = M/E, sd = sqrt(mean)): pick the multiple of 16 in [32, 256] that minimises the expected
-    E[ceil(n / tile)] * (tile + 16) (e.g. mean 128 -> 144: one tile for most experts, two for the largest)."""
-    mean = max(m / e, 1.0)
-    sd = math.sqrt(mean)
+    """Full row tile of the CPU kernel: 128 rows (a group's last, partial tile is rounded up to TAIL_STEP rows)."""
+    return 128
 
-    def expected_tiles(t):  # E[ceil(n / t)] = sum_k P(n > k t), k >= 0
-        return sum(0.5 * math.erfc((k * t - mean) / (sd * math.sqrt(2))) for k in range(int((mean + 6 * sd) / t) + 1))
 
-    return min(range(32, 257, 16), key=lambda t: (expected_tiles(t) * (t + 16), t))
+TAIL_STEP = 16
 
 
 def _swiglu_tile(x_tk, w_gu, f):
@@ -239,56 +243,79 @@ def _swiglu_tile(x_tk, w_gu, f):
     return gu, (jax.nn.silu(gu[:, :f]) * gu[:, f:]).astype(x_tk.dtype)
 
 
-def _for_each_group_tile(sizes, tile, group_init, tile_body, group_done, carry):
-    """for g in groups: (local, w) = group_init(g, carry); for each tile of g's rows: local =
-    tile_body(w, r0, keep, local); carry = group_done(g, local, carry).
+def _for_each_group_tile(sizes, tile, group_init, tile_fn, accumulate, group_done, carry):
+    """for g in groups: (local, w) = group_init(g, carry); for each tile of g's rows starting at row r0:
+    local = accumulate(local, r0, *tile_fn(w, r0, rows, keep)); carry = group_done(g, local, carry).
 
-    A group's rows [start, end) are covered from `start` by ceil(size / tile) tiles of `tile` rows (the
-    last one masked by `keep`): one inner loop per group -- every extra while loop copies its carry, and
-    small matmuls are slow on CPU, so rounding up beats remainder tiles. `w` (the expert's weights, sliced
-    once per group) is closed over, not carried. The lhs must be padded by `tile` rows (no clamped slice).
+    A group's rows [start, end) are covered by floor(size / tile) full tiles of `tile` rows (`keep` None), then
+    one tail tile of the remainder rounded up to TAIL_STEP rows (`keep` masks the excess): padding stays below
+    TAIL_STEP rows per group while every matmul has a static shape (the tail's row count is static in each
+    branch of a `lax.switch`). tile_fn returns (row-wise part [rows, N], per-group part); the tail's row-wise
+    part is zero-padded to `tile` rows so that `accumulate` (outside the switch: the branches never see the
+    big carry, which a conditional would copy) has one shape. `w`, the expert's weights sliced once per group,
+    is closed over, not carried. Row inputs must be padded by `tile` rows (no clamped slice).
     """
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
+    step = min(TAIL_STEP, tile)
 
     def per_group(g, carry):
         local, w = group_init(g, carry)
+        n_full = sizes[g] // tile
+        full = lambda i, loc: accumulate(loc, starts[g] + i * tile, *tile_fn(w, starts[g] + i * tile, tile, None))
+        local = jax.lax.fori_loop(0, n_full, full, local)
+        r0 = starts[g] + n_full * tile
 
-        def body(i, loc):
-            r0 = starts[g] + i * tile
-            return tile_body(w, r0, r0 + jnp.arange(tile, dtype=jnp.int32) < ends[g], loc)
+        def tail(rows):
+            rows_out, per_group_out = tile_fn(w, r0, rows, r0 + jnp.arange(rows, dtype=jnp.int32) < ends[g])
+            return jnp.pad(rows_out, ((0, tile - rows), (0, 0))), per_group_out
 
-        return group_done(g, jax.lax.fori_loop(0, (sizes[g] + tile - 1) // tile, body, local), carry)
+        shapes = jax.eval_shape(functools.partial(tail, tile))
+        nothing = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+        branches = [nothing] + [functools.partial(tail, rows) for rows in range(step, tile + 1, step)]
+        local = accumulate(local, r0, *jax.lax.switch((ends[g] - r0 + step - 1) // step, branches))
+        return group_done(g, local, carry)
 
     return jax.lax.fori_loop(0, sizes.shape[0], per_group, carry)
+
+
+def _masked(keep, x_t):
+    """Rows of a tile outside its group set to zero (keep None: a full tile, all rows kept)."""
+    return x_t if keep is None else jnp.where(keep[:, None], x_t, 0).astype(x_t.dtype)
 
 
 def _pad_for_tiles(x, tile):
     return jnp.pad(x, ((0, tile), (0, 0)))
 
 
-def _group_weights(ws, g):
-    """Expert g's weights: gate|up concatenated [D, 2F] (one matmul for both) and down [F, D]."""
-    w_g, w_u, w_d = ws
-    return jnp.concatenate([w_g[g], w_u[g]], axis=-1), w_d[g]
+def _add_rows(a, r0, rows_t):
+    """a[r0 : r0 + len(rows_t)] += rows_t."""
+    cur = jax.lax.dynamic_slice_in_dim(a, r0, rows_t.shape[0])
+    return jax.lax.dynamic_update_slice_in_dim(a, cur + rows_t, r0, 0)
 
 
-def _swiglu_fwd_loop(x_md, ws, sizes, tile):
+def _group_weights(ws, g, layer=None):
+    """Expert g's weights (of layer `layer` when ws are stacked over layers), in the compute dtype: gate|up
+    concatenated [D, 2F] (one matmul for both) and down [F, D]."""
+    idx = g if layer is None else (layer, g)
+    w_g, w_u, w_d = (w[idx] for w in ws)
+    return jnp.concatenate([w_g, w_u], axis=-1), w_d
+
+
+def _swiglu_fwd_loop(x_md, ws, sizes, tile, layer=None):
     m, d = x_md.shape
-    f = ws[2].shape[1]
+    f = ws[2].shape[-2]
     x_p = _pad_for_tiles(x_md, tile)
 
+    def tile_fn(w, r0, rows, keep):
+        _, h = _swiglu_tile(jax.lax.dynamic_slice_in_dim(x_p, r0, rows), w[0], f)
+        return _masked(keep, jnp.dot(h, w[1], preferred_element_type=jnp.float32)), ()
+
     def group_init(g, out):
-        return out, _group_weights(ws, g)
+        return out, tuple(w.astype(x_md.dtype) for w in _group_weights(ws, g, layer))
 
-    def tile_body(w, r0, keep, out):
-        x_tk = jax.lax.dynamic_slice_in_dim(x_p, r0, tile)
-        _, h = _swiglu_tile(x_tk, w[0], f)
-        y = jnp.dot(h, w[1], preferred_element_type=jnp.float32)
-        cur = jax.lax.dynamic_slice_in_dim(out, r0, tile)
-        return jax.lax.dynamic_update_slice_in_dim(out, cur + jnp.where(keep[:, None], y, 0.0), r0, 0)
-
-    out = _for_each_group_tile(sizes, tile, group_init, tile_body, lambda g, local, _: local,
+    out = _for_each_group_tile(sizes, tile, group_init, tile_fn,
+                               lambda out, r0, y, _: _add_rows(out, r0, y), lambda g, local, _: local,
                                jnp.zeros((x_p.shape[0], d), jnp.float32))
     return out[:m].astype(x_md.dtype)
 
@@ -302,32 +329,35 @@ def _swiglu_blocked_fwd(x_md, ws, sizes, tile):
     return _swiglu_fwd_loop(x_md, ws, sizes, tile), (x_md, ws, sizes)
 
 
-def _swiglu_blocked_bwd(tile, res, dy_md):
+def _swiglu_blocked_bwd(tile, res, dy_md, layer=None, dw_dtype=None):
+    """d(x), d(ws) of the fused SwiGLU; with `layer`, ws are stacked over layers and d(ws) is layer `layer`'s."""
     x_md, ws, sizes = res
     m, d = x_md.shape
-    f = ws[2].shape[1]
+    f = ws[2].shape[-2]
     x_p = _pad_for_tiles(x_md, tile)
     dy_p = _pad_for_tiles(dy_md.astype(x_md.dtype), tile)
     f32 = jnp.float32
 
     def group_init(g, carry):
-        return (carry[0], jnp.zeros((d, 2 * f), f32), jnp.zeros((f, d), f32)), _group_weights(ws, g)
+        w = tuple(w.astype(x_md.dtype) for w in _group_weights(ws, g, layer))
+        return (carry[0], jnp.zeros((d, 2 * f), f32), jnp.zeros((f, d), f32)), w
 
-    def tile_body(w, r0, keep, local):
-        dx, dw_gu, dw_d = local
-        x_tk = jnp.where(keep[:, None], jax.lax.dynamic_slice_in_dim(x_p, r0, tile), 0)
-        dy_t = jnp.where(keep[:, None], jax.lax.dynamic_slice_in_dim(dy_p, r0, tile), 0)
+    def tile_fn(w, r0, rows, keep):
+        x_tk = _masked(keep, jax.lax.dynamic_slice_in_dim(x_p, r0, rows))
+        dy_t = _masked(keep, jax.lax.dynamic_slice_in_dim(dy_p, r0, rows))
         gu, h = _swiglu_tile(x_tk, w[0], f)                                     # recomputed, [t, 2F] and [t, F]
         gate, up = gu[:, :f], gu[:, f:]
         dh = jnp.dot(dy_t, w[1].T, preferred_element_type=f32)                 # [t, F]
         sig = jax.nn.sigmoid(gate)
         # d silu(g) = s (1 + g (1 - s));  dgu = [dgate | dup]: one matmul each for d(x) and d(w_gate|w_up)
         dgu = jnp.concatenate([dh * up * (sig * (1 + gate * (1 - sig))), dh * gate * sig], axis=1).astype(x_md.dtype)
-        dw_d = dw_d + jnp.dot(h.T, dy_t, preferred_element_type=f32)
-        dw_gu = dw_gu + jnp.dot(x_tk.T, dgu, preferred_element_type=f32)
-        dx_t = jnp.dot(dgu, w[0].T, preferred_element_type=f32)
-        cur = jax.lax.dynamic_slice_in_dim(dx, r0, tile)
-        return jax.lax.dynamic_update_slice_in_dim(dx, cur + dx_t, r0, 0), dw_gu, dw_d
+        dw_d = jnp.dot(h.T, dy_t, preferred_element_type=f32)
+        dw_gu = jnp.dot(x_tk.T, dgu, preferred_element_type=f32)
+        return jnp.dot(dgu, w[0].T, preferred_element_type=f32), (dw_gu, dw_d)
+
+    def accumulate(local, r0, dx_t, dws):
+        dx, dw_gu, dw_d = local
+        return _add_rows(dx, r0, dx_t), dw_gu + dws[0], dw_d + dws[1]
 
     def group_done(g, local, carry):
         dx, dw_gu, dw_d = local
@@ -335,9 +365,31 @@ def _swiglu_blocked_bwd(tile, res, dy_md):
         return (dx, dwg.at[g].set(dw_gu[:, :f].astype(dwg.dtype)), dwu.at[g].set(dw_gu[:, f:].astype(dwu.dtype)),
                 dwd.at[g].set(dw_d.astype(dwd.dtype)))
 
-    carry = (jnp.zeros((x_p.shape[0], d), f32),) + tuple(jnp.zeros(w.shape, w.dtype) for w in ws)
-    dx, *dws = _for_each_group_tile(sizes, tile, group_init, tile_body, group_done, carry)
+    skip = 0 if layer is None else 1
+    carry = (jnp.zeros((x_p.shape[0], d), f32),) + tuple(jnp.zeros(w.shape[skip:], dw_dtype or w.dtype) for w in ws)
+    dx, *dws = _for_each_group_tile(sizes, tile, group_init, tile_fn, accumulate, group_done, carry)
     return dx[:m].astype(x_md.dtype), tuple(dws), None
 
 
 _swiglu_blocked.defvjp(_swiglu_blocked_fwd, _swiglu_blocked_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _swiglu_blocked_stacked(x_md, ws, sizes, stack, layer, tile, dw_dtype):
+    """_swiglu_blocked reading the weights from `stack` at `layer`, both forward and backward: ws (= stack[layer],
+    only its cotangent is produced) is never read, so the layer scan's per-layer weight copies are dead code.
+    `stack` is constant (stop_gradient): the gradient flows to ws."""
+    return _swiglu_fwd_loop(x_md, stack, sizes, tile, layer)
+
+
+def _swiglu_blocked_stacked_fwd(x_md, ws, sizes, stack, layer, tile, dw_dtype):
+    return _swiglu_fwd_loop(x_md, stack, sizes, tile, layer), (x_md, stack, sizes, layer)
+
+
+def _swiglu_blocked_stacked_bwd(tile, dw_dtype, res, dy_md):
+    x_md, stack, sizes, layer = res
+    dx, dws, _ = _swiglu_blocked_bwd(tile, (x_md, stack, sizes), dy_md, layer, dw_dtype)
+    return dx, dws, None, None, None
+
+
+_swiglu_blocked_stacked.defvjp(_swiglu_blocked_stacked_fwd, _swiglu_blocked_stacked_bwd)

@@ -181,11 +181,12 @@ def route(x_td, router_de, top_k, norm_topk_prob):
     return logits_te, w_tk, e_tk
 
 
-def moe_experts(x_td, w_tk, e_tk, p, *, num_experts=None, gmm_backend="auto"):
+def moe_experts(x_td, w_tk, e_tk, p, *, num_experts=None, gmm_backend="auto", stacked=None):
     """Dropless expert computation: sort (token, slot) pairs by expert, grouped SwiGLU, unsort, combine.
 
     `e_tk` may name experts outside [0, num_experts) (expert-parallel callers drop them by giving them
     weight 0 and an index >= num_experts): those slots sort last and are not computed.
+    stacked: (the MoE parameters stacked over layers, layer index) of which p is one layer (see grouped_swiglu).
     """
     t, d = x_td.shape
     k = e_tk.shape[1]
@@ -195,9 +196,13 @@ def moe_experts(x_td, w_tk, e_tk, p, *, num_experts=None, gmm_backend="auto"):
     order = jnp.argsort(flat_e, stable=True)                    # [M] sorted slot -> flat slot
     x_md = x_td[order // k]                                     # [M, D] token rows in expert order
     sizes_e = jnp.bincount(flat_e, length=n_exp).astype(jnp.int32)
-    y_md = grouped_swiglu(x_md, p["gate_proj"].astype(dt), p["up_proj"].astype(dt), p["down_proj"].astype(dt),
-                          sizes_e, backend=gmm_backend)         # [M, D]
-    y_tkd = y_md[jnp.argsort(order)].reshape(t, k, d)           # back to (token, slot) order
+    names = ("gate_proj", "up_proj", "down_proj")
+    if stacked is not None:
+        stacked = (tuple(stacked[0][n] for n in names), stacked[1])
+    y_md = grouped_swiglu(x_md, *(p[n].astype(dt) for n in names), sizes_e, backend=gmm_backend,
+                          stacked=stacked)                      # [M, D]
+    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))  # inverse perm.
+    y_tkd = y_md[unsort].reshape(t, k, d)                       # back to (token, slot) order
     return jnp.einsum("tkd,tk->td", y_tkd, w_tk.astype(dt))
 
 
@@ -213,11 +218,11 @@ def moe_experts_gather(x_td, w_tk, e_tk, p):
     return jnp.einsum("tkd,tk->td", y_tkd, w_tk.astype(dt))
 
 
-def moe_block(x_btd, p, cfg: Qwen3Config, gmm_backend="auto", gather_max: int | None = None):
+def moe_block(x_btd, p, cfg: Qwen3Config, gmm_backend="auto", gather_max: int | None = None, stacked=None):
     """Qwen3-MoE sparse block. Returns output [B,T,D] and router logits [B,T,E] (fp32).
 
     With gmm_backend "auto", few token copies (B*T*top_k <= gather_max, default num_experts; static shapes,
-    i.e. KV-cached decode) take the gather path, the rest the sorted grouped matmul."""
+    i.e. KV-cached decode) take the gather path, the rest the sorted grouped matmul (stacked: see moe_experts)."""
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
     logits, w_tk, e_tk = route(x_td, p["router"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
@@ -225,7 +230,7 @@ def moe_block(x_btd, p, cfg: Qwen3Config, gmm_backend="auto", gather_max: int | 
     if gmm_backend == "auto" and b * t * cfg.num_experts_per_tok <= gather_max:
         y = moe_experts_gather(x_td, w_tk, e_tk, p)
     else:
-        y = moe_experts(x_td, w_tk, e_tk, p, gmm_backend=gmm_backend)
+        y = moe_experts(x_td, w_tk, e_tk, p, gmm_backend=gmm_backend, stacked=stacked)
     return y.reshape(b, t, d), logits.reshape(b, t, -1)
 
 
@@ -387,8 +392,9 @@ class Qwen3ForCausalLM(nnx.Module):
 
         return constrain(x, self.mesh, kind)
 
-    def mlp_fn(self, h_btd, moe_p, dense_p, layer_kind):
-        """MLP of one layer. layer_kind: 'moe', 'dense' or a traced bool (True = MoE) for mixed stacks."""
+    def mlp_fn(self, h_btd, moe_p, dense_p, layer_kind, moe_stacked=None):
+        """MLP of one layer. layer_kind: 'moe', 'dense' or a traced bool (True = MoE) for mixed stacks.
+        moe_stacked: (all MoE layers' parameters, this layer's index), see moe_experts."""
         cfg = self.config
         b, t, _ = h_btd.shape
         e = cfg.num_experts
@@ -401,7 +407,7 @@ class Qwen3ForCausalLM(nnx.Module):
                 y, logits, _ = ep_moe(h, moe_p, cfg, self.mesh, capacity_factor=self.capacity_factor,
                                       dispatch=self.ep_dispatch, gmm_backend=self.gmm_backend)
                 return self._shard(y, "btd"), logits
-            return moe_block(h, moe_p, cfg, self.gmm_backend)
+            return moe_block(h, moe_p, cfg, self.gmm_backend, stacked=moe_stacked)
 
         def run_dense(h):
             return swiglu_mlp(h, dense_p), jnp.zeros((b, t, e), jnp.float32)
@@ -502,7 +508,8 @@ class Qwen3ForCausalLM(nnx.Module):
                 o = cached_attention(q, kv_l[0], kv_l[1], k, v, kv[2], kv[3], kv[4])
             h = h + attention_out(o, a)
             x = rms_norm(h, a["post_attention_layernorm"], eps)
-            y, rl = self.mlp_fn(x, moe_l, dense_l, kind)
+            # all-MoE stacks: the CPU experts kernel may read this layer's experts from the stack (inference)
+            y, rl = self.mlp_fn(x, moe_l, dense_l, kind, (moe_p, l) if kind == "moe" and STACKED_EXPERTS else None)
             h = h + y
             return h, (rl, None if kv is None else (k, v))
 
@@ -519,6 +526,9 @@ class Qwen3ForCausalLM(nnx.Module):
         ck = kv[0].at[:, rows, kv[2]].set(new_kv[0].astype(kv[0].dtype), mode="drop")
         cv = kv[1].at[:, rows, kv[2]].set(new_kv[1].astype(kv[1].dtype), mode="drop")
         return h, rl, (ck, cv)
+
+
+STACKED_EXPERTS = True
 
 
 def remat_policy(name: str):
