@@ -27,10 +27,11 @@ from flax import nnx
 
 import qwen3_jax
 from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
+from qwen3_jax.hostmem import tune_malloc
 from qwen3_jax.infer import Request, SamplingParams, iter_generate
 from qwen3_jax.infer.engine import Engine
 
-from forward import timeit as _timeit  # bench/forward.py (this script's folder is on sys.path)
+from forward import timeit as _timeit, timeit_interleaved  # bench/forward.py (this script's folder is on sys.path)
 
 SMALL = dict(
     model_type="qwen3_moe", vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
@@ -79,7 +80,8 @@ def bench_hf(model):
                               use_cache=True, pad_token_id=0)
         ours["hf"] = out[0, len(prompt):].tolist()
 
-    t_ours, t_hf = median_time(run_ours), median_time(run_hf)
+    t = timeit_interleaved({"ours": run_ours, "hf": run_hf}, warmup=1, iters=5)
+    t_ours, t_hf = t["ours"], t["hf"]
     same = ours["ids"] == ours["hf"]
     print(f"[hf] greedy batch 1, 32-token prompt + {n_new} new tokens, fp32 (torch threads {torch.get_num_threads()})")
     print(f"[hf]   ours         {t_ours * 1e3:8.1f} ms  ({n_new / t_ours:8.1f} tok/s)")
@@ -156,6 +158,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["hf", "prefill", "position", "batch"])
     args = ap.parse_args()
+    print(f"host malloc tuned for XLA:CPU (qwen3_jax.hostmem, both sides): {tune_malloc()}")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores)")
     model = Qwen3ForCausalLM(Qwen3Config.from_dict(SMALL), rngs=nnx.Rngs(0))
     t_prefill = None

@@ -7,11 +7,13 @@
    on the same small config and the same weights: 4 layers, hidden 256, 32 experts top-4, 2 x 512 tokens, fp32.
 2. MoE cost follows active parameters: E=128 vs E=8 experts at equal top-k and expert width, 16 x 256 tokens.
 3. compile time of the whole forward at 48 vs 4 layers (the layer stack is scanned, not unrolled).
+The two sides of each ratio are timed interleaved (round-robin calls, medians).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -23,6 +25,7 @@ from flax import nnx
 
 import qwen3_jax
 from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
+from qwen3_jax.hostmem import tune_malloc
 
 SMALL = dict(
     model_type="qwen3_moe", vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
@@ -41,6 +44,21 @@ def timeit(fn, warmup=2, iters=5):
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def timeit_interleaved(fns, warmup=2, iters=9):
+    """Median seconds of each fn in `fns` (a dict), calls interleaved round-robin so that both sides of a ratio
+    see the same machine load (timings on a shared machine drift by tens of percent between seconds)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def jitted_forward(model):
@@ -64,14 +82,14 @@ def bench_vs_transformers():
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 512))
     fwd = jitted_forward(model)
-    t_jax = timeit(lambda: fwd(jnp.asarray(ids)))
     tids = torch.tensor(ids)
 
     def hf_fwd():
         with torch.inference_mode():
             hf(tids)
 
-    t_hf = timeit(hf_fwd)
+    t = timeit_interleaved({"jax": lambda: fwd(jnp.asarray(ids)), "hf": hf_fwd})
+    t_jax, t_hf = t["jax"], t["hf"]
     err = np.abs(np.asarray(fwd(jnp.asarray(ids))) - hf(tids).logits.detach().numpy()).max()
     tokens = ids.size
     print(f"[hf] forward 2x512 tokens, fp32, 4 layers, 32 experts top-4 (torch threads {torch.get_num_threads()}, "
@@ -84,11 +102,12 @@ def bench_vs_transformers():
 
 def bench_experts():
     ids = np.random.default_rng(1).integers(0, SMALL["vocab_size"], (16, 256))
-    times = {}
+    fwds = {}
     for e in (8, 128):
         cfg = Qwen3Config.from_dict(dict(SMALL, num_experts=e, num_hidden_layers=2))
-        fwd = jitted_forward(Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0)))
-        times[e] = timeit(lambda: fwd(jnp.asarray(ids)))
+        fwds[e] = functools.partial(jitted_forward(Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))), jnp.asarray(ids))
+    times = timeit_interleaved(fwds)
+    for e in fwds:
         print(f"[experts] E={e:3d} top-4, 16x256 tokens: {times[e] * 1e3:8.1f} ms")
     ratio = times[128] / times[8]
     print(f"[experts]   time E=128 / E=8 = {ratio:.2f}x   (total params 16x, active equal; target <= 1.3)")
@@ -114,6 +133,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["hf", "experts", "compile"])
     args = ap.parse_args()
+    print(f"host malloc tuned for XLA:CPU (qwen3_jax.hostmem, both sides): {tune_malloc()}")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores)")
     runs = {"hf": bench_vs_transformers, "experts": bench_experts, "compile": bench_compile}
     for name, fn in runs.items():

@@ -6,7 +6,9 @@
 Config: 4 layers, hidden 256, 32 experts top-4 (expert width 256), vocab 4096, fp32, global-batch LBL
 (coefficient 0.001) included on both sides; torch: Qwen3MoeForCausalLM(output_router_logits=True) loss,
 backward, clip_grad_norm_(1.0), AdamW. Each side runs in its own child process so that its peak RSS
-(ru_maxrss) is its own; tokens/s is the median over the timed steps (compilation / warm-up excluded).
+(ru_maxrss) is its own; tokens/s is the median over the timed steps (compilation / warm-up excluded) of
+--rounds child runs per side, alternating (jax, torch, torch, jax, ...). Both children use the host malloc
+settings of qwen3_jax.hostmem.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def run_jax(path, batch, seq, steps, warmup):
         jax.block_until_ready(m)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"tokens_per_s": batch * seq / float(np.median(times)), "first_step_s": compile_s,
+    return {"step_s": times, "first_step_s": compile_s,
             "loss": float(m["loss"]), "peak_rss_mb": peak_rss_mb(), "devices": len(jax.devices())}
 
 
@@ -98,7 +100,7 @@ def run_torch(path, batch, seq, steps, warmup):
         loss = float(out.loss)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"tokens_per_s": batch * seq / float(np.median(times)), "loss": loss, "peak_rss_mb": peak_rss_mb(),
+    return {"step_s": times, "loss": loss, "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads(), "experts_impl": model.config._experts_implementation,
             "attn_impl": model.config._attn_implementation}
 
@@ -109,6 +111,8 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="child runs per side, alternating jax/torch (timings on a shared machine drift)")
     p.add_argument("--experts", type=int, default=SMALL["num_experts"])
     p.add_argument("--top-k", type=int, default=SMALL["num_experts_per_tok"])
     p.add_argument("--expert-width", type=int, default=SMALL["moe_intermediate_size"])
@@ -116,19 +120,25 @@ def main(argv=None):
     p.add_argument("--path", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
+        from qwen3_jax.hostmem import tune_malloc
+
+        tune_malloc()  # both children: XLA's and torch's large host buffers stay mapped between steps
         fn = run_jax if args.child == "jax" else run_torch
         print("RESULT " + json.dumps(fn(args.path, args.batch, args.seq, args.steps, args.warmup)))
         return 0
     with tempfile.TemporaryDirectory() as d:
         make_checkpoint(d, {"num_experts": args.experts, "num_experts_per_tok": args.top_k,
                             "moe_intermediate_size": args.expert_width})
-        res = {}
-        for which in ("jax", "torch"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--path", d, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            res[which] = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
-    j, t = res["jax"], res["torch"]
+        res = {"jax": [], "torch": []}
+        for r in range(args.rounds):
+            for which in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
+                cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--path", d, "--batch",
+                       str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                res[which].append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:]))
+    j, t = ({**runs[-1], "peak_rss_mb": max(x["peak_rss_mb"] for x in runs),
+             "tokens_per_s": args.batch * args.seq / float(np.median([s for x in runs for s in x["step_s"]]))}
+            for runs in (res["jax"], res["torch"]))
     print(f"train step, {args.batch} x {args.seq} tokens, 4 layers, hidden 256, {args.experts} experts top-{args.top_k} "
           f"(width {args.expert_width}), fp32, AdamW + clip + LBL")
     print(f"  jax   (jit, {j['devices']} device(s)): {j['tokens_per_s']:9.0f} tokens/s   peak RSS {j['peak_rss_mb']:7.0f} MB"

@@ -37,6 +37,8 @@ import time
 import uuid
 from pathlib import Path
 
+from qwen3_jax.hostmem import tune_malloc
+
 from .chat import THINK_END, THINK_START
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,6 +441,7 @@ def batch_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    tune_malloc()
     p = batch_parser()
     args = p.parse_args(argv)
     if not Path(args.input).is_file():
@@ -572,6 +575,7 @@ def _read_line(interactive: bool) -> str | None:
 
 
 def chat_main(argv=None) -> int:
+    tune_malloc()
     p = chat_parser()
     args = p.parse_args(argv)
     cfg = _setup(p, args)

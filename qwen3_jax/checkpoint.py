@@ -9,7 +9,6 @@ written. safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import os
@@ -25,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from .config import Qwen3Config
+from .hostmem import release_host_memory
 from .model import Qwen3ForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -188,14 +188,6 @@ def _hf_shapes(slot: Slot, cfg: Qwen3Config) -> list[tuple[int, ...]]:
     return [t.shape for t in slot.to_hf(np.zeros(shape, np.int8))]
 
 
-def _release_host_memory():
-    """Return freed host buffers to the OS (glibc keeps large freed chunks otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 @functools.partial(jax.jit, donate_argnums=0)
 def _set_index(buf, val, i):
     return jax.lax.dynamic_update_index_in_dim(buf, val.astype(buf.dtype), i, 0)
@@ -233,7 +225,7 @@ def load_params(path: str, cfg: Qwen3Config, param_dtype, shardings: dict | None
             # wait for each write: with async dispatch the loop would run ahead, keeping many layers' host
             # slices alive at once (host memory would then depend on how fast the device drains the queue)
             buf = jax.block_until_ready(_set_index(buf, read(i), i))
-            _release_host_memory()  # per layer: freed slices go back to the OS before the next read
+            release_host_memory()  # per layer: freed slices go back to the OS before the next read
         out[slot.path] = buf
     extra = reader.unexpected()
     if cfg.tie_word_embeddings:

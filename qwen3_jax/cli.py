@@ -11,6 +11,8 @@ import sys
 import time
 import warnings
 
+from .hostmem import tune_malloc
+
 DEMO_CONFIG = dict(
     model_type="qwen3_moe", vocab_size=151936, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=16,
@@ -164,6 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("preset", nargs="*", help="preset names (default: all)")
     p.set_defaults(fn=params)
     args = ap.parse_args(argv)
+    tune_malloc()
     return args.fn(args)
 
 

@@ -509,7 +509,7 @@ class Qwen3ForCausalLM(nnx.Module):
             h = h + attention_out(o, a)
             x = rms_norm(h, a["post_attention_layernorm"], eps)
             # all-MoE stacks: the CPU experts kernel may read this layer's experts from the stack (inference)
-            y, rl = self.mlp_fn(x, moe_l, dense_l, kind, (moe_p, l) if kind == "moe" and STACKED_EXPERTS else None)
+            y, rl = self.mlp_fn(x, moe_l, dense_l, kind, (moe_p, l) if kind == "moe" else None)
             h = h + y
             return h, (rl, None if kv is None else (k, v))
 
@@ -526,9 +526,6 @@ class Qwen3ForCausalLM(nnx.Module):
         ck = kv[0].at[:, rows, kv[2]].set(new_kv[0].astype(kv[0].dtype), mode="drop")
         cv = kv[1].at[:, rows, kv[2]].set(new_kv[1].astype(kv[1].dtype), mode="drop")
         return h, rl, (ck, cv)
-
-
-STACKED_EXPERTS = True
 
 
 def remat_policy(name: str):

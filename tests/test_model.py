@@ -201,3 +201,34 @@ def test_chunked_causal_attention_equals_full_attention():
     real = np.asarray(mask)  # padding queries see no key: their (unused) outputs may differ
     np.testing.assert_allclose(np.asarray(causal_attention(q, kk, v, m, chunk=5))[real],
                                np.asarray(attention_core(q, kk, v, m))[real], atol=1e-6)
+
+
+def test_swiglu_reading_the_layer_stack_equals_the_layer_slice():
+    """Inside a layer scan the CPU kernel may read the experts from the whole stack (no per-layer copy): same values
+    and gradients as the scan's slice, and the compiled forward keeps no full-layer slice of the experts."""
+    from qwen3_jax.gmm import grouped_swiglu
+
+    rng = np.random.default_rng(3)
+    n_layers, m, d, f, e = 3, 150, 16, 24, 5
+    ws = [jnp.asarray(rng.normal(size=(n_layers, *s)) * 0.3, jnp.float32) for s in [(e, d, f), (e, d, f), (e, f, d)]]
+    x = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
+    sizes = jnp.asarray([40, 0, 61, 30, 14], jnp.int32)  # one empty expert, 5 unrouted rows
+
+    def run(stacked):
+        def loss(x, ws):
+            def body(h, xs):
+                layer, w_l = xs
+                y = grouped_swiglu(h, *w_l, sizes, backend="blocked", tile=32,
+                                   stacked=(ws, layer) if stacked else None)
+                return jnp.tanh(y), None
+
+            h, _ = jax.lax.scan(body, x, (jnp.arange(n_layers), tuple(ws)))
+            return jnp.sum(h * x)
+        return loss
+
+    np.testing.assert_allclose(run(True)(x, ws), run(False)(x, ws), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.grad(run(True), (0, 1))(x, ws)), jax.tree.leaves(jax.grad(run(False), (0, 1))(x, ws))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+    hlo = jax.jit(run(True)).lower(x, ws).compile().as_text()
+    full_layer = f"f32[{e},{d},{f}]"
+    assert not [ln for ln in hlo.splitlines() if "dynamic-slice" in ln and ln.split("=")[1].strip().startswith(full_layer)]

@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from qwen3_jax.hostmem import tune_malloc
+
 from .step import FREEZE_GROUPS, SCHEDULES
 
 
@@ -94,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    tune_malloc()
     try:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
