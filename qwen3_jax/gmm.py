@@ -16,7 +16,6 @@ Backends (one interface, the cost follows the rows actually routed, never G x M)
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +210,6 @@ def grouped_swiglu(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, *, bac
     differentiation the w_* are used as usual.
     """
     m = x_md.shape[0]
-    e = w_gate_edf.shape[0]
     if backend == "auto":
         backend = default_backend()
         if backend == "blocked" and m <= 64:
@@ -220,7 +218,7 @@ def grouped_swiglu(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, *, bac
         kw = dict(backend=backend, tile=tile)
         h = jax.nn.silu(gmm(x_md, w_gate_edf, group_sizes_e, **kw)) * gmm(x_md, w_up_edf, group_sizes_e, **kw)
         return gmm(h, w_down_efd, group_sizes_e, **kw)
-    tile = tile or swiglu_tile(m, e)
+    tile = tile or FULL_TILE
     ws, sizes = (w_gate_edf, w_up_edf, w_down_efd), group_sizes_e.astype(jnp.int32)
     if stacked is None:
         return _swiglu_blocked(x_md, ws, sizes, tile)
@@ -229,11 +227,7 @@ def grouped_swiglu(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, *, bac
                                    jnp.dtype(w_gate_edf.dtype))
 
 
-def swiglu_tile(m: int, e: int) -> int:
-    """Full row tile of the CPU kernel: 128 rows (a group's last, partial tile is rounded up to TAIL_STEP rows)."""
-    return 128
-
-
+FULL_TILE = 128  # rows of the CPU kernel's full tiles; a group's last, partial tile is rounded up to TAIL_STEP rows
 TAIL_STEP = 16
 
 
