@@ -218,7 +218,7 @@ def grouped_swiglu(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, *, bac
         kw = dict(backend=backend, tile=tile)
         h = jax.nn.silu(gmm(x_md, w_gate_edf, group_sizes_e, **kw)) * gmm(x_md, w_up_edf, group_sizes_e, **kw)
         return gmm(h, w_down_efd, group_sizes_e, **kw)
-    tile = tile or FULL_TILE
+    tile = tile or swiglu_tile(m, w_gate_edf.shape[0])
     ws, sizes = (w_gate_edf, w_up_edf, w_down_efd), group_sizes_e.astype(jnp.int32)
     if stacked is None:
         return _swiglu_blocked(x_md, ws, sizes, tile)
@@ -227,8 +227,15 @@ def grouped_swiglu(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, *, bac
                                    jnp.dtype(w_gate_edf.dtype))
 
 
-FULL_TILE = 128  # rows of the CPU kernel's full tiles; a group's last, partial tile is rounded up to TAIL_STEP rows
-TAIL_STEP = 32  # 16 was 2% faster but added ~1 s to each MoE compile (grad)
+FULL_TILE = 128   # the CPU kernel's largest row tile
+TAIL_BRANCHES = 4  # a group's last, partial tile is rounded up to a multiple of tile / 4 rows (8 branches: 2% faster
+                   # at tile 128, ~1 s more compile per MoE gradient)
+
+
+def swiglu_tile(m: int, e: int) -> int:
+    """Full row tile of the CPU kernel for m rows over e groups: twice the mean group, as a power of two in
+    [8, FULL_TILE] (mean 128 -> 128; a 32-token prefill, mean 4 -> 8: no 32-row tile per 4-row group)."""
+    return int(min(FULL_TILE, max(8, _pow2_at_least(2 * -(-m // e)))))
 
 
 def _swiglu_tile(x_tk, w_gu, f):
@@ -242,16 +249,16 @@ def _for_each_group_tile(sizes, tile, group_init, tile_fn, accumulate, group_don
     local = accumulate(local, r0, *tile_fn(w, r0, rows, keep)); carry = group_done(g, local, carry).
 
     A group's rows [start, end) are covered by floor(size / tile) full tiles of `tile` rows (`keep` None), then
-    one tail tile of the remainder rounded up to TAIL_STEP rows (`keep` masks the excess): padding stays below
-    TAIL_STEP rows per group while every matmul has a static shape (the tail's row count is static in each
-    branch of a `lax.switch`). tile_fn returns (row-wise part [rows, N], per-group part); the tail's row-wise
+    one tail tile of the remainder rounded up to a multiple of step = tile / TAIL_BRANCHES rows (`keep` masks the
+    excess): padding stays below `step` rows per group while every matmul has a static shape (the tail's row
+    count is static in each branch of a `lax.switch`). tile_fn returns (row-wise part [rows, N], per-group part); the tail's row-wise
     part is zero-padded to `tile` rows so that `accumulate` (outside the switch: the branches never see the
     big carry, which a conditional would copy) has one shape. `w`, the expert's weights sliced once per group,
     is closed over, not carried. Row inputs must be padded by `tile` rows (no clamped slice).
     """
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
-    step = min(TAIL_STEP, tile)
+    step = max(tile // TAIL_BRANCHES, 1)
 
     def per_group(g, carry):
         local, w = group_init(g, carry)
