@@ -508,8 +508,9 @@ class Qwen3ForCausalLM(nnx.Module):
                 o = cached_attention(q, kv_l[0], kv_l[1], k, v, kv[2], kv[3], kv[4])
             h = h + attention_out(o, a)
             x = rms_norm(h, a["post_attention_layernorm"], eps)
-            # all-MoE stacks: the CPU experts kernel may read this layer's experts from the stack (inference)
-            y, rl = self.mlp_fn(x, moe_l, dense_l, kind, (moe_p, l) if kind == "moe" else None)
+            # all-MoE stacks: the CPU experts kernel reads this layer's experts from the stack (no per-layer copy)
+            stacked = (moe_p, l) if isinstance(kind, str) and kind == "moe" else None
+            y, rl = self.mlp_fn(x, moe_l, dense_l, kind, stacked)
             h = h + y
             return h, (rl, None if kv is None else (k, v))
 
