@@ -205,9 +205,8 @@ def grouped_swiglu(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, *, bac
     Other backends compose three `gmm` calls.
 
     stacked: optional ((gate [L,E,D,F], up, down [L,E,F,D]), l) of which the w_* are layer l (a layer scan's
-    slices). The CPU kernel's primal (not differentiated: inference) then reads each expert's weights straight
-    from the stack, so the scan's per-layer copy of all experts' weights becomes dead code; under
-    differentiation the w_* are used as usual.
+    slices). The CPU kernel then reads each expert's weights straight from the stack, forward and backward, so
+    the scan's per-layer copies of all experts' weights are dead code; the gradients go to the w_*.
     """
     m = x_md.shape[0]
     if backend == "auto":
