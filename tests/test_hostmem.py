@@ -1,5 +1,6 @@
 """qwen3_jax.hostmem: the glibc malloc settings our programs apply (checked in a fresh process)."""
 
+import os
 import subprocess
 import sys
 
@@ -29,8 +30,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _probe(env_value=None):
-    import os
-
     env = dict(os.environ)
     env.pop("QWEN3_JAX_MALLOC", None)
     if env_value:
