@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .attention import causal_attention
 from .config import Qwen3Config
 from .gmm import grouped_swiglu
 
@@ -132,22 +133,6 @@ def cached_attention(q_bthd, kc_bskd, vc_bskd, kn_btkd, vn_btkd, write_bt, old_b
     o = o + p_n[:, 0].reshape(b, kh, g)[..., None] * vn_btkd[:, 0, :, None, :].astype(jnp.float32)
     o = o / denom.reshape(b, kh, g)[..., None]
     return o.reshape(b, 1, h, hd).astype(dt)
-
-
-def causal_attention(q_bthd, k_bthd, v_bthd, mask_btt, chunk: int | None = None):
-    """Self-attention over a causal mask (key index <= query index), skipping the keys a query chunk can
-    never see: chunk i of `chunk` queries attends to keys [0, (i+1) * chunk) -- (1 + chunk / T) / 2 of a
-    full T x T attention. Static chunks, unrolled inside the (scanned) layer body: by default 128 queries
-    (less work than 256: 12% faster backward on CPU at T=512), at most 16 chunks."""
-    t = q_bthd.shape[1]
-    chunk = chunk or max(128, -(-t // 16))
-    if t <= chunk:
-        return attention_core(q_bthd, k_bthd, v_bthd, mask_btt)
-    outs = []
-    for start in range(0, t, chunk):
-        end = min(start + chunk, t)
-        outs.append(attention_core(q_bthd[:, start:end], k_bthd[:, :end], v_bthd[:, :end], mask_btt[:, start:end, :end]))
-    return jnp.concatenate(outs, axis=1)
 
 
 def attention_qkv(x_btd, p, cos, sin, eps):

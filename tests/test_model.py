@@ -199,8 +199,19 @@ def test_chunked_causal_attention_equals_full_attention():
     seg = jnp.asarray(np.repeat([[0] * 10 + [1] * 13], b, 0))               # two packed documents
     m = causal_mask(jnp.zeros((b, t), jnp.int32), mask, seg)
     real = np.asarray(mask)  # padding queries see no key: their (unused) outputs may differ
-    np.testing.assert_allclose(np.asarray(causal_attention(q, kk, v, m, chunk=5))[real],
-                               np.asarray(attention_core(q, kk, v, m))[real], atol=1e-6)
+    for chunk in (5, 23, None):
+        np.testing.assert_allclose(np.asarray(causal_attention(q, kk, v, m, chunk=chunk))[real],
+                                   np.asarray(attention_core(q, kk, v, m))[real], atol=1e-6)
+    # the hand-written backward (probabilities recomputed from the log-sum-exp) equals autodiff of the reference
+    proj = jnp.asarray(rng.normal(size=(b, t, h, hd)), jnp.float32) * mask[:, :, None, None]
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a, m) * proj)
+
+    got = jax.grad(loss(lambda *a: causal_attention(*a, chunk=5)), (0, 1, 2))(q, kk, v)
+    want = jax.grad(loss(attention_core), (0, 1, 2))(q, kk, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=2e-5)
 
 
 def test_swiglu_reading_the_layer_stack_equals_the_layer_slice():
