@@ -3,8 +3,9 @@
     qwen3-jax-plan --preset Qwen3-30B-A3B --mesh data=4,expert=8 --dtype bfloat16 --batch 256 --seq 4096
 
 No devices and no allocation: shard sizes follow from the partition specs and the mesh's axis sizes.
-Activations are an estimate of what this model materialises (it computes full [T, T] attention scores;
-the MoE buffers are the worst case of dropless dispatch unless --capacity-factor is given).
+Activations are an estimate of what this model materialises (attention works one query chunk at a time and
+keeps only each row's log-sum-exp for the backward, see qwen3_jax.attention; the MoE buffers are the worst case
+of dropless dispatch unless --capacity-factor is given).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
+from qwen3_jax.attention import default_chunk
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.params import param_count
 
@@ -63,7 +65,8 @@ def plan(cfg: Qwen3Config, mesh: dict[str, int], dtype="bfloat16", batch=1, seq=
     shards = math.prod(mesh[a] for a in BATCH)
     n_loc = -(-batch * seq // shards)  # MoE token layout: padded, split over all batch axes
 
-    attn = 2 * b_loc * h_loc * seq * seq * 4                       # fp32 scores + probabilities
+    chunk = min(default_chunk(seq), seq)
+    attn = 4 * b_loc * h_loc * chunk * seq * 4                     # one query chunk: scores, probs, dP, dS (fp32)
     proj = 2 * b_loc * seq * (h_loc + 2 * kv_loc) * hd * dt + 2 * b_loc * seq * d * dt
     if cfg.is_moe:
         ep, k = mesh["expert"], cfg.num_experts_per_tok
@@ -78,7 +81,7 @@ def plan(cfg: Qwen3Config, mesh: dict[str, int], dtype="bfloat16", batch=1, seq=
     if remat == "full":
         saved = L * b_loc * seq * d * dt           # each layer's input, recomputed in the backward pass
     else:
-        saved = L * layer
+        saved = L * (proj + mlp)                     # attention keeps q, k, v, out (in proj), not its scores
     kv_spec = fit_spec(ACTIVATION_RULES["kv_cache"], (L, batch, seq, cfg.num_key_value_heads, hd), mesh)
     return {
         "params": n_param * dt, "grads": n_param * dt, "adam": n_param * (8 + master),
@@ -113,7 +116,7 @@ def format_plan(name: str, cfg: Qwen3Config, mesh: dict[str, int], dtype: str, b
         f"{'  activations: layer inputs kept for remat' if remat == 'full' else '  activations: all layers saved':<52}"
         f"{g(r['saved'])}",
         f"{'  activations: one layer fwd+bwd working set':<52}{g(r['layer'])}",
-        f"{'    of which attention scores (fp32, x2)':<52}{g(2 * r['attn'])}",
+        f"{'    of which attention, one query chunk (fp32, x2)':<52}{g(2 * r['attn'])}",
     ]
     if cfg.is_moe:
         lines.append(f"{'    of which MoE dispatch + expert SwiGLU (x2)':<52}{g(2 * r['moe'])}")
