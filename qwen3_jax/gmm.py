@@ -212,7 +212,9 @@ def grouped_swiglu(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, *, bac
     m = x_md.shape[0]
     if backend == "auto":
         backend = default_backend()
-        if backend == "blocked" and m <= 64:
+        # few rows: gather each row's weights -- unless the kernel can read the layer stack, which copies each
+        # distinct expert once (a gather copies one per row)
+        if backend == "blocked" and m <= 64 and stacked is None:
             backend = "gather"
     if backend != "blocked":
         kw = dict(backend=backend, tile=tile)
@@ -277,7 +279,9 @@ def _for_each_group_tile(sizes, tile, group_init, tile_fn, accumulate, group_don
         local = accumulate(local, r0, *jax.lax.switch((ends[g] - r0 + step - 1) // step, branches))
         return group_done(g, local, carry)
 
-    return jax.lax.fori_loop(0, sizes.shape[0], per_group, carry)
+    # only the groups that have rows: an empty expert costs nothing (not even the copy of its weights)
+    live = jnp.nonzero(sizes > 0, size=sizes.shape[0], fill_value=0)[0]
+    return jax.lax.fori_loop(0, jnp.sum(sizes > 0), lambda i, c: per_group(live[i], c), carry)
 
 
 def _masked(keep, x_t):

@@ -206,12 +206,16 @@ def moe_experts_gather(x_td, w_tk, e_tk, p):
 def moe_block(x_btd, p, cfg: Qwen3Config, gmm_backend="auto", gather_max: int | None = None, stacked=None):
     """Qwen3-MoE sparse block. Returns output [B,T,D] and router logits [B,T,E] (fp32).
 
-    With gmm_backend "auto", few token copies (B*T*top_k <= gather_max, default num_experts; static shapes,
-    i.e. KV-cached decode) take the gather path, the rest the sorted grouped matmul (stacked: see moe_experts)."""
+    With gmm_backend "auto", few token copies (B*T*top_k <= gather_max; static shapes, i.e. KV-cached decode)
+    take the gather path, the rest the sorted grouped matmul (stacked: see moe_experts). The gather copies one
+    expert per token copy, the CPU kernel reading the layer stack one per distinct expert: by default the gather
+    serves up to num_experts / 2 copies when the stack is given (4 layers, 32 experts top-4 on CPU, per decode
+    step: 8 rows 16 -> 10 ms, 4 rows 5.2 vs 5.8 ms), up to num_experts otherwise."""
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
     logits, w_tk, e_tk = route(x_td, p["router"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
-    gather_max = cfg.num_experts if gather_max is None else gather_max
+    if gather_max is None:
+        gather_max = cfg.num_experts // 2 if stacked is not None else cfg.num_experts
     if gmm_backend == "auto" and b * t * cfg.num_experts_per_tok <= gather_max:
         y = moe_experts_gather(x_td, w_tk, e_tk, p)
     else:

@@ -243,3 +243,21 @@ def test_swiglu_reading_the_layer_stack_equals_the_layer_slice():
     hlo = jax.jit(run(True)).lower(x, ws).compile().as_text()
     full_layer = f"f32[{e},{d},{f}]"
     assert not [ln for ln in hlo.splitlines() if "dynamic-slice" in ln and ln.split("=")[1].strip().startswith(full_layer)]
+
+
+def test_few_rows_read_the_layer_stack_once_per_distinct_expert():
+    """Decode-sized batches: with the layer stack the auto backend runs the CPU kernel (one copy per distinct
+    expert, empty experts skipped), equal to the per-row gather."""
+    from qwen3_jax.gmm import grouped_swiglu
+
+    rng = np.random.default_rng(5)
+    n_layers, d, f, e = 2, 16, 24, 8
+    ws = [jnp.asarray(rng.normal(size=(n_layers, *s)) * 0.3, jnp.float32) for s in [(e, d, f), (e, d, f), (e, f, d)]]
+    x = jnp.asarray(rng.normal(size=(12, d)), jnp.float32)
+    sizes = jnp.asarray([3, 0, 0, 5, 0, 2, 0, 0], jnp.int32)   # 10 routed rows, 2 unrouted
+    layer = 1
+    w_l = [w[layer] for w in ws]
+    kernel = jax.jit(lambda x: grouped_swiglu(x, *w_l, sizes, stacked=(ws, jnp.int32(layer))))
+    gather = grouped_swiglu(x, *w_l, sizes, backend="gather")
+    np.testing.assert_allclose(kernel(x), gather, rtol=1e-5, atol=1e-6)
+    assert "while" in kernel.lower(x).compile().as_text()          # the kernel's loop, not the gather
