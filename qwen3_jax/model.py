@@ -192,15 +192,27 @@ def moe_experts(x_td, w_tk, e_tk, p, *, num_experts=None, gmm_backend="auto", st
 
 
 def moe_experts_gather(x_td, w_tk, e_tk, p):
-    """Few-token (decode) experts: gather each (token, slot)'s expert weights [T,k,D,F] and multiply directly --
-    no sort, no grouping, no padding. Reads T x k expert matrices, so it pays off while T x k <= E."""
+    """Few-token (decode) experts: gather each (token, slot)'s expert weights [M, D, F] (M = T x k) and multiply
+    directly -- no sort, no grouping, no padding. Reads T x k expert matrices, so it pays off while T x k <= E.
+
+    Each row is its own batch entry ([M, 1, D] @ [M, D, F]: batch dims leading, contraction on the weights' major
+    dim), which XLA:CPU runs as one batched matmul over the gathered weights; an einsum over [T, k, D, F] with D
+    in the middle made it transpose every gathered matrix first (decode step 0.77 -> 0.31 ms of MoE, 4 layers).
+    The routing weights scale h before the down projection, so the k slots of a token sum inside one matmul
+    ([T, 1, k*F] @ [T, k*F, D])."""
+    t, d = x_td.shape
+    k = e_tk.shape[1]
     dt = x_td.dtype
-    g_tkdf = p["gate_proj"][e_tk].astype(dt)
-    u_tkdf = p["up_proj"][e_tk].astype(dt)
-    d_tkfd = p["down_proj"][e_tk].astype(dt)
-    h_tkf = jax.nn.silu(jnp.einsum("td,tkdf->tkf", x_td, g_tkdf)) * jnp.einsum("td,tkdf->tkf", x_td, u_tkdf)
-    y_tkd = jnp.einsum("tkf,tkfd->tkd", h_tkf, d_tkfd)
-    return jnp.einsum("tkd,tk->td", y_tkd, w_tk.astype(dt))
+    e_m = e_tk.reshape(-1)                                        # [M]
+    x_m1d = jnp.repeat(x_td, k, axis=0)[:, None, :]              # [M, 1, D]
+    g_mdf = p["gate_proj"][e_m].astype(dt)
+    u_mdf = p["up_proj"][e_m].astype(dt)
+    d_mfd = p["down_proj"][e_m].astype(dt)
+    h_m1f = jax.nn.silu(jnp.matmul(x_m1d, g_mdf)) * jnp.matmul(x_m1d, u_mdf)
+    h_m1f = h_m1f * w_tk.reshape(-1, 1, 1).astype(dt)             # routing weight of each row
+    f = h_m1f.shape[-1]
+    y_t1d = jnp.matmul(h_m1f.reshape(t, 1, k * f), d_mfd.reshape(t, k * f, d))
+    return y_t1d[:, 0]
 
 
 def moe_block(x_btd, p, cfg: Qwen3Config, gmm_backend="auto", gather_max: int | None = None, stacked=None):
