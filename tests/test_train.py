@@ -150,19 +150,35 @@ def test_malformed_lines_reported_and_skipped(tiny, tmp_path, capsys):
              json.dumps({"input_ids": list(range(10, 40))})]
     bad.write_text("\n".join(lines) + "\n")
     corpus = D.load_corpus([str(bad)], 16, 512, trainer.lazy_tokenizer(tiny[0]), log=lambda m: None)
-    assert len(corpus.examples) == 2
+    assert len(corpus.examples) == 3  # the 30-token record (line 9) is split into 16 + 14 tokens
     reasons = {int(s.split(":")[1]): s for s in corpus.skipped}
     assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8]
     assert all(s.startswith(f"{bad}:") for s in corpus.skipped)
     assert "invalid JSON" in reasons[2] and "JSON object" in reasons[3] and "input_ids" in reasons[4]
     assert "labels" in reasons[5] and "tokenizer" in reasons[6] and "exactly one" in reasons[7]
     assert "no tokens to predict" in reasons[8]
-    assert len(corpus.examples[1]["inputs"]) == 16  # truncated to seq_len
+    assert corpus.long == 1 and [len(x["inputs"]) for x in corpus.examples[1:]] == [16, 14]
     with pytest.raises(D.DataError, match=r"bad.jsonl:2: invalid JSON"):
         D.load_corpus([str(bad)], 16, 512, trainer.lazy_tokenizer(tiny[0]), strict=True)
     # through the CLI: --strict fails with exit code 1 and the file:line report
     assert main(["--model", tiny[0], "--data", str(bad), "--output", str(tmp_path / "o"), "--strict", *RUN]) == 1
     assert f"{bad}:2: invalid JSON" in capsys.readouterr().err
+
+
+def test_long_records_split_or_truncated():
+    """A record longer than seq_len: split keeps every (input, target) pair in order, truncate the first seq_len."""
+    ids = np.arange(100, 141, dtype=np.int32)             # 41 tokens
+    labels = np.where(np.arange(41) < 5, D.IGNORE, ids).astype(np.int32)
+    pieces = D.to_examples(ids, labels, 16)
+    assert [len(p["inputs"]) for p in pieces] == [16, 16, 9]
+    assert np.array_equal(np.concatenate([p["inputs"] for p in pieces]), ids)
+    assert np.array_equal(np.concatenate([p["targets"] for p in pieces]), np.append(labels[1:], D.IGNORE))
+    (cut,) = D.to_examples(ids, labels, 16, "truncate")
+    assert np.array_equal(cut["inputs"], ids[:16]) and np.array_equal(cut["targets"], labels[1:17])
+    # a last piece of one token has no target (the example's end): dropped
+    assert [len(p["inputs"]) for p in D.to_examples(ids[:17], labels[:17], 16)] == [16]
+    with pytest.raises(ValueError, match="overflow"):
+        D.to_examples(ids, labels, 16, "wrap")
 
 
 def test_malformed_count_in_metrics(tiny, tmp_path):
@@ -171,6 +187,7 @@ def test_malformed_count_in_metrics(tiny, tmp_path):
     assert main(["--model", tiny[0], "--data", str(data), "--output", str(tmp_path / "o"), *RUN,
                  "--stop-after-steps", "1"]) == 0
     assert _metrics(tmp_path / "o")[0]["skipped_records"] == 2
+    assert _metrics(tmp_path / "o")[0]["long_records"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +217,7 @@ def test_assistant_only_mask(qwen_tok):
     assert np.array_equal(labels[trained], ids[trained])
     # the record form goes through the same path; the target of the token before a turn is its first token
     rec_ids, rec_labels = D.parse_record({"messages": msgs}, lambda: qwen_tok, 151936)
-    ex = D.to_example(rec_ids, rec_labels, 4096)
+    (ex,) = D.to_examples(rec_ids, rec_labels, 4096)
     assert np.array_equal(ex["targets"][:-1], rec_labels[1:]) and ex["targets"][-1] == D.IGNORE
     # text records: loss on all tokens, <|endoftext|> appended
     t_ids, t_labels = D.parse_record({"text": "hello world"}, lambda: qwen_tok, 151936)
@@ -237,7 +254,7 @@ def test_packing_equals_separate_sequences(tiny):
     model = qwen3_jax.from_pretrained(tiny[0])
     rng = np.random.default_rng(4)
     docs = [rng.integers(0, 512, n).astype(np.int32) for n in (7, 12, 5, 7)]
-    examples = [D.to_example(d, d, 32) for d in docs]
+    examples = [x for d in docs for x in D.to_examples(d, d, 32)]
     (batch,) = list(D.dataset(examples, 32, 1, seed=0, repeat=False))
     seg, pos = batch["segment_ids"][0], batch["positions"][0]
     assert sorted(np.bincount(seg)[1:].tolist()) == sorted(len(d) for d in docs) and (seg == 0).sum() == 1

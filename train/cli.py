@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0)
     a("--freeze", type=_csv, default=[], help=f"comma-separated groups to freeze: {', '.join(FREEZE_GROUPS)}")
     a("--strict", action="store_true", help="fail on a malformed data line instead of skipping it")
+    a("--overflow", choices=("split", "truncate"), default="split",
+      help="a record longer than --seq-len: cut into seq-len pieces (every token trained on) or truncated")
     a("--peak-flops", type=float, help="peak FLOP/s of one device, for the MFU estimate (e.g. 459e12 TPU v5p)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p

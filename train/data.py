@@ -11,7 +11,10 @@ Record forms, one JSON object per line:
 Labels follow transformers' convention (the token itself); each example is shifted inside itself into
 `targets` (targets[t] = labels[t + 1], the last one -100), then examples are packed into rows of seq_len by
 grain's FirstFitPackIterDataset: segment ids keep documents apart, positions restart per document.
-Examples longer than seq_len are truncated. Malformed lines are reported as `file:line: reason` and skipped.
+An example longer than seq_len is cut into consecutive pieces of seq_len tokens after the shift, so every
+target is kept (overflow "split", as transformers' run_clm chunks long texts; each piece is a document of its
+own), or cut at seq_len (overflow "truncate", as TRL's SFTTrainer); `Corpus.long` counts them.
+Malformed lines are reported as `file:line: reason` and skipped.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class DataError(ValueError):
 class Corpus:
     examples: list = field(default_factory=list)   # [{"inputs": int32 [n], "targets": int32 [n]}]
     skipped: list = field(default_factory=list)    # ["file:line: reason"]
+    long: int = 0                                  # records longer than seq_len (split or truncated)
 
 
 def chat_example(tokenizer, messages) -> tuple[np.ndarray, np.ndarray]:
@@ -102,14 +106,24 @@ def parse_record(rec, tokenizer_fn, vocab_size: int) -> tuple[np.ndarray, np.nda
     return ids.astype(np.int32), labels.astype(np.int32)
 
 
-def to_example(ids, labels, seq_len: int) -> dict:
-    """Shift labels inside the example (targets[t] = labels[t+1]) and truncate to seq_len."""
+OVERFLOW = ("split", "truncate")
+
+
+def to_examples(ids, labels, seq_len: int, overflow: str = "split") -> list[dict]:
+    """Shift labels inside the example (targets[t] = labels[t+1]), then pieces of at most seq_len tokens: all of
+    it ("split"; a piece with no target left is dropped) or the first seq_len ("truncate")."""
+    if overflow not in OVERFLOW:
+        raise ValueError(f"overflow {overflow!r}: choose from {OVERFLOW}")
     targets = np.concatenate([labels[1:], [IGNORE]]).astype(np.int32)
-    return {"inputs": ids[:seq_len], "targets": targets[:seq_len]}
+    end = len(ids) if overflow == "split" else min(len(ids), seq_len)
+    pieces = [{"inputs": ids[i:i + seq_len], "targets": targets[i:i + seq_len]} for i in range(0, end, seq_len)]
+    return [p for p in pieces if (p["targets"] != IGNORE).any()]
 
 
-def load_corpus(paths, seq_len: int, vocab_size: int, tokenizer_fn, strict: bool = False, log=print) -> Corpus:
-    """Read jsonl files in order; malformed lines are reported (`file:line: reason`) and skipped, or raise."""
+def load_corpus(paths, seq_len: int, vocab_size: int, tokenizer_fn, strict: bool = False, log=print,
+                overflow: str = "split") -> Corpus:
+    """Read jsonl files in order; malformed lines are reported (`file:line: reason`) and skipped, or raise.
+    Records longer than seq_len are split or truncated (`overflow`, see the module docstring)."""
     corpus = Corpus()
     for path in paths:
         with open(path, encoding="utf-8") as f:
@@ -129,7 +143,11 @@ def load_corpus(paths, seq_len: int, vocab_size: int, tokenizer_fn, strict: bool
                     log(f"skipped {msg}")
                     corpus.skipped.append(msg)
                     continue
-                corpus.examples.append(to_example(ids, labels, seq_len))
+                corpus.long += len(ids) > seq_len
+                corpus.examples.extend(to_examples(ids, labels, seq_len, overflow))
+    if corpus.long:
+        log(f"{corpus.long} records longer than seq_len {seq_len} were "
+            f"{'split into pieces' if overflow == 'split' else 'truncated'} (overflow={overflow})")
     return corpus
 
 

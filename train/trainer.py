@@ -177,9 +177,10 @@ def train(args, log=print) -> dict:
     host_batch = args.batch_size // n_proc
     shard = (jax.process_index(), n_proc)
     tok = lazy_tokenizer(tokenizer_dir(args))
-    corpus = D.load_corpus(args.data, args.seq_len, cfg.vocab_size, tok, strict=args.strict, log=log)
-    eval_corpus = D.load_corpus(args.eval_data, args.seq_len, cfg.vocab_size, tok, strict=args.strict, log=log) \
-        if args.eval_data else None
+    corpus = D.load_corpus(args.data, args.seq_len, cfg.vocab_size, tok, strict=args.strict, log=log,
+                           overflow=args.overflow)
+    eval_corpus = D.load_corpus(args.eval_data, args.seq_len, cfg.vocab_size, tok, strict=args.strict, log=log,
+                                overflow=args.overflow) if args.eval_data else None
     skipped = len(corpus.skipped)
     # --epochs: passes over the packed data, counted on the whole corpus so that every host gets the same count
     steps = args.steps or math.ceil(args.epochs * D.batches_per_epoch(corpus.examples, args.seq_len, args.batch_size,
@@ -250,6 +251,7 @@ def train(args, log=print) -> dict:
             row["real_tokens"] = int(np.asarray(m["tokens"]))
             row["mfu"] = (fpt * n_tokens / dt / (args.peak_flops * jax.device_count())) if args.peak_flops else None
             row["skipped_records"] = skipped
+            row["long_records"] = corpus.long
             row["step_time_s"] = dt
             if step + 1 == steps or (args.save_every and (step + 1) % args.save_every == 0):
                 if eval_fn is not None:
