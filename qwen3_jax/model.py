@@ -222,7 +222,7 @@ def moe_block(x_btd, p, cfg: Qwen3Config, gmm_backend="auto", gather_max: int | 
     take the gather path, the rest the sorted grouped matmul (stacked: see moe_experts). The gather copies one
     expert per token copy, the CPU kernel reading the layer stack one per distinct expert: by default the gather
     serves up to num_experts / 2 copies when the stack is given (4 layers, 32 experts top-4 on CPU, per decode
-    step: 8 rows 16 -> 10 ms, 4 rows 5.2 vs 5.8 ms), up to num_experts otherwise."""
+    step: 16 rows gather 2.2 vs kernel 3.2 ms, 32 rows 5.5 vs 4.6 ms), up to num_experts otherwise."""
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
     logits, w_tk, e_tk = route(x_td, p["router"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
