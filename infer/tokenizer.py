@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 
@@ -157,8 +158,13 @@ def _unicode_to_bytes() -> dict[str, int]:
 # Chat template rendering, as transformers.utils.chat_template_utils does it
 
 
+_TRACKING: ContextVar = ContextVar("generation_tracking", default=None)  # (rendered blocks, spans) while tracked
+
+
 class _GenerationTag(jinja2.ext.Extension):
-    """Accepts transformers' `{% generation %}...{% endgeneration %}` and renders its body unchanged."""
+    """transformers' `{% generation %}...{% endgeneration %}`: renders its body unchanged and, while a render
+    tracks them (`render_chat_template(return_generation_spans=True)`), records the body's character span in
+    the output, as transformers' AssistantTracker does (the output rendered so far + the body)."""
 
     tags = {"generation"}
 
@@ -168,7 +174,12 @@ class _GenerationTag(jinja2.ext.Extension):
         return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
     def _render(self, caller):
-        return caller()
+        rv = caller()
+        tracking = _TRACKING.get()
+        if tracking is not None:
+            start = len("".join(tracking[0]))
+            tracking[1].append((start, start + len(rv)))
+        return rv
 
 
 class _TemplateDict:
@@ -272,11 +283,15 @@ def render_chat_template(
     documents=None,
     add_generation_prompt: bool = False,
     continue_final_message: bool | str = False,
+    return_generation_spans: bool = False,
     **kwargs,
-) -> str:
-    """Render one conversation exactly as transformers' `apply_chat_template(tokenize=False)` does."""
+):
+    """Render one conversation exactly as transformers' `apply_chat_template(tokenize=False)` does. With
+    `return_generation_spans`: (text, [(start, end) character spans of the `{% generation %}` blocks])."""
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt are not compatible")
+    if continue_final_message and return_generation_spans:
+        raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask")
     if tools is not None and not all(isinstance(t, dict) for t in tools):
         raise TypeError("tools must be JSON-schema dicts")
     chat = _prepare_messages(messages)
@@ -300,13 +315,18 @@ def render_chat_template(
         else:
             for f in fields:
                 chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
-    text = compile_chat_template(template).render(
-        messages=chat,
-        tools=_plain(tools),
-        documents=_plain(documents),
-        add_generation_prompt=add_generation_prompt,
-        **_plain(kwargs),
-    )
+    variables = dict(messages=chat, tools=_plain(tools), documents=_plain(documents),
+                     add_generation_prompt=add_generation_prompt, **_plain(kwargs))
+    if return_generation_spans:
+        blocks, spans = [], []
+        token = _TRACKING.set((blocks, spans))
+        try:
+            for block in compile_chat_template(template).generate(**variables):
+                blocks.append(block)
+        finally:
+            _TRACKING.reset(token)
+        return "".join(blocks), spans
+    text = compile_chat_template(template).render(**variables)
     if continue_final_message:
         if final.strip() not in text or _CONTINUE_TAG.strip() not in text:
             raise ValueError("continue_final_message: the template dropped part of the final message")
@@ -571,13 +591,20 @@ class Tokenizer:
         documents=None,
         chat_template: str | None = None,
         continue_final_message: bool | str = False,
+        return_dict: bool = False,
+        return_assistant_tokens_mask: bool = False,
         **kwargs,
     ):
         """transformers' `apply_chat_template`: the rendered string, or its ids (`encode(add_special_tokens=False)`)
         when `tokenize`. A list of conversations gives a list. `enable_thinking=None` leaves it undefined in the
-        template; other kwargs become template variables, after the named special tokens (`eos_token`, ...)."""
+        template; other kwargs become template variables, after the named special tokens (`eos_token`, ...).
+        `return_dict` (with `tokenize`): {"input_ids", "attention_mask"}, plus with `return_assistant_tokens_mask`
+        "assistant_masks": 1 for every token overlapping a `{% generation %}` block of the template (all 0 for a
+        template without such blocks, as in transformers)."""
         if isinstance(messages, (list, tuple)) and not messages:
             raise ValueError("cannot apply a chat template to an empty conversation")
+        if return_assistant_tokens_mask and not (return_dict and tokenize):
+            raise ValueError("`return_assistant_tokens_mask=True` requires `return_dict=True` and `tokenize=True`")
         batched = isinstance(messages, (list, tuple)) and (
             isinstance(messages[0], (list, tuple)) or hasattr(messages[0], "messages")
         )
@@ -585,15 +612,37 @@ class Tokenizer:
         if enable_thinking is not None:
             kwargs["enable_thinking"] = enable_thinking
         variables = {**self.special_tokens_map, **kwargs}
-        texts = [
+        rendered = [
             render_chat_template(
                 template, conv, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, **variables,
+                continue_final_message=continue_final_message, return_generation_spans=return_assistant_tokens_mask,
+                **variables,
             )
             for conv in (messages if batched else [messages])
         ]
-        out = self.encode_batch(texts, add_special_tokens=False) if tokenize else texts
-        return out if batched else out[0]
+        texts = [r[0] for r in rendered] if return_assistant_tokens_mask else rendered
+        if not tokenize:
+            return texts if batched else texts[0]
+        encs = self._tok.encode_batch(texts, add_special_tokens=False)
+        if not return_dict:
+            out = [e.ids for e in encs]
+            return out if batched else out[0]
+        out = {"input_ids": [e.ids for e in encs], "attention_mask": [[1] * len(e.ids) for e in encs]}
+        if return_assistant_tokens_mask:
+            out["assistant_masks"] = [_overlap_mask(e.offsets, spans) for e, (_, spans) in zip(encs, rendered)]
+        return out if batched else {k: v[0] for k, v in out.items()}
+
+
+def _overlap_mask(offsets, spans) -> list[int]:
+    """1 for each token whose character range overlaps one of the (ordered) spans, else 0."""
+    mask, i = [0] * len(offsets), 0
+    for t, (start, end) in enumerate(offsets):
+        while i < len(spans) and start >= spans[i][1]:
+            i += 1
+        if i == len(spans):
+            break
+        mask[t] = int(end > spans[i][0])
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -216,6 +216,34 @@ def test_custom_template_from_checkpoint_equals_transformers(tok, tmp_path):
     assert ours.endswith("Hello, I am")
 
 
+GENERATION_TEMPLATE = """{% for m in messages %}
+{% if m.role == 'assistant' %}<|im_start|>bot: {% generation %}{{ m.content }}<|endoftext|>{% endgeneration %}
+{% else %}<|im_start|>{{ m.role }}: {{ m.content }}
+{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>bot: {% endif %}"""
+
+
+def test_assistant_tokens_mask_equals_transformers(tok, hf_tok):
+    """`{% generation %}` blocks -> assistant_masks, token for token as transformers computes them."""
+    convs = [CONVERSATIONS["system_multi_turn"],
+             [{"role": "user", "content": "Grüß dich 你好"}, {"role": "assistant", "content": "Hallo! 你好 👋"}]]
+    kw = dict(chat_template=GENERATION_TEMPLATE, return_dict=True, return_assistant_tokens_mask=True)
+    for conv in convs:
+        ours = tok.apply_chat_template(conv, **kw)
+        theirs = hf_tok.apply_chat_template(conv, tokenize=True, **kw)
+        assert ours["input_ids"] == list(theirs["input_ids"]) and ours["attention_mask"] == list(theirs["attention_mask"])
+        assert ours["assistant_masks"] == list(theirs["assistant_masks"]) and 0 < sum(ours["assistant_masks"])
+        trained = tok.decode([i for i, m in zip(ours["input_ids"], ours["assistant_masks"]) if m])
+        # a token overlapping a block's start counts whole (here " Hallo", with the space before the block)
+        assert trained.lstrip(" ") == "".join(m["content"] + "<|endoftext|>" for m in conv if m["role"] == "assistant")
+    batch = tok.apply_chat_template(convs, **kw)
+    assert batch["assistant_masks"][1] == tok.apply_chat_template(convs[1], **kw)["assistant_masks"]
+    # without generation blocks the mask is all zeros (transformers' behaviour); the flags need return_dict
+    plain = tok.apply_chat_template(convs[1], return_dict=True, return_assistant_tokens_mask=True)
+    assert plain["input_ids"] == tok.apply_chat_template(convs[1]) and not any(plain["assistant_masks"])
+    with pytest.raises(ValueError, match="requires `return_dict=True`"):
+        tok.apply_chat_template(convs[1], return_assistant_tokens_mask=True)
+
+
 def test_template_sources(tok, tmp_path):
     # chat_template only in tokenizer_config.json (older checkpoints)
     tok.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))

@@ -224,6 +224,23 @@ def test_assistant_only_mask(qwen_tok):
     assert t_ids[-1] == 151643 and np.array_equal(t_ids, t_labels)
 
 
+def test_assistant_mask_from_generation_blocks(qwen_tok):
+    """A template with transformers' {% generation %} blocks (not ChatML): the loss covers exactly those blocks."""
+    from qwen3_jax.infer import Tokenizer
+
+    template = ("{% for m in messages %}{% if m.role == 'assistant' %}### Answer: {% generation %}{{ m.content }}"
+                "<|endoftext|>{% endgeneration %}\n{% else %}### {{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}")
+    tok = Tokenizer(qwen_tok.backend_tokenizer, qwen_tok.config, chat_template=template)
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    ids, labels = D.chat_example(tok, msgs)
+    assert np.array_equal(ids, tok.apply_chat_template(msgs))
+    keep = labels != D.IGNORE
+    assert np.array_equal(labels[keep], ids[keep])
+    assert tok.decode(ids[keep].tolist()).lstrip() == "Hello!<|endoftext|>4<|endoftext|>"
+    assert tok.decode(ids[~keep].tolist()).startswith("### user: Hi there\n### Answer:")
+
+
 def test_text_and_chat_records_train_through_main(qwen_tok, tmp_path, capsys):
     """The demo's path: an HF checkpoint dir with the real tokenizer files, text + chat jsonl, --epochs."""
     from flax import nnx

@@ -4,8 +4,9 @@ Record forms, one JSON object per line:
     {"text": "..."}                         loss on every token (an <|endoftext|> is appended when the
                                             tokenizer has it)
     {"messages": [{"role", "content"}...]}  rendered by the tokenizer's chat template; loss only on the
-                                            assistant turns' tokens, their <|im_end|> included (ChatML spans
-                                            `<|im_start|>assistant\\n ... <|im_end|>` of the rendered text)
+                                            assistant turns' tokens: the template's `{% generation %}` blocks
+                                            when it has them (transformers' assistant mask), else the ChatML
+                                            spans `<|im_start|>assistant\\n ... <|im_end|>` (<|im_end|> included)
     {"input_ids": [...], "labels": [...]?}  pre-tokenized; labels -100 = no loss (default: labels = input_ids);
                                             needs no tokenizer files
 Labels follow transformers' convention (the token itself); each example is shifted inside itself into
@@ -29,6 +30,7 @@ import numpy as np
 
 IGNORE = -100
 _ASSISTANT = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.S)
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class DataError(ValueError):
@@ -43,7 +45,13 @@ class Corpus:
 
 
 def chat_example(tokenizer, messages) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, labels) of a conversation: labels are -100 outside the assistant turns."""
+    """(input_ids, labels) of a conversation: labels are -100 outside the assistant turns (see the module
+    docstring: generation blocks, else ChatML spans)."""
+    template = tokenizer.get_chat_template()
+    if isinstance(template, str) and _GENERATION_BLOCK.search(template):
+        out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        ids = np.asarray(out["input_ids"], np.int32)
+        return ids, np.where(np.asarray(out["assistant_masks"], bool), ids, IGNORE).astype(np.int32)
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     spans = [m.span(1) for m in _ASSISTANT.finditer(text)]
