@@ -70,14 +70,18 @@ def run_jax(path, batch, seq, steps, warmup):
     params, opt_state, m = step(params, opt_state, b, jnp.int32(0))
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    times = []
+    times, faults, sys_s = [], [], []
     for i in range(1, steps + warmup):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         params, opt_state, m = step(params, opt_state, b, jnp.int32(i))
         jax.block_until_ready(m)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"step_s": times, "first_step_s": compile_s,
+            faults.append(r1.ru_minflt - r0.ru_minflt)
+            sys_s.append(r1.ru_stime - r0.ru_stime)
+    return {"step_s": times, "first_step_s": compile_s, "faults": float(np.median(faults)), "sys_s": float(np.median(sys_s)),
             "loss": float(m["loss"]), "peak_rss_mb": peak_rss_mb(), "devices": len(jax.devices())}
 
 
@@ -122,9 +126,10 @@ def main(argv=None):
     if args.child:
         from qwen3_jax.hostmem import tune_malloc
 
-        tune_malloc()  # both children: XLA's and torch's large host buffers stay mapped between steps
+        tuned = tune_malloc()  # both children: XLA's and torch's large host buffers stay mapped between steps
         fn = run_jax if args.child == "jax" else run_torch
-        print("RESULT " + json.dumps(fn(args.path, args.batch, args.seq, args.steps, args.warmup)))
+        print("RESULT " + json.dumps({**fn(args.path, args.batch, args.seq, args.steps, args.warmup),
+                                      "malloc_tuned": tuned}))
         return 0
     with tempfile.TemporaryDirectory() as d:
         make_checkpoint(d, {"num_experts": args.experts, "num_experts_per_tok": args.top_k,
@@ -143,6 +148,8 @@ def main(argv=None):
           f"(width {args.expert_width}), fp32, AdamW + clip + LBL")
     print(f"  jax   (jit, {j['devices']} device(s)): {j['tokens_per_s']:9.0f} tokens/s   peak RSS {j['peak_rss_mb']:7.0f} MB"
           f"   first step (compile) {j['first_step_s']:.1f} s   loss {j['loss']:.4f}")
+    print(f"        per step: {j['faults']:.0f} page faults, {j['sys_s']:.2f} s system time "
+          f"(host malloc {'tuned' if j['malloc_tuned'] else 'glibc defaults'}, qwen3_jax.hostmem)")
     print(f"  torch (transformers, experts {t['experts_impl']}, attn {t['attn_impl']}, {t['threads']} threads): {t['tokens_per_s']:9.0f} tokens/s   peak RSS "
           f"{t['peak_rss_mb']:7.0f} MB   loss {t['loss']:.4f}")
     print(f"  ratio jax / torch: {j['tokens_per_s'] / t['tokens_per_s']:.2f}x (target >= 1x)")
