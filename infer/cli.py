@@ -437,6 +437,7 @@ def batch_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8, help="rows decoded together (continuous batching)")
     g.add_argument("--max-len", type=int, help="KV cache length per row (prompt + new tokens); default: fitted to "
                    "the requests. Prompts must be shorter than it and than max_position_embeddings")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (as qwen3-jax-train)")
     return p
 
 
@@ -499,7 +500,7 @@ def main(argv=None) -> int:
         if jobs:
             model = _load_model(args)
             tokens, t0 = 0, time.perf_counter()
-            with tqdm(total=len(jobs), unit="req", file=sys.stderr, dynamic_ncols=True) as bar:
+            with tqdm(total=len(jobs), unit="req", file=sys.stderr, dynamic_ncols=True, disable=not args.progress) as bar:
                 results = iter_generate(model, [j.request for j in jobs], tokenizer=tokenizer,
                                         batch_size=args.batch_size, max_len=args.max_len)
                 for i, res in results:

@@ -188,7 +188,7 @@ def test_output_records():
 # batch runs
 
 
-def test_token_ids_without_tokenizer_equal_generate(ids_dir, ids_model, tmp_path):
+def test_token_ids_without_tokenizer_equal_generate(ids_dir, ids_model, tmp_path, capsys):
     prompts = [[5, 6, 7], [100, 200, 300, 400, 500, 11, 12], [42], [9, 8, 7, 6, 5, 4, 3, 2, 1]]
     ref = generate(ids_model, prompts, sampling=GREEDY, max_new_tokens=6)
     stop = ref[3].token_ids[2]  # a stop id the greedy continuation of prompt 3 reaches
@@ -197,6 +197,7 @@ def test_token_ids_without_tokenizer_equal_generate(ids_dir, ids_model, tmp_path
     lines[3]["stop_token_ids"] = [int(stop)]
     inp, out = _write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
     assert _run(ids_dir, inp, out, "--temperature", "0", "--max-new-tokens", "6") == 0
+    assert "req/s" in capsys.readouterr().err  # the progress bar
     got = _by_id(_read_jsonl(out))
     assert sorted(got) == ["p0", "p1", "p2", "p3"]
     for i in (0, 2):
@@ -212,8 +213,9 @@ def test_token_ids_without_tokenizer_equal_generate(ids_dir, ids_model, tmp_path
     n = jax.device_count()
     e = math.gcd(n, 4)
     assert _run(ids_dir, inp, tmp_path / "mesh.jsonl", "--temperature", "0", "--max-new-tokens", "6",
-                "--mesh", f"data={n // e},expert={e}") == 0
+                "--mesh", f"data={n // e},expert={e}", "--no-progress") == 0
     assert _by_id(_read_jsonl(tmp_path / "mesh.jsonl")) == got
+    assert "req/s" not in capsys.readouterr().err
 
 
 def test_text_messages_and_openai_batch_equal_generate(qwen_dir, qwen, tmp_path):
