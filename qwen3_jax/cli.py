@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="build, load, run a small random Qwen3-MoE (no download)")
     d.add_argument("--out", default="qwen3-jax-demo", help="output directory (default ./qwen3-jax-demo)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--steps", type=int, default=100, help="fine-tuning steps (default 100: about a minute of training on 2 cores)")
+    d.add_argument("--steps", type=int, default=100, help="fine-tuning steps (default 100: 1-2 minutes of training on 2 cores)")
     d.add_argument("--batch-size", type=int, default=8, help="global batch, sequences")
     d.add_argument("--seq-len", type=int, default=128)
     d.add_argument("--lbl-coef", type=float, default=0.1, help="load-balancing loss coefficient (default 0.1)")
