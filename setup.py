@@ -6,6 +6,7 @@ setup(
     description="Qwen3 / Qwen3-MoE in JAX + Flax NNX: HF checkpoint parity, expert parallelism, fine-tuning, inference",
     python_requires=">=3.10",
     packages=["qwen3_jax", "qwen3_jax.sharding", "qwen3_jax.train", "qwen3_jax.infer"],
+    package_data={"qwen3_jax": ["csrc/*.cc"]},  # the XLA:CPU decode kernels, compiled on first use
     package_dir={
         "qwen3_jax": "qwen3_jax",
         "qwen3_jax.sharding": "sharding",

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import cpu_kernels
 from .attention import causal_attention
 from .config import Qwen3Config
 from .gmm import grouped_swiglu
@@ -105,7 +106,6 @@ def cached_attention(q_bthd, kc_bskd, vc_bskd, kn_btkd, vn_btkd, write_bt, old_b
     T > 1 (prefill): the new keys are written into a copy of the layer's cache row, then masked attention."""
     b, t, h, hd = q_bthd.shape
     s_len, kh = kc_bskd.shape[1], kc_bskd.shape[2]
-    g = h // kh
     dt = q_bthd.dtype
     if t > 1:
         rows = jnp.arange(b)[:, None]
@@ -115,11 +115,29 @@ def cached_attention(q_bthd, kc_bskd, vc_bskd, kn_btkd, vn_btkd, write_bt, old_b
         end_b = write_bt[:, 0] + jnp.sum(new_btt[:, -1], -1)          # lengths + real new tokens
         mask_bts = (slot[None, None] <= write_bt[:, :, None]) & (slot[None, None] < end_b[:, None, None])
         return attention_core(q_bthd, kc, vc, mask_bts)
+
+    def scores(q_bxy):
+        return jnp.einsum("bsx,bxy->bsy", kc_bskd.reshape(b, s_len, kh * hd).astype(dt), q_bxy,
+                          preferred_element_type=jnp.float32)
+
+    def values(p_bsy):
+        return jnp.einsum("bsy,bsx->byx", p_bsy.astype(dt), vc_bskd.reshape(b, s_len, kh * hd).astype(dt),
+                          preferred_element_type=jnp.float32)
+
+    return _decode_attention(q_bthd, kn_btkd, vn_btkd, old_bs, new_btt, scores, values)
+
+
+def _decode_attention(q_bthd, kn_btkd, vn_btkd, old_bs, new_btt, scores, values):
+    """One new query per row over the cache and its own key: scores(q_bxy [B, K*hd, K*G] block diagonal) ->
+    [B, S, K*G] fp32 logits over the cache row, values(p [B, S, K*G]) -> [B, K*G, K*hd] fp32."""
+    b, _, h, hd = q_bthd.shape
+    kh = kn_btkd.shape[2]
+    g = h // kh
+    dt = q_bthd.dtype
     eye = jnp.eye(kh, dtype=dt)
     q_bkgd = q_bthd[:, 0].reshape(b, kh, g, hd) * jnp.asarray(1.0 / math.sqrt(hd), dt)
     q_bxy = jnp.einsum("bkgd,kj->bkdjg", q_bkgd, eye).reshape(b, kh * hd, kh * g)     # block diagonal
-    s_c = jnp.einsum("bsx,bxy->bsy", kc_bskd.reshape(b, s_len, kh * hd).astype(dt), q_bxy,
-                     preferred_element_type=jnp.float32)                                 # [B, S, K*G]
+    s_c = scores(q_bxy)                                                                 # [B, S, K*G]
     s_c = jnp.where(old_bs[:, :, None], s_c, -jnp.inf)
     s_n = jnp.einsum("bkgd,bkd->bkg", q_bkgd, kn_btkd[:, 0], preferred_element_type=jnp.float32).reshape(b, 1, kh * g)
     s_n = jnp.where(new_btt[:, :1, :1], s_n, -jnp.inf)
@@ -127,26 +145,28 @@ def cached_attention(q_bthd, kc_bskd, vc_bskd, kn_btkd, vn_btkd, write_bt, old_b
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p_c, p_n = jnp.exp(s_c - m), jnp.exp(s_n - m)
     denom = jnp.maximum(jnp.sum(p_c, 1) + p_n[:, 0], 1e-30)                              # [B, K*G]
-    o = jnp.einsum("bsy,bsx->byx", p_c.astype(dt), vc_bskd.reshape(b, s_len, kh * hd).astype(dt),
-                   preferred_element_type=jnp.float32).reshape(b, kh, g, kh, hd)
+    o = values(p_c).reshape(b, kh, g, kh, hd)
     o = jnp.einsum("bkgjd,kj->bkgd", o, eye.astype(o.dtype))
     o = o + p_n[:, 0].reshape(b, kh, g)[..., None] * vn_btkd[:, 0, :, None, :].astype(jnp.float32)
     o = o / denom.reshape(b, kh, g)[..., None]
     return o.reshape(b, 1, h, hd).astype(dt)
 
 
-def attention_qkv(x_btd, p, cos, sin, eps):
-    """Projections, per-head q/k RMSNorm, RoPE. Returns q [B,T,H,hd], k, v [B,T,K,hd]."""
+def attention_qkv(x_btd, p, cos, sin, eps, proj=None):
+    """Projections, per-head q/k RMSNorm, RoPE. Returns q [B,T,H,hd], k, v [B,T,K,hd].
+    proj(name, x): the projection by weight `name` when it is computed elsewhere (the CPU decode kernels)."""
     dt = x_btd.dtype
-    q = jnp.einsum("btd,dhk->bthk", x_btd, p["q_proj"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x_btd, p["k_proj"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x_btd, p["v_proj"].astype(dt))
+    if proj is None:
+        proj = lambda name, x: jnp.einsum("btd,dhk->bthk", x, p[name].astype(dt))  # noqa: E731
+    q, k, v = (proj(n, x_btd).astype(dt) for n in ("q_proj", "k_proj", "v_proj"))
     q = apply_rope(rms_norm(q, p["q_norm"], eps), cos, sin)
     k = apply_rope(rms_norm(k, p["k_norm"], eps), cos, sin)
     return q, k, v
 
 
-def attention_out(o_bthd, p):
+def attention_out(o_bthd, p, proj=None):
+    if proj is not None:
+        return proj("o_proj", o_bthd).astype(o_bthd.dtype)
     return jnp.einsum("bthk,hkd->btd", o_bthd, p["o_proj"].astype(o_bthd.dtype))
 
 
@@ -159,11 +179,16 @@ def swiglu_mlp(x, p):
 def route(x_td, router_de, top_k, norm_topk_prob):
     """fp32 router: logits [T,E], softmax, top-k, renormalise. Returns logits, weights [T,k], experts [T,k]."""
     logits_te = jnp.dot(x_td.astype(jnp.float32), router_de.astype(jnp.float32))
+    return (logits_te, *route_topk(logits_te, top_k, norm_topk_prob))
+
+
+def route_topk(logits_te, top_k, norm_topk_prob):
+    """Router weights [T,k] and experts [T,k] from fp32 logits [T,E]."""
     probs_te = jax.nn.softmax(logits_te, axis=-1)
     w_tk, e_tk = jax.lax.top_k(probs_te, top_k)
     if norm_topk_prob:
         w_tk = w_tk / jnp.sum(w_tk, axis=-1, keepdims=True)
-    return logits_te, w_tk, e_tk
+    return w_tk, e_tk
 
 
 def moe_experts(x_td, w_tk, e_tk, p, *, num_experts=None, gmm_backend="auto", stacked=None):
@@ -215,24 +240,67 @@ def moe_experts_gather(x_td, w_tk, e_tk, p):
     return y_t1d[:, 0]
 
 
-def moe_block(x_btd, p, cfg: Qwen3Config, gmm_backend="auto", gather_max: int | None = None, stacked=None):
+def moe_block(x_btd, p, cfg: Qwen3Config, gmm_backend="auto", gather_max: int | None = None, stacked=None,
+              kernels: bool = False):
     """Qwen3-MoE sparse block. Returns output [B,T,D] and router logits [B,T,E] (fp32).
 
     With gmm_backend "auto", few token copies (B*T*top_k <= gather_max; static shapes, i.e. KV-cached decode)
     take the gather path, the rest the sorted grouped matmul (stacked: see moe_experts). The gather copies one
     expert per token copy, the CPU kernel reading the layer stack one per distinct expert: by default the gather
     serves up to num_experts / 2 copies when the stack is given (4 layers, 32 experts top-4 on CPU, per decode
-    step: 16 rows gather 2.2 vs kernel 3.2 ms, 32 rows 5.5 vs 4.6 ms), up to num_experts otherwise."""
+    step: 16 rows gather 2.2 vs kernel 3.2 ms, 32 rows 5.5 vs 4.6 ms), up to num_experts otherwise.
+    kernels (KV-cached inference on XLA:CPU, with `stacked`): up to 4 copies per expert, the router and the experts
+    run in qwen3_jax.cpu_kernels, reading the layer's weights in place from the stack (moe_experts_kernel)."""
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
+    copies = b * t * cfg.num_experts_per_tok
+    if kernels and stacked is not None and gmm_backend == "auto" and copies <= 4 * cfg.num_experts:
+        logits = stacked_proj(x_td.astype(jnp.float32), stacked[0]["router"], stacked[1])
+        w_tk, e_tk = route_topk(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        y = moe_experts_kernel(x_td, w_tk, e_tk, stacked)
+        return y.reshape(b, t, d), logits.reshape(b, t, -1)
     logits, w_tk, e_tk = route(x_td, p["router"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
     if gather_max is None:
         gather_max = cfg.num_experts // 2 if stacked is not None else cfg.num_experts
-    if gmm_backend == "auto" and b * t * cfg.num_experts_per_tok <= gather_max:
+    if gmm_backend == "auto" and copies <= gather_max:
         y = moe_experts_gather(x_td, w_tk, e_tk, p)
     else:
         y = moe_experts(x_td, w_tk, e_tk, p, gmm_backend=gmm_backend, stacked=stacked)
     return y.reshape(b, t, d), logits.reshape(b, t, -1)
+
+
+# ============================================================================ XLA:CPU decode kernels
+# KV-cached inference on CPU reads layer l's weights and cache rows in place from their layer stacks through the
+# FFI kernels of qwen3_jax.cpu_kernels: in a layer scan, XLA copies every slice it feeds to a matmul (a decode step
+# of the bench config copied ~1 MB per layer) and a gather of the chosen experts copies them whole. Inference only
+# (no gradients); the XLA functions above are the reference the tests hold them to.
+def stacked_proj(x, w_stack, layer, n_in: int = 1):
+    """x [..., *in] @ w_stack[layer] for w_stack [L, *in, *out] (n_in input dims) -> [..., *out] fp32."""
+    lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+    out = w_stack.shape[1 + n_in:]
+    y = cpu_kernels.stacked_matmul(x.reshape(1, -1, k), w_stack.reshape(w_stack.shape[0], 1, k, -1), layer)
+    return y.reshape(*lead, *out)
+
+
+def moe_experts_kernel(x_td, w_tk, e_tk, stacked):
+    """moe_experts_gather of layer stacked[1], the chosen experts read in place from the stack stacked[0]."""
+    stack = tuple(stacked[0][n] for n in ("gate_proj", "up_proj", "down_proj"))
+    return cpu_kernels.moe_gather_swiglu(x_td, w_tk, e_tk, stack, stacked[1]).astype(x_td.dtype)
+
+
+def cached_attention_kernel(q_bthd, k_stack, v_stack, layer, kn_btkd, vn_btkd, old_bs, new_btt):
+    """cached_attention for T == 1 with the cache read in place: k_stack/v_stack [L, B, S, K, hd]."""
+    n_l, b, s_len, kh, hd = k_stack.shape
+
+    def scores(q_bxy):  # [B, K*hd, K*G] -> [B, S, K*G]
+        s_bys = cpu_kernels.stacked_matmul(jnp.swapaxes(q_bxy, 1, 2), k_stack.reshape(n_l, b, s_len, kh * hd),
+                                           layer, transpose=True)
+        return jnp.swapaxes(s_bys, 1, 2)
+
+    def values(p_bsy):  # [B, S, K*G] -> [B, K*G, K*hd]
+        return cpu_kernels.stacked_matmul(jnp.swapaxes(p_bsy, 1, 2), v_stack.reshape(n_l, b, s_len, kh * hd), layer)
+
+    return _decode_attention(q_bthd, kn_btkd, vn_btkd, old_bs, new_btt, scores, values)
 
 
 # ============================================================================ masks and positions
@@ -361,6 +429,8 @@ class Qwen3ForCausalLM(nnx.Module):
         self.param_dtype = jnp.dtype(param_dtype)
         self.gmm_backend = gmm_backend
         self.remat = remat
+        # KV-cached decode on XLA:CPU through qwen3_jax.cpu_kernels (False: XLA only)
+        self.use_cpu_kernels = True
         v, d, std = config.vocab_size, config.hidden_size, config.initializer_range
         self.embed_tokens = nnx.Param(_normal(rngs, (v, d), std, param_dtype))
         self.layers = DecoderLayers(config, rngs=rngs, param_dtype=param_dtype)
@@ -393,9 +463,9 @@ class Qwen3ForCausalLM(nnx.Module):
 
         return constrain(x, self.mesh, kind)
 
-    def mlp_fn(self, h_btd, moe_p, dense_p, layer_kind, moe_stacked=None):
+    def mlp_fn(self, h_btd, moe_p, dense_p, layer_kind, moe_stacked=None, kernels: bool = False):
         """MLP of one layer. layer_kind: 'moe', 'dense' or a traced bool (True = MoE) for mixed stacks.
-        moe_stacked: (all MoE layers' parameters, this layer's index), see moe_experts."""
+        moe_stacked: (all MoE layers' parameters, this layer's index), see moe_experts; kernels: see moe_block."""
         cfg = self.config
         b, t, _ = h_btd.shape
         e = cfg.num_experts
@@ -408,7 +478,7 @@ class Qwen3ForCausalLM(nnx.Module):
                 y, logits, _ = ep_moe(h, moe_p, cfg, self.mesh, capacity_factor=self.capacity_factor,
                                       dispatch=self.ep_dispatch, gmm_backend=self.gmm_backend)
                 return self._shard(y, "btd"), logits
-            return moe_block(h, moe_p, cfg, self.gmm_backend, stacked=moe_stacked)
+            return moe_block(h, moe_p, cfg, self.gmm_backend, stacked=moe_stacked, kernels=kernels)
 
         def run_dense(h):
             return swiglu_mlp(h, dense_p), jnp.zeros((b, t, e), jnp.float32)
@@ -465,6 +535,15 @@ class Qwen3ForCausalLM(nnx.Module):
         return CausalLMOutput(logits=logits, router_logits=router_logits, hidden_states=h if return_hidden else None,
                               dropped_tokens=dropped, cache=new_cache)
 
+    def _kernels_serve(self, attn_p, moe_p, kv) -> bool:
+        """The CPU decode kernels serve this model: one device, weights and cache in dtypes they know."""
+        if self._sharded() or not self.use_cpu_kernels:
+            return False
+        arrays = [attn_p[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [kv[0], kv[1]]
+        if moe_p is not None:
+            arrays += [moe_p[n] for n in ("router", "gate_proj", "up_proj", "down_proj")]
+        return all(cpu_kernels.available(x.dtype) for x in arrays)
+
     def decoder(self, h_btd, cos, sin, mask_bts, kv=None):
         """Run the layer stack with `nnx.scan`: one compiled layer body whatever the depth.
 
@@ -498,20 +577,31 @@ class Qwen3ForCausalLM(nnx.Module):
             xs = (attn_p, dense_p)
             select = lambda xs_l: (xs_l[0], "dense", None, xs_l[1])  # noqa: E731
 
+        # KV-cached inference of few rows on XLA:CPU: layer l's weights and cache rows are read in place from the
+        # stacks by the FFI kernels (see "XLA:CPU decode kernels")
+        # (projections of up to 8 rows, cached attention of one new token per row, experts up to 4 copies each)
+        kernels = kv is not None and self._kernels_serve(attn_p, moe_p, kv)
+        proj_kernel = kernels and h_btd.shape[0] * h_btd.shape[1] <= 8
+
         def body(h, xs_l):
             l, xs_l, kv_l = xs_l
             a, kind, moe_l, dense_l = select(xs_l)
+            proj = None
+            if proj_kernel:
+                proj = lambda name, x: stacked_proj(x, attn_p[name], l, n_in=2 if name == "o_proj" else 1)  # noqa: E731
             x = rms_norm(h, a["input_layernorm"], eps)
-            q, k, v = attention_qkv(x, a, cos, sin, eps)
+            q, k, v = attention_qkv(x, a, cos, sin, eps, proj)
             if kv is None:
                 o = causal_attention(q, k, v, mask_bts)
+            elif kernels and q.shape[1] == 1:
+                o = cached_attention_kernel(q, kv[0], kv[1], l, k, v, kv[3], kv[4])
             else:
                 o = cached_attention(q, kv_l[0], kv_l[1], k, v, kv[2], kv[3], kv[4])
-            h = h + attention_out(o, a)
+            h = h + attention_out(o, a, proj)
             x = rms_norm(h, a["post_attention_layernorm"], eps)
             # all-MoE stacks: the CPU experts kernel reads this layer's experts from the stack (no per-layer copy)
             stacked = (moe_p, l) if isinstance(kind, str) and kind == "moe" else None
-            y, rl = self.mlp_fn(x, moe_l, dense_l, kind, stacked)
+            y, rl = self.mlp_fn(x, moe_l, dense_l, kind, stacked, kernels)
             h = h + y
             return h, (rl, None if kv is None else (k, v))
 

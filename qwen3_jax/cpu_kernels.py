@@ -1,0 +1,140 @@
+"""XLA:CPU FFI kernels, compiled from `csrc/` on first use and cached per machine.
+
+`moe_gather_swiglu(x_td, w_tk, e_tk, stack, layer)`: the SwiGLU experts of a few tokens (decode), reading the
+chosen experts' weights in place from the layer stack ([L, E, D, F] / [L, E, F, D]). XLA has to materialise a
+gather of the weights before a matmul (12 MB per decode token for the 4-layer bench config: a copy as large as the
+read); the kernel reads each distinct expert once, for all of its tokens, splits the columns over XLA's intra-op
+threads, and computes in fp32 (f32 or bf16 weights).
+
+The shared library is built with the system C++ compiler (`$CXX`, else c++/g++/clang++) against jaxlib's FFI
+headers into `$QWEN3_JAX_CACHE` (default ~/.cache/qwen3_jax), keyed by the source, jaxlib version and CPU; a
+machine without a compiler (or QWEN3_JAX_CPU_KERNELS=0) falls back to the XLA gather, with one warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SRC = Path(__file__).parent / "csrc" / "moe_cpu.cc"
+# weight dtype -> {kernel: (FFI target, library symbol)}
+TARGETS = {
+    jnp.dtype(jnp.float32): {"moe": ("qwen3_moe_gather_swiglu_f32", "Qwen3MoeGatherSwigluF32"),
+                             "matmul": ("qwen3_stacked_matmul_f32", "Qwen3StackedMatmulF32")},
+    jnp.dtype(jnp.bfloat16): {"moe": ("qwen3_moe_gather_swiglu_bf16", "Qwen3MoeGatherSwigluBF16"),
+                              "matmul": ("qwen3_stacked_matmul_bf16", "Qwen3StackedMatmulBF16")},
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QWEN3_JAX_CACHE") or Path.home() / ".cache" / "qwen3_jax")
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def build(verbose: bool = False) -> Path:
+    """Path of the compiled library, building it when missing (raises RuntimeError when that fails)."""
+    import jaxlib
+
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    flags = ["-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC"]
+    key = hashlib.sha256("\n".join([SRC.read_text(), jaxlib.__version__, _cpu_id(), cxx, *flags]).encode())
+    out = cache_dir() / f"moe_cpu-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        so = Path(tmp) / out.name
+        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SRC), "-o", str(so)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
+        if verbose:
+            print(" ".join(cmd))
+        os.replace(so, out)  # atomic: concurrent builders (test workers, hosts) each write their own temp file
+    return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        so = Path(tmp) / out.name
+        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}",
+               str(SRC), "-o", str(so)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
+        if verbose:
+            print(" ".join(cmd))
+        os.replace(so, out)  # atomic: concurrent builders (test workers, hosts) each write their own temp file
+    return out
+
+
+@functools.cache
+def load() -> bool:
+    """Builds (once), loads and registers the kernels; False (with a warning) when they cannot be had."""
+    if os.environ.get("QWEN3_JAX_CPU_KERNELS", "1") == "0":
+        return False
+    try:
+        lib = ctypes.CDLL(str(build()))
+        for target, symbol in (ts for kernels in TARGETS.values() for ts in kernels.values()):
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except Exception as e:  # noqa: BLE001 -- any failure means: use the XLA path
+        warnings.warn(f"qwen3_jax CPU kernels unavailable, decode uses the XLA gather: {e}", stacklevel=2)
+        return False
+    return True
+
+
+def available(dtype) -> bool:
+    """The kernel serves this weight dtype on the default backend."""
+    return jax.default_backend() == "cpu" and jnp.dtype(dtype) in TARGETS and load()
+
+
+def moe_gather_swiglu(x_td, w_tk, e_tk, stack, layer):
+    """y_td [T, D] fp32 = sum_j w_tk[t, j] * SwiGLU expert e_tk[t, j] of layer `layer` applied to x_td[t].
+    stack = (gate [L, E, D, F], up [L, E, D, F], down [L, E, F, D]), all of one dtype in TARGETS."""
+    if not load():
+        raise RuntimeError("qwen3_jax CPU kernels unavailable (see the warning); use the XLA path")
+    gate, up, down = stack
+    target, _ = TARGETS[jnp.dtype(gate.dtype)]["moe"]
+    t, d = x_td.shape
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((t, d), jnp.float32), vmap_method="sequential")
+    return call(x_td.astype(jnp.float32), w_tk.astype(jnp.float32), e_tk.astype(jnp.int32),
+                jnp.asarray(layer, jnp.int32), gate, up, down.astype(gate.dtype))
+
+
+def stacked_matmul(x_bmk, w_stack, layer, transpose: bool = False):
+    """y [B, M, N] fp32 = x_bmk[b] @ W[layer, b] (transpose: @ W[layer, b].T), read in place from the stack.
+    w_stack [L, Bw, K, N] (transposed: [L, Bw, N, K]), Bw = 1 (one matrix for every b) or B."""
+    if not load():
+        raise RuntimeError("qwen3_jax CPU kernels unavailable (see the warning); use the XLA path")
+    target, _ = TARGETS[jnp.dtype(w_stack.dtype)]["matmul"]
+    b, m, _ = x_bmk.shape
+    n = w_stack.shape[2] if transpose else w_stack.shape[3]
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((b, m, n), jnp.float32), vmap_method="sequential")
+    return call(x_bmk.astype(jnp.float32), jnp.asarray(layer, jnp.int32), w_stack, transpose=np.int32(transpose))

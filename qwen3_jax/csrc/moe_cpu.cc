@@ -1,0 +1,316 @@
+// XLA:CPU FFI kernels for KV-cached decode, reading weights and cache rows in place from their layer stacks
+// (a layer scan's dynamic slice, or a gather, is a copy as large as the read). Built on first use by
+// qwen3_jax/cpu_kernels.py.
+//
+// 1. Qwen3MoeGatherSwiglu*: SwiGLU experts of a few tokens.
+//   y[t] = sum_j w[t, j] * down[l, e] @ (silu(x[t] @ gate[l, e]) * (x[t] @ up[l, e])),  e = e_tk[t, j]
+//
+//   x_td [T, D] f32, w_tk [T, k] f32, e_tk [T, k] s32, layer [] s32,
+//   gate/up [L, E, D, F], down [L, E, F, D] (f32 or bf16)  ->  y_td [T, D] f32
+//
+// The (token, slot) pairs are grouped by expert, so each distinct expert's weights stream through once for all of
+// its tokens (blocks of up to kRows tokens share each weight row). The F columns are cut into chunks run by the
+// calling thread and XLA's intra-op pool (parallel_chunks); each chunk adds into its own partial y, summed at the
+// end. A chunk no pool thread has started when the caller runs out of work is done by the caller, so a call never
+// waits on a busy pool. Indices are clamped as XLA's gather clamps them.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kRows = 4;  // tokens sharing one pass over an expert's weight rows
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Weight rows are prefetched kPf rows ahead of use (a decode step of the bench config 0.50 -> 0.44 ms), the
+// experts' with the non-temporal hint (each is read once per step; keep the cache for what is read every step).
+constexpr int64_t kPf = 16;
+template <int kLocality, typename W>
+inline void prefetch_row(const W* row, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(W)); b += 64) __builtin_prefetch(c + b, 0, kLocality);
+}
+
+struct Shared {
+  std::atomic<int> next{0};
+  std::atomic<int> in_flight{0};
+};
+
+struct Problem {
+  const float* x;       // [T, D]
+  const float* w;       // [T, k]
+  int64_t t, d, f, k;
+  std::vector<int32_t> order;   // (t * k + j) pairs sorted by expert
+  std::vector<int32_t> starts;  // [n_groups + 1] offsets into order
+  std::vector<int32_t> experts; // [n_groups]
+};
+
+// Columns [f0, f1) of the chosen experts' groups [g0, g1), added into y_td [T, D].
+template <typename W>
+void run_chunk(const Problem& p, const W* gate, const W* up, const W* down, int64_t g0, int64_t g1, int64_t f0,
+               int64_t f1, float* y_td) {
+  const int64_t d = p.d, f = p.f, nf = f1 - f0;
+  std::vector<float> g(kRows * nf), u(kRows * nf);
+  for (int64_t gi = g0; gi < g1; ++gi) {
+    const int64_t e = p.experts[gi];
+    const W* ge = gate + e * d * f;
+    const W* ue = up + e * d * f;
+    const W* de = down + e * f * d;
+    for (int32_t r0 = p.starts[gi]; r0 < p.starts[gi + 1]; r0 += kRows) {
+      const int nr = std::min<int>(kRows, p.starts[gi + 1] - r0);
+      const float* xr[kRows];
+      float wr[kRows];
+      float* yr[kRows];
+      for (int r = 0; r < kRows; ++r) {
+        const int32_t pair = p.order[r0 + std::min(r, nr - 1)];
+        xr[r] = p.x + (pair / p.k) * d;
+        wr[r] = r < nr ? p.w[pair] : 0.f;
+        yr[r] = y_td + (pair / p.k) * d;
+      }
+      std::fill(g.begin(), g.end(), 0.f);
+      std::fill(u.begin(), u.end(), 0.f);
+      // gate/up: g[r, :] += x[r, dd] * gate[dd, f0:f1], one weight row read once for the block's tokens
+      for (int64_t dd = 0; dd < d; ++dd) {
+        const W* grow = ge + dd * f + f0;
+        const W* urow = ue + dd * f + f0;
+        if (dd + kPf < d) {
+          prefetch_row<0>(grow + kPf * f, nf);
+          prefetch_row<0>(urow + kPf * f, nf);
+        } else if (dd + kPf - d < nf) {  // the first rows of down
+          prefetch_row<0>(de + (f0 + dd + kPf - d) * d, d);
+        }
+        for (int r = 0; r < nr; ++r) {
+          const float xv = xr[r][dd];
+          float* __restrict__ gr = g.data() + r * nf;
+          float* __restrict__ ur = u.data() + r * nf;
+          for (int64_t c = 0; c < nf; ++c) {
+            gr[c] += xv * to_f32(grow[c]);
+            ur[c] += xv * to_f32(urow[c]);
+          }
+        }
+      }
+      // h = w * silu(g) * u  (into g)
+      for (int r = 0; r < nr; ++r) {
+        float* gr = g.data() + r * nf;
+        const float* ur = u.data() + r * nf;
+        for (int64_t c = 0; c < nf; ++c) gr[c] = wr[r] * gr[c] / (1.f + std::exp(-gr[c])) * ur[c];
+      }
+      // down: y[r, :] += h[r, c] * down[f0 + c, :]
+      for (int64_t c = 0; c < nf; ++c) {
+        const W* drow = de + (f0 + c) * d;
+        if (c + kPf < nf) prefetch_row<0>(drow + kPf * d, d);
+        for (int r = 0; r < nr; ++r) {
+          const float hv = g[r * nf + c];
+          float* __restrict__ yv = yr[r];
+          for (int64_t dd = 0; dd < d; ++dd) yv[dd] += hv * to_f32(drow[dd]);
+        }
+      }
+    }
+  }
+}
+
+// Work split over the calling thread and XLA's intra-op pool: chunks claimed from an atomic counter. A helper
+// registers (in_flight) before it claims and touches the caller's data only for a chunk it claimed; a claim
+// succeeds only before the caller's own claim fails, and the caller then waits for in_flight to drain. A helper
+// that starts after the caller returned finds no chunk and touches only `shared` (which it co-owns).
+template <typename Fn>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t n_chunks, Fn fn) {
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(0, pool.num_threads() - 1), n_chunks - 1);
+  if (helpers <= 0) {
+    for (int64_t c = 0; c < n_chunks; ++c) fn(c);
+    return;
+  }
+  auto shared = std::make_shared<Shared>();
+  auto work = [shared, n_chunks, &fn]() {
+    shared->in_flight.fetch_add(1);
+    for (int c; (c = shared->next.fetch_add(1)) < n_chunks;) fn(c);
+    shared->in_flight.fetch_sub(1);
+  };
+  for (int64_t h = 0; h < std::min<int64_t>(helpers, 7); ++h) pool.Schedule([work]() { work(); });
+  work();
+  while (shared->in_flight.load() > 0) std::this_thread::yield();
+}
+
+template <ffi::DataType DT, typename W>
+ffi::Error MoeGatherSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::Buffer<ffi::S32> e_tk, ffi::Buffer<ffi::S32> layer, ffi::Buffer<DT> gate,
+                           ffi::Buffer<DT> up, ffi::Buffer<DT> down, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), gd = gate.dimensions(), dd = down.dimensions();
+  if (xd.size() != 2 || gd.size() != 4 || dd.size() != 4 || w.dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("moe_gather_swiglu: ranks must be x 2, w 2, gate/up/down 4");
+  Problem p;
+  p.t = xd[0];
+  p.d = xd[1];
+  p.k = w.dimensions()[1];
+  const int64_t n_layers = gd[0], n_exp = gd[1], f = gd[3];
+  p.f = f;
+  auto ud = up.dimensions();
+  if (gd[2] != p.d || dd[0] != n_layers || dd[1] != n_exp || dd[2] != f || dd[3] != p.d ||
+      !std::equal(gd.begin(), gd.end(), ud.begin()) || e_tk.dimensions()[0] != p.t || e_tk.dimensions()[1] != p.k ||
+      w.dimensions()[0] != p.t)
+    return ffi::Error::InvalidArgument("moe_gather_swiglu: gate/up [L,E,D,F] and down [L,E,F,D] do not match x");
+  p.x = x.typed_data();
+  p.w = w.typed_data();
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, n_layers - 1);
+  const int32_t* e = e_tk.typed_data();
+  const int64_t m = p.t * p.k;
+  // counting sort of the (token, slot) pairs by expert
+  std::vector<int32_t> count(n_exp + 1, 0);
+  std::vector<int32_t> ex(m);
+  for (int64_t i = 0; i < m; ++i) {
+    ex[i] = static_cast<int32_t>(std::clamp<int64_t>(e[i], 0, n_exp - 1));
+    ++count[ex[i] + 1];
+  }
+  for (int64_t i = 0; i < n_exp; ++i) count[i + 1] += count[i];
+  p.order.resize(m);
+  {
+    std::vector<int32_t> pos(count.begin(), count.end() - 1);
+    for (int64_t i = 0; i < m; ++i) p.order[pos[ex[i]]++] = static_cast<int32_t>(i);
+  }
+  for (int64_t i = 0; i < n_exp; ++i) {
+    if (count[i + 1] > count[i]) {
+      p.starts.push_back(count[i]);
+      p.experts.push_back(static_cast<int32_t>(i));
+    }
+  }
+  p.starts.push_back(static_cast<int32_t>(m));
+
+  const size_t stride = static_cast<size_t>(n_exp) * p.d * f;
+  const W* g_l = reinterpret_cast<const W*>(gate.typed_data()) + l * stride;
+  const W* u_l = reinterpret_cast<const W*>(up.typed_data()) + l * stride;
+  const W* d_l = reinterpret_cast<const W*>(down.typed_data()) + l * stride;
+  float* out = y->typed_data();
+  const size_t td = static_cast<size_t>(p.t) * p.d;
+
+  // chunks: ranges of whole experts (contiguous weight streams) when there are enough of them, else column
+  // pieces of each expert; each chunk adds into its own partial y
+  const int64_t n_groups = static_cast<int64_t>(p.experts.size());
+  const int64_t want = 2 * std::max<int64_t>(1, pool.num_threads());
+  const int64_t pieces = n_groups >= want ? 1 : std::max<int64_t>(1, std::min<int64_t>(want / std::max<int64_t>(n_groups, 1), f / 64));
+  const int64_t n_ranges = n_groups >= want ? want : n_groups;
+  const int64_t n_chunks = n_ranges * pieces;
+  if (n_chunks <= 1) {
+    std::fill(out, out + td, 0.f);
+    run_chunk<W>(p, g_l, u_l, d_l, 0, n_groups, 0, f, out);
+    return ffi::Error::Success();
+  }
+  std::vector<float> partial(n_chunks * td, 0.f);
+  parallel_chunks(pool, n_chunks, [&](int64_t c) {
+    const int64_t r = c / pieces, q = c % pieces;
+    const int64_t f0 = (f * q / pieces) & ~int64_t{7}, f1 = q + 1 == pieces ? f : (f * (q + 1) / pieces) & ~int64_t{7};
+    run_chunk<W>(p, g_l, u_l, d_l, n_groups * r / n_ranges, n_groups * (r + 1) / n_ranges, f0, f1,
+                 partial.data() + c * td);
+  });
+  std::copy(partial.begin(), partial.begin() + td, out);
+  for (int64_t c = 1; c < n_chunks; ++c) {
+    const float* src = partial.data() + c * td;
+    for (size_t i = 0; i < td; ++i) out[i] += src[i];
+  }
+  return ffi::Error::Success();
+}
+
+// 2. Qwen3StackedMatmul*: y[b, m, n] = sum_k x[b, m, k] * W[l, b, k, n]   (transpose 0, W [L, Bw, K, N])
+//                                    = sum_k x[b, m, k] * W[l, b, n, k]   (transpose 1, W [L, Bw, N, K])
+//    x [B, M, K] f32, layer [] s32 -> y [B, M, N] f32; Bw = 1 shares W over b (projection weights [L, K, N]),
+//    Bw = B reads each row's own matrix (a KV cache [L, B, S, K*hd]). Chunks of N columns run in parallel.
+template <typename W>
+void matmul_cols(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1,
+                 bool transpose) {
+  if (transpose) {
+    for (int64_t j = n0; j < n1; ++j) {
+      const W* __restrict__ wr = w + j * k;
+      for (int64_t r = 0; r < m; ++r) {
+        const float* __restrict__ xr = x + r * k;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < k; ++c) acc += xr[c] * to_f32(wr[c]);
+        y[r * n + j] = acc;
+      }
+    }
+    return;
+  }
+  const int64_t nc = n1 - n0;
+  for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+    const int nr = static_cast<int>(std::min<int64_t>(kRows, m - r0));
+    for (int r = 0; r < nr; ++r) std::fill(y + (r0 + r) * n + n0, y + (r0 + r) * n + n1, 0.f);
+    for (int64_t c = 0; c < k; ++c) {
+      const W* __restrict__ wr = w + c * n + n0;
+      for (int r = 0; r < nr; ++r) {
+        const float xv = x[(r0 + r) * k + c];
+        float* __restrict__ yr = y + (r0 + r) * n + n0;
+        for (int64_t j = 0; j < nc; ++j) yr[j] += xv * to_f32(wr[j]);
+      }
+    }
+  }
+}
+
+template <ffi::DataType DT, typename W>
+ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                         ffi::Buffer<DT> w, ffi::ResultBuffer<ffi::F32> y, int32_t transpose) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 3 || wd.size() != 4)
+    return ffi::Error::InvalidArgument("stacked_matmul: x must be [B, M, K] and w [L, Bw, K, N] / [L, Bw, N, K]");
+  const int64_t b = xd[0], m = xd[1], k = xd[2], n_layers = wd[0], bw = wd[1];
+  const int64_t n = transpose ? wd[2] : wd[3];
+  if ((transpose ? wd[3] : wd[2]) != k || (bw != 1 && bw != b))
+    return ffi::Error::InvalidArgument("stacked_matmul: w does not match x [B, M, K]");
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, n_layers - 1);
+  const W* w0 = reinterpret_cast<const W*>(w.typed_data()) + l * bw * k * n;
+  const float* x0 = x.typed_data();
+  float* y0 = y->typed_data();
+  // chunks of >= 32 columns (and >= 16k weights), at most 4 per thread
+  const int64_t per_row = std::max<int64_t>(1, std::min<int64_t>(n / 32, (k * n) / 16384));
+  const int64_t cols = std::max<int64_t>(1, std::min<int64_t>(per_row, 4 * std::max<int64_t>(1, pool.num_threads())));
+  parallel_chunks(pool, b * cols, [&](int64_t c) {
+    const int64_t bi = c / cols, ci = c % cols;
+    const int64_t n0 = (n * ci / cols) & ~int64_t{7}, n1 = ci + 1 == cols ? n : (n * (ci + 1) / cols) & ~int64_t{7};
+    matmul_cols<W>(x0 + bi * m * k, w0 + (bw == 1 ? 0 : bi) * k * n, y0 + bi * m * n, m, k, n, n0, n1, transpose);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define QWEN3_MATMUL_BIND(DT)                             \
+  ffi::Ffi::Bind()                                        \
+      .Ctx<ffi::ThreadPool>()                             \
+      .Arg<ffi::Buffer<ffi::F32>>()                       \
+      .Arg<ffi::Buffer<ffi::S32>>()                       \
+      .Arg<ffi::Buffer<DT>>()                             \
+      .Ret<ffi::Buffer<ffi::F32>>()                       \
+      .Attr<int32_t>("transpose")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen3StackedMatmulF32, (StackedMatmul<ffi::F32, float>), QWEN3_MATMUL_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen3StackedMatmulBF16, (StackedMatmul<ffi::BF16, uint16_t>), QWEN3_MATMUL_BIND(ffi::BF16));
+
+#define QWEN3_BIND(DT)                                    \
+  ffi::Ffi::Bind()                                        \
+      .Ctx<ffi::ThreadPool>()                             \
+      .Arg<ffi::Buffer<ffi::F32>>()                       \
+      .Arg<ffi::Buffer<ffi::F32>>()                       \
+      .Arg<ffi::Buffer<ffi::S32>>()                       \
+      .Arg<ffi::Buffer<ffi::S32>>()                       \
+      .Arg<ffi::Buffer<DT>>()                             \
+      .Arg<ffi::Buffer<DT>>()                             \
+      .Arg<ffi::Buffer<DT>>()                             \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen3MoeGatherSwigluF32, (MoeGatherSwiglu<ffi::F32, float>), QWEN3_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen3MoeGatherSwigluBF16, (MoeGatherSwiglu<ffi::BF16, uint16_t>), QWEN3_BIND(ffi::BF16));

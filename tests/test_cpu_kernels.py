@@ -1,0 +1,110 @@
+"""XLA:CPU decode kernels (qwen3_jax.cpu_kernels): built here, equal to the XLA functions they replace, used by
+KV-cached decode with the same tokens as the XLA path; without a compiler the model falls back to XLA."""
+
+import shutil
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen3_jax import cpu_kernels
+from qwen3_jax.model import KVCache, moe_experts_gather
+
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+def test_kernels_build_and_load():
+    """A machine with a C++ compiler builds the kernels (else every decode silently takes the XLA path)."""
+    assert shutil.which("c++") or shutil.which("g++"), "no C++ compiler: install g++ (the CPU kernels need one)"
+    assert cpu_kernels.load()
+    assert cpu_kernels.available(jnp.float32) and cpu_kernels.available(jnp.bfloat16)
+    assert not cpu_kernels.available(jnp.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("b, bw, m, k, n", [(1, 1, 1, 256, 256), (3, 1, 5, 40, 37), (2, 2, 4, 128, 300)])
+def test_stacked_matmul_equals_einsum(dtype, transpose, b, bw, m, k, n):
+    rng = np.random.default_rng(0)
+    n_layers = 3
+    x = jnp.asarray(rng.normal(size=(b, m, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(n_layers, bw, n, k) if transpose else (n_layers, bw, k, n)), dtype)
+    fn = jax.jit(lambda x, w, l: cpu_kernels.stacked_matmul(x, w, l, transpose))
+    for layer in range(n_layers):
+        w_l = jnp.broadcast_to(w[layer].astype(jnp.float32), (b, *w.shape[2:]))
+        ref = jnp.einsum("bmk,bnk->bmn" if transpose else "bmk,bkn->bmn", x, w_l,
+                         precision=jax.lax.Precision.HIGHEST)
+        out = fn(x, w, layer)
+        assert out.dtype == jnp.float32 and out.shape == (b, m, n)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t, d, f, e, k", [(1, 256, 256, 32, 4), (3, 40, 28, 12, 4), (17, 64, 96, 8, 2)])
+def test_moe_gather_swiglu_equals_xla_gather(dtype, t, d, f, e, k):
+    """Every layer of the stack; tokens sharing experts (17 tokens over 8 experts); widths not multiples of 8."""
+    rng = np.random.default_rng(1)
+    n_layers = 2
+    stack = tuple(jnp.asarray(rng.normal(size=s) * 0.2, dtype)
+                  for s in [(n_layers, e, d, f), (n_layers, e, d, f), (n_layers, e, f, d)])
+    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+    e_tk = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
+    w_tk = jax.nn.softmax(jnp.asarray(rng.normal(size=(t, k)), jnp.float32), -1)
+    fn = jax.jit(cpu_kernels.moe_gather_swiglu)
+    for layer in range(n_layers):
+        p = {n: s[layer].astype(jnp.float32) for n, s in zip(("gate_proj", "up_proj", "down_proj"), stack)}
+        with jax.default_matmul_precision("highest"):
+            ref = moe_experts_gather(x, w_tk, e_tk, p)
+        np.testing.assert_allclose(np.asarray(fn(x, w_tk, e_tk, stack, layer)), np.asarray(ref), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_with_kernels_equals_xla_decode(reference, cache_dtype):
+    """Model level: prefill then single-token steps over the cache, kernels on (default) vs off: same logits, and
+    the kernels path is the one taken (its jaxpr has the FFI calls)."""
+    _, _, model = reference("moe_uniform")
+    cfg = model.config
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
+
+    def run(use):
+        model.use_cpu_kernels = use
+        try:
+            cache = KVCache.init(cfg, 2, 16, cache_dtype)
+            out = model(jnp.asarray(ids[:, :6]), cache=cache)
+            logits = [out.logits[:, -1]]
+            for i in range(6, 9):
+                out = model(jnp.asarray(ids[:, i:i + 1]), cache=out.cache)
+                logits.append(out.logits[:, 0])
+            jaxpr = str(jax.make_jaxpr(lambda c: model(jnp.asarray(ids[:, :1]), cache=c).logits)(out.cache))
+            return np.asarray(jnp.stack(logits)), jaxpr
+        finally:
+            model.use_cpu_kernels = True
+
+    with_k, jaxpr_k = run(True)
+    without, jaxpr_x = run(False)
+    assert "qwen3_stacked_matmul" in jaxpr_k and "qwen3_moe_gather_swiglu" in jaxpr_k
+    assert "qwen3_" not in jaxpr_x
+    np.testing.assert_allclose(with_k, without, rtol=1e-4, atol=2e-4 if cache_dtype == jnp.float32 else 2e-2)
+
+
+def test_no_compiler_falls_back_to_xla(monkeypatch, tmp_path):
+    """Without a compiler (and nothing cached) load() warns once and says False; available() then keeps the
+    model on the XLA path."""
+    monkeypatch.setenv("QWEN3_JAX_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    cpu_kernels.load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not cpu_kernels.available(jnp.float32)
+            assert not cpu_kernels.available(jnp.float32)
+        assert len(caught) == 1 and "no C++ compiler" in str(caught[0].message)
+        with pytest.raises(RuntimeError, match="unavailable"):
+            cpu_kernels.moe_gather_swiglu(jnp.zeros((1, 4)), jnp.ones((1, 1)), jnp.zeros((1, 1), jnp.int32),
+                                          (jnp.zeros((1, 2, 4, 4)),) * 3, 0)
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.load.cache_clear()
+    assert cpu_kernels.load()  # the real cache again
