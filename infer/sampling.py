@@ -101,10 +101,20 @@ def filter_logits(logits_bv, temperature_b, top_k_b, top_p_b, min_p_b):
     return jnp.take_along_axis(masked_sorted, inv, axis=-1)
 
 
+def argmax(logits_bv):
+    """jnp.argmax over the last axis (first index of the maximum, a NaN counting as the maximum) [B] int32, as
+    two plain reductions: XLA:CPU runs argmax's (value, index) reduce element by element (18 us per decode step
+    for a 4096 vocabulary, 1.8 us this way)."""
+    v = logits_bv.shape[-1]
+    m = jnp.max(logits_bv, axis=-1, keepdims=True)                     # NaN if the row has one
+    hit = (logits_bv == m) | (jnp.isnan(logits_bv) & jnp.isnan(m))
+    return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 def sample(logits_bv, keys_b2, temperature_b, top_k_b, top_p_b, min_p_b):
     """Next token per row [B] int32: argmax where temperature == 0, else a draw from the filtered distribution
     with the row's own key (uint32 [B, 2]). All-greedy batches skip the sort."""
-    greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits_bv)
 
     def draw(_):
         filt = filter_logits(logits_bv, temperature_b, top_k_b, top_p_b, min_p_b)

@@ -1,10 +1,15 @@
 """XLA:CPU FFI kernels, compiled from `csrc/` on first use and cached per machine.
 
-`moe_gather_swiglu(x_td, w_tk, e_tk, stack, layer)`: the SwiGLU experts of a few tokens (decode), reading the
-chosen experts' weights in place from the layer stack ([L, E, D, F] / [L, E, F, D]). XLA has to materialise a
-gather of the weights before a matmul (12 MB per decode token for the 4-layer bench config: a copy as large as the
-read); the kernel reads each distinct expert once, for all of its tokens, splits the columns over XLA's intra-op
-threads, and computes in fp32 (f32 or bf16 weights).
+KV-cached decode reads, per token, every layer's attention weights and cache row and the chosen experts' weights.
+XLA:CPU materialises each of those reads first (a layer scan's dynamic slice of a weight, a gather of experts: a
+copy as large as the read); these kernels read them in place from the layer stacks, split the work over XLA's
+intra-op threads and compute in fp32 (f32 or bf16 weights and cache):
+
+- `moe_gather_swiglu(x_td, w_tk, e_tk, stack, layer)`: the SwiGLU experts of a few tokens, each distinct
+  expert's weights ([L, E, D, F] / [L, E, F, D]) streamed once for all of its tokens;
+- `stacked_matmul(x_bmk, w_stack, layer)`: x @ W[layer] (projections, the router);
+- `decode_attention(q, kn, vn, old_bs, new_b, k_stack, v_stack, layer)`: one new query per row over its cache
+  row, reading only the occupied slots.
 
 The shared library is built with the system C++ compiler (`$CXX`, else c++/g++/clang++) against jaxlib's FFI
 headers into `$QWEN3_JAX_CACHE` (default ~/.cache/qwen3_jax), keyed by the source, jaxlib version and CPU; a
@@ -26,15 +31,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-SRC = Path(__file__).parent / "csrc" / "moe_cpu.cc"
+SRC = Path(__file__).parent / "csrc" / "decode_kernels.cc"
 # weight dtype -> {kernel: (FFI target, library symbol)}
 TARGETS = {
     jnp.dtype(jnp.float32): {"moe": ("qwen3_moe_gather_swiglu_f32", "Qwen3MoeGatherSwigluF32"),
-                             "matmul": ("qwen3_stacked_matmul_f32", "Qwen3StackedMatmulF32")},
+                             "matmul": ("qwen3_stacked_matmul_f32", "Qwen3StackedMatmulF32"),
+                             "attention": ("qwen3_decode_attention_f32", "Qwen3DecodeAttentionF32")},
     jnp.dtype(jnp.bfloat16): {"moe": ("qwen3_moe_gather_swiglu_bf16", "Qwen3MoeGatherSwigluBF16"),
-                              "matmul": ("qwen3_stacked_matmul_bf16", "Qwen3StackedMatmulBF16")},
+                              "matmul": ("qwen3_stacked_matmul_bf16", "Qwen3StackedMatmulBF16"),
+                              "attention": ("qwen3_decode_attention_bf16", "Qwen3DecodeAttentionBF16")},
 }
 
 
@@ -67,7 +73,7 @@ def build(verbose: bool = False) -> Path:
         raise RuntimeError("no C++ compiler found (set CXX)")
     flags = ["-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC"]
     key = hashlib.sha256("\n".join([SRC.read_text(), jaxlib.__version__, _cpu_id(), cxx, *flags]).encode())
-    out = cache_dir() / f"moe_cpu-{key.hexdigest()[:16]}.so"
+    out = cache_dir() / f"decode_kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,13 +134,26 @@ def moe_gather_swiglu(x_td, w_tk, e_tk, stack, layer):
                 jnp.asarray(layer, jnp.int32), gate, up, down.astype(gate.dtype))
 
 
-def stacked_matmul(x_bmk, w_stack, layer, transpose: bool = False):
-    """y [B, M, N] fp32 = x_bmk[b] @ W[layer, b] (transpose: @ W[layer, b].T), read in place from the stack.
-    w_stack [L, Bw, K, N] (transposed: [L, Bw, N, K]), Bw = 1 (one matrix for every b) or B."""
+def stacked_matmul(x_bmk, w_stack, layer):
+    """y [B, M, N] fp32 = x_bmk[b] @ W[layer, b], read in place from w_stack [L, Bw, K, N]; Bw = 1 (one matrix
+    for every b) or B."""
     if not load():
         raise RuntimeError("qwen3_jax CPU kernels unavailable (see the warning); use the XLA path")
     target, _ = TARGETS[jnp.dtype(w_stack.dtype)]["matmul"]
     b, m, _ = x_bmk.shape
-    n = w_stack.shape[2] if transpose else w_stack.shape[3]
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((b, m, n), jnp.float32), vmap_method="sequential")
-    return call(x_bmk.astype(jnp.float32), jnp.asarray(layer, jnp.int32), w_stack, transpose=np.int32(transpose))
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((b, m, w_stack.shape[3]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x_bmk.astype(jnp.float32), jnp.asarray(layer, jnp.int32), w_stack)
+
+
+def decode_attention(q_bhd, kn_bkd, vn_bkd, old_bs, new_b, k_stack, v_stack, layer):
+    """o [B, H, hd] fp32: each row's query (1/sqrt(hd) scaled here) over the cache slots old_bs [B, S] marks in
+    layer `layer` of k_stack/v_stack [L, B, S, K, hd] and, where new_b [B], its own new key/value kn/vn [B, K, hd];
+    grouped-query (H = K * G), fp32 softmax; a row with nothing to attend to gets zeros."""
+    if not load():
+        raise RuntimeError("qwen3_jax CPU kernels unavailable (see the warning); use the XLA path")
+    target, _ = TARGETS[jnp.dtype(k_stack.dtype)]["attention"]
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_bhd.shape, jnp.float32), vmap_method="sequential")
+    f32 = jnp.float32
+    return call(q_bhd.astype(f32), kn_bkd.astype(f32), vn_bkd.astype(f32), old_bs.astype(bool), new_b.astype(bool),
+                jnp.asarray(layer, jnp.int32), k_stack, v_stack.astype(k_stack.dtype))

@@ -106,6 +106,7 @@ def cached_attention(q_bthd, kc_bskd, vc_bskd, kn_btkd, vn_btkd, write_bt, old_b
     T > 1 (prefill): the new keys are written into a copy of the layer's cache row, then masked attention."""
     b, t, h, hd = q_bthd.shape
     s_len, kh = kc_bskd.shape[1], kc_bskd.shape[2]
+    g = h // kh
     dt = q_bthd.dtype
     if t > 1:
         rows = jnp.arange(b)[:, None]
@@ -115,29 +116,11 @@ def cached_attention(q_bthd, kc_bskd, vc_bskd, kn_btkd, vn_btkd, write_bt, old_b
         end_b = write_bt[:, 0] + jnp.sum(new_btt[:, -1], -1)          # lengths + real new tokens
         mask_bts = (slot[None, None] <= write_bt[:, :, None]) & (slot[None, None] < end_b[:, None, None])
         return attention_core(q_bthd, kc, vc, mask_bts)
-
-    def scores(q_bxy):
-        return jnp.einsum("bsx,bxy->bsy", kc_bskd.reshape(b, s_len, kh * hd).astype(dt), q_bxy,
-                          preferred_element_type=jnp.float32)
-
-    def values(p_bsy):
-        return jnp.einsum("bsy,bsx->byx", p_bsy.astype(dt), vc_bskd.reshape(b, s_len, kh * hd).astype(dt),
-                          preferred_element_type=jnp.float32)
-
-    return _decode_attention(q_bthd, kn_btkd, vn_btkd, old_bs, new_btt, scores, values)
-
-
-def _decode_attention(q_bthd, kn_btkd, vn_btkd, old_bs, new_btt, scores, values):
-    """One new query per row over the cache and its own key: scores(q_bxy [B, K*hd, K*G] block diagonal) ->
-    [B, S, K*G] fp32 logits over the cache row, values(p [B, S, K*G]) -> [B, K*G, K*hd] fp32."""
-    b, _, h, hd = q_bthd.shape
-    kh = kn_btkd.shape[2]
-    g = h // kh
-    dt = q_bthd.dtype
     eye = jnp.eye(kh, dtype=dt)
     q_bkgd = q_bthd[:, 0].reshape(b, kh, g, hd) * jnp.asarray(1.0 / math.sqrt(hd), dt)
     q_bxy = jnp.einsum("bkgd,kj->bkdjg", q_bkgd, eye).reshape(b, kh * hd, kh * g)     # block diagonal
-    s_c = scores(q_bxy)                                                                 # [B, S, K*G]
+    s_c = jnp.einsum("bsx,bxy->bsy", kc_bskd.reshape(b, s_len, kh * hd).astype(dt), q_bxy,
+                     preferred_element_type=jnp.float32)                                 # [B, S, K*G]
     s_c = jnp.where(old_bs[:, :, None], s_c, -jnp.inf)
     s_n = jnp.einsum("bkgd,bkd->bkg", q_bkgd, kn_btkd[:, 0], preferred_element_type=jnp.float32).reshape(b, 1, kh * g)
     s_n = jnp.where(new_btt[:, :1, :1], s_n, -jnp.inf)
@@ -145,7 +128,8 @@ def _decode_attention(q_bthd, kn_btkd, vn_btkd, old_bs, new_btt, scores, values)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p_c, p_n = jnp.exp(s_c - m), jnp.exp(s_n - m)
     denom = jnp.maximum(jnp.sum(p_c, 1) + p_n[:, 0], 1e-30)                              # [B, K*G]
-    o = values(p_c).reshape(b, kh, g, kh, hd)
+    o = jnp.einsum("bsy,bsx->byx", p_c.astype(dt), vc_bskd.reshape(b, s_len, kh * hd).astype(dt),
+                   preferred_element_type=jnp.float32).reshape(b, kh, g, kh, hd)
     o = jnp.einsum("bkgjd,kj->bkgd", o, eye.astype(o.dtype))
     o = o + p_n[:, 0].reshape(b, kh, g)[..., None] * vn_btkd[:, 0, :, None, :].astype(jnp.float32)
     o = o / denom.reshape(b, kh, g)[..., None]
@@ -246,9 +230,9 @@ def moe_block(x_btd, p, cfg: Qwen3Config, gmm_backend="auto", gather_max: int | 
 
     With gmm_backend "auto", few token copies (B*T*top_k <= gather_max; static shapes, i.e. KV-cached decode)
     take the gather path, the rest the sorted grouped matmul (stacked: see moe_experts). The gather copies one
-    expert per token copy, the CPU kernel reading the layer stack one per distinct expert: by default the gather
-    serves up to num_experts / 2 copies when the stack is given (4 layers, 32 experts top-4 on CPU, per decode
-    step: 16 rows gather 2.2 vs kernel 3.2 ms, 32 rows 5.5 vs 4.6 ms), up to num_experts otherwise.
+    expert per token copy, the blocked grouped matmul reading the layer stack one per distinct expert: by default
+    the gather serves up to num_experts / 2 copies when the stack is given (4 layers, 32 experts top-4 on CPU, per
+    decode step: 16 rows gather 2.2 vs blocked 3.2 ms, 32 rows 5.5 vs 4.6 ms), up to num_experts otherwise.
     kernels (KV-cached inference on XLA:CPU, with `stacked`): up to 4 copies per expert, the router and the experts
     run in qwen3_jax.cpu_kernels, reading the layer's weights in place from the stack (moe_experts_kernel)."""
     b, t, d = x_btd.shape
@@ -289,18 +273,11 @@ def moe_experts_kernel(x_td, w_tk, e_tk, stacked):
 
 
 def cached_attention_kernel(q_bthd, k_stack, v_stack, layer, kn_btkd, vn_btkd, old_bs, new_btt):
-    """cached_attention for T == 1 with the cache read in place: k_stack/v_stack [L, B, S, K, hd]."""
-    n_l, b, s_len, kh, hd = k_stack.shape
-
-    def scores(q_bxy):  # [B, K*hd, K*G] -> [B, S, K*G]
-        s_bys = cpu_kernels.stacked_matmul(jnp.swapaxes(q_bxy, 1, 2), k_stack.reshape(n_l, b, s_len, kh * hd),
-                                           layer, transpose=True)
-        return jnp.swapaxes(s_bys, 1, 2)
-
-    def values(p_bsy):  # [B, S, K*G] -> [B, K*G, K*hd]
-        return cpu_kernels.stacked_matmul(jnp.swapaxes(p_bsy, 1, 2), v_stack.reshape(n_l, b, s_len, kh * hd), layer)
-
-    return _decode_attention(q_bthd, kn_btkd, vn_btkd, old_bs, new_btt, scores, values)
+    """cached_attention for T == 1 with layer `layer` of the cache k_stack/v_stack [L, B, S, K, hd] read in place
+    (only the slots old_bs marks)."""
+    o_bhd = cpu_kernels.decode_attention(q_bthd[:, 0], kn_btkd[:, 0], vn_btkd[:, 0], old_bs, new_btt[:, 0, 0],
+                                         k_stack, v_stack, layer)
+    return o_bhd[:, None].astype(q_bthd.dtype)
 
 
 # ============================================================================ masks and positions

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qwen3_jax import cpu_kernels
-from qwen3_jax.model import KVCache, moe_experts_gather
+from qwen3_jax.model import KVCache, cached_attention, cached_attention_kernel, moe_experts_gather
 
 DTYPES = [jnp.float32, jnp.bfloat16]
 
@@ -24,21 +24,45 @@ def test_kernels_build_and_load():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("b, bw, m, k, n", [(1, 1, 1, 256, 256), (3, 1, 5, 40, 37), (2, 2, 4, 128, 300)])
-def test_stacked_matmul_equals_einsum(dtype, transpose, b, bw, m, k, n):
+def test_stacked_matmul_equals_einsum(dtype, b, bw, m, k, n):
     rng = np.random.default_rng(0)
     n_layers = 3
     x = jnp.asarray(rng.normal(size=(b, m, k)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(n_layers, bw, n, k) if transpose else (n_layers, bw, k, n)), dtype)
-    fn = jax.jit(lambda x, w, l: cpu_kernels.stacked_matmul(x, w, l, transpose))
+    w = jnp.asarray(rng.normal(size=(n_layers, bw, k, n)), dtype)
+    fn = jax.jit(cpu_kernels.stacked_matmul)
     for layer in range(n_layers):
-        w_l = jnp.broadcast_to(w[layer].astype(jnp.float32), (b, *w.shape[2:]))
-        ref = jnp.einsum("bmk,bnk->bmn" if transpose else "bmk,bkn->bmn", x, w_l,
-                         precision=jax.lax.Precision.HIGHEST)
+        w_l = jnp.broadcast_to(w[layer].astype(jnp.float32), (b, k, n))
+        ref = jnp.einsum("bmk,bkn->bmn", x, w_l, precision=jax.lax.Precision.HIGHEST)
         out = fn(x, w, layer)
         assert out.dtype == jnp.float32 and out.shape == (b, m, n)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b, s, kh, g, hd", [(4, 16, 2, 2, 12), (1, 300, 4, 8, 64)])
+def test_decode_attention_equals_cached_attention(dtype, b, s, kh, g, hd):
+    """Ragged rows (lengths 0..S), a padding row whose new token is not real (nothing to attend: zeros), every
+    layer of the stack; the XLA function reads the same (rounded) cache."""
+    rng = np.random.default_rng(4)
+    n_layers = 2
+    k_stack = jnp.asarray(rng.normal(size=(n_layers, b, s, kh, hd)), dtype)
+    v_stack = jnp.asarray(rng.normal(size=(n_layers, b, s, kh, hd)), dtype)
+    q = jnp.asarray(rng.normal(size=(b, 1, kh * g, hd)), jnp.float32)
+    kn, vn = (jnp.asarray(rng.normal(size=(b, 1, kh, hd)), jnp.float32) for _ in range(2))
+    lengths = rng.integers(0, s + 1, b)
+    lengths[0] = 0
+    old_bs = jnp.asarray(np.arange(s)[None] < lengths[:, None])
+    new_btt = jnp.asarray(np.arange(b) != 0)[:, None, None] if b > 1 else jnp.ones((1, 1, 1), bool)
+    write_bt = jnp.asarray(lengths[:, None], jnp.int32)
+    fn = jax.jit(lambda *a: cached_attention_kernel(*a))
+    for layer in range(n_layers):
+        ref = cached_attention(q, k_stack[layer].astype(jnp.float32), v_stack[layer].astype(jnp.float32), kn, vn,
+                               write_bt, old_bs, new_btt)
+        out = fn(q, k_stack, v_stack, layer, kn, vn, old_bs, new_btt)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    if b > 1:
+        assert not np.any(np.asarray(out[0]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -84,7 +108,7 @@ def test_decode_with_kernels_equals_xla_decode(reference, cache_dtype):
 
     with_k, jaxpr_k = run(True)
     without, jaxpr_x = run(False)
-    assert "qwen3_stacked_matmul" in jaxpr_k and "qwen3_moe_gather_swiglu" in jaxpr_k
+    assert all(f"qwen3_{name}" in jaxpr_k for name in ("stacked_matmul", "moe_gather_swiglu", "decode_attention"))
     assert "qwen3_" not in jaxpr_x
     np.testing.assert_allclose(with_k, without, rtol=1e-4, atol=2e-4 if cache_dtype == jnp.float32 else 2e-2)
 

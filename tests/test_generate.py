@@ -141,6 +141,19 @@ def _kept(**kw):
     return sorted(4 - i for i in np.nonzero(np.isfinite(np.asarray(out[0])))[0])  # back to P5 indices
 
 
+def test_argmax_equals_jnp_argmax_ties_infs_nans():
+    from qwen3_jax.infer.sampling import argmax
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(-3, 3, (64, 37)).astype(np.float32)  # many ties
+    x[5, :] = -np.inf
+    x[6, 4] = np.inf
+    x[7, [3, 9]] = np.nan
+    x[8, :] = np.nan
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(x)), np.argmax(x, -1))
+    np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x, jnp.bfloat16))), np.argmax(x, -1))
+
+
 def test_top_k_top_p_min_p_masks_on_known_distribution():
     assert _kept() == [0, 1, 2, 3, 4]
     assert _kept(top_k=2) == [0, 1]

@@ -2,7 +2,10 @@
 // (a layer scan's dynamic slice, or a gather, is a copy as large as the read). Built on first use by
 // qwen3_jax/cpu_kernels.py.
 //
-// 1. Qwen3MoeGatherSwiglu*: SwiGLU experts of a few tokens.
+// 1. Qwen3MoeGatherSwiglu*: SwiGLU experts of a few tokens; 2. Qwen3StackedMatmul*: x @ W[l] (projections, the
+// router); 3. Qwen3DecodeAttention*: attention of one new token per row over its cache row.
+//
+// 1. Qwen3MoeGatherSwiglu*:
 //   y[t] = sum_j w[t, j] * down[l, e] @ (silu(x[t] @ gate[l, e]) * (x[t] @ up[l, e])),  e = e_tk[t, j]
 //
 //   x_td [T, D] f32, w_tk [T, k] f32, e_tk [T, k] s32, layer [] s32,
@@ -226,26 +229,11 @@ ffi::Error MoeGatherSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   return ffi::Error::Success();
 }
 
-// 2. Qwen3StackedMatmul*: y[b, m, n] = sum_k x[b, m, k] * W[l, b, k, n]   (transpose 0, W [L, Bw, K, N])
-//                                    = sum_k x[b, m, k] * W[l, b, n, k]   (transpose 1, W [L, Bw, N, K])
-//    x [B, M, K] f32, layer [] s32 -> y [B, M, N] f32; Bw = 1 shares W over b (projection weights [L, K, N]),
-//    Bw = B reads each row's own matrix (a KV cache [L, B, S, K*hd]). Chunks of N columns run in parallel.
+// 2. Qwen3StackedMatmul*: y[b, m, n] = sum_k x[b, m, k] * W[l, b, k, n]
+//    x [B, M, K] f32, layer [] s32, W [L, Bw, K, N] -> y [B, M, N] f32; Bw = 1 shares W over b (projection weights
+//    [L, K, N]), Bw = B gives each b its own matrix. Chunks of N columns run in parallel.
 template <typename W>
-void matmul_cols(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1,
-                 bool transpose) {
-  if (transpose) {
-    for (int64_t j = n0; j < n1; ++j) {
-      const W* __restrict__ wr = w + j * k;
-      for (int64_t r = 0; r < m; ++r) {
-        const float* __restrict__ xr = x + r * k;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t c = 0; c < k; ++c) acc += xr[c] * to_f32(wr[c]);
-        y[r * n + j] = acc;
-      }
-    }
-    return;
-  }
+void matmul_cols(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1) {
   const int64_t nc = n1 - n0;
   for (int64_t r0 = 0; r0 < m; r0 += kRows) {
     const int nr = static_cast<int>(std::min<int64_t>(kRows, m - r0));
@@ -263,13 +251,13 @@ void matmul_cols(const float* x, const W* w, float* y, int64_t m, int64_t k, int
 
 template <ffi::DataType DT, typename W>
 ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
-                         ffi::Buffer<DT> w, ffi::ResultBuffer<ffi::F32> y, int32_t transpose) {
+                         ffi::Buffer<DT> w, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 3 || wd.size() != 4)
-    return ffi::Error::InvalidArgument("stacked_matmul: x must be [B, M, K] and w [L, Bw, K, N] / [L, Bw, N, K]");
+    return ffi::Error::InvalidArgument("stacked_matmul: x must be [B, M, K] and w [L, Bw, K, N]");
   const int64_t b = xd[0], m = xd[1], k = xd[2], n_layers = wd[0], bw = wd[1];
-  const int64_t n = transpose ? wd[2] : wd[3];
-  if ((transpose ? wd[3] : wd[2]) != k || (bw != 1 && bw != b))
+  const int64_t n = wd[3];
+  if (wd[2] != k || (bw != 1 && bw != b))
     return ffi::Error::InvalidArgument("stacked_matmul: w does not match x [B, M, K]");
   const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, n_layers - 1);
   const W* w0 = reinterpret_cast<const W*>(w.typed_data()) + l * bw * k * n;
@@ -281,7 +269,98 @@ ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   parallel_chunks(pool, b * cols, [&](int64_t c) {
     const int64_t bi = c / cols, ci = c % cols;
     const int64_t n0 = (n * ci / cols) & ~int64_t{7}, n1 = ci + 1 == cols ? n : (n * (ci + 1) / cols) & ~int64_t{7};
-    matmul_cols<W>(x0 + bi * m * k, w0 + (bw == 1 ? 0 : bi) * k * n, y0 + bi * m * n, m, k, n, n0, n1, transpose);
+    matmul_cols<W>(x0 + bi * m * k, w0 + (bw == 1 ? 0 : bi) * k * n, y0 + bi * m * n, m, k, n, n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
+// 3. Qwen3DecodeAttention*: one new query per row over its cache row (the slots `old` marks) and its own new key
+//    and value, grouped-query, fp32 softmax:
+//    q [B, H, hd] f32, kn/vn [B, K, hd] f32, old [B, S] pred, new_ok [B] pred, layer [] s32,
+//    k/v stacks [L, B, S, K, hd] (f32 or bf16)  ->  o [B, H, hd] f32
+//    Unmarked slots are not read (a row at position 100 of a 2112-slot cache reads 100 rows). A row with nothing
+//    to attend to gets zeros. (row, kv head) pairs run in parallel.
+template <typename W>
+void attend_one(const float* q, const float* kn, const float* vn, const bool* old, bool new_ok, const W* kc,
+                const W* vc, int64_t s_len, int64_t kh, int64_t g, int64_t hd, float scale, float* o,
+                std::vector<float>& p) {
+  // q [G, hd] of this kv head; kc/vc point at slot 0 of this head (row stride kh * hd); o [G, hd]
+  p.assign(g * (s_len + 1), 0.f);
+  std::vector<float> m(g, -INFINITY);
+  for (int64_t s = 0; s < s_len; ++s) {
+    if (!old[s]) continue;
+    const W* __restrict__ kr = kc + s * kh * hd;
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const float* __restrict__ qr = q + gi * hd;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < hd; ++c) acc += qr[c] * to_f32(kr[c]);
+      acc *= scale;
+      p[gi * (s_len + 1) + s] = acc;
+      m[gi] = std::max(m[gi], acc);
+    }
+  }
+  for (int64_t gi = 0; gi < g; ++gi) {
+    float* pr = p.data() + gi * (s_len + 1);
+    if (new_ok) {
+      float acc = 0.f;
+      for (int64_t c = 0; c < hd; ++c) acc += q[gi * hd + c] * kn[c];
+      pr[s_len] = acc * scale;
+      m[gi] = std::max(m[gi], pr[s_len]);
+    }
+    const float mx = std::isfinite(m[gi]) ? m[gi] : 0.f;
+    float denom = 0.f;
+    for (int64_t s = 0; s < s_len; ++s) {
+      pr[s] = old[s] ? std::exp(pr[s] - mx) : 0.f;
+      denom += pr[s];
+    }
+    pr[s_len] = new_ok ? std::exp(pr[s_len] - mx) : 0.f;
+    denom = std::max(denom + pr[s_len], 1e-30f);
+    const float inv = 1.f / denom;
+    for (int64_t s = 0; s <= s_len; ++s) pr[s] *= inv;
+  }
+  std::fill(o, o + g * hd, 0.f);
+  for (int64_t s = 0; s < s_len; ++s) {
+    if (!old[s]) continue;
+    const W* __restrict__ vr = vc + s * kh * hd;
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const float ps = p[gi * (s_len + 1) + s];
+      float* __restrict__ orow = o + gi * hd;
+      for (int64_t c = 0; c < hd; ++c) orow[c] += ps * to_f32(vr[c]);
+    }
+  }
+  for (int64_t gi = 0; gi < g; ++gi) {
+    const float pn = p[gi * (s_len + 1) + s_len];
+    for (int64_t c = 0; c < hd; ++c) o[gi * hd + c] += pn * vn[c];
+  }
+}
+
+template <ffi::DataType DT, typename W>
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kn,
+                           ffi::Buffer<ffi::F32> vn, ffi::Buffer<ffi::PRED> old, ffi::Buffer<ffi::PRED> new_ok,
+                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<DT> k_stack, ffi::Buffer<DT> v_stack,
+                           ffi::ResultBuffer<ffi::F32> o) {
+  auto qd = q.dimensions(), kd = k_stack.dimensions(), nd = kn.dimensions();
+  if (qd.size() != 3 || kd.size() != 5 || nd.size() != 3)
+    return ffi::Error::InvalidArgument("decode_attention: q [B,H,hd], kn/vn [B,K,hd], caches [L,B,S,K,hd]");
+  const int64_t b = qd[0], h = qd[1], hd = qd[2], n_layers = kd[0], s_len = kd[2], kh = kd[3];
+  if (kd[1] != b || kd[4] != hd || nd[0] != b || nd[1] != kh || nd[2] != hd || h % kh != 0 ||
+      old.dimensions()[0] != b || old.dimensions()[1] != s_len ||
+      !std::equal(kd.begin(), kd.end(), v_stack.dimensions().begin()))
+    return ffi::Error::InvalidArgument("decode_attention: shapes do not match");
+  const int64_t g = h / kh;
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, n_layers - 1);
+  const size_t row = static_cast<size_t>(s_len) * kh * hd;  // one cache row [S, K, hd]
+  const W* k0 = reinterpret_cast<const W*>(k_stack.typed_data()) + l * b * row;
+  const W* v0 = reinterpret_cast<const W*>(v_stack.typed_data()) + l * b * row;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  parallel_chunks(pool, b * kh, [&](int64_t c) {
+    const int64_t bi = c / kh, j = c % kh;
+    std::vector<float> p;
+    attend_one<W>(q.typed_data() + (bi * h + j * g) * hd, kn.typed_data() + (bi * kh + j) * hd,
+                  vn.typed_data() + (bi * kh + j) * hd, old.typed_data() + bi * s_len, new_ok.typed_data()[bi],
+                  k0 + bi * row + j * hd, v0 + bi * row + j * hd, s_len, kh, g, hd, scale,
+                  o->typed_data() + (bi * h + j * g) * hd, p);
   });
   return ffi::Error::Success();
 }
@@ -294,11 +373,26 @@ ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
       .Arg<ffi::Buffer<ffi::F32>>()                       \
       .Arg<ffi::Buffer<ffi::S32>>()                       \
       .Arg<ffi::Buffer<DT>>()                             \
-      .Ret<ffi::Buffer<ffi::F32>>()                       \
-      .Attr<int32_t>("transpose")
+      .Ret<ffi::Buffer<ffi::F32>>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen3StackedMatmulF32, (StackedMatmul<ffi::F32, float>), QWEN3_MATMUL_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen3StackedMatmulBF16, (StackedMatmul<ffi::BF16, uint16_t>), QWEN3_MATMUL_BIND(ffi::BF16));
+
+#define QWEN3_ATTN_BIND(DT)                               \
+  ffi::Ffi::Bind()                                        \
+      .Ctx<ffi::ThreadPool>()                             \
+      .Arg<ffi::Buffer<ffi::F32>>()                       \
+      .Arg<ffi::Buffer<ffi::F32>>()                       \
+      .Arg<ffi::Buffer<ffi::F32>>()                       \
+      .Arg<ffi::Buffer<ffi::PRED>>()                      \
+      .Arg<ffi::Buffer<ffi::PRED>>()                      \
+      .Arg<ffi::Buffer<ffi::S32>>()                       \
+      .Arg<ffi::Buffer<DT>>()                             \
+      .Arg<ffi::Buffer<DT>>()                             \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen3DecodeAttentionF32, (DecodeAttention<ffi::F32, float>), QWEN3_ATTN_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen3DecodeAttentionBF16, (DecodeAttention<ffi::BF16, uint16_t>), QWEN3_ATTN_BIND(ffi::BF16));
 
 #define QWEN3_BIND(DT)                                    \
   ffi::Ffi::Bind()                                        \
