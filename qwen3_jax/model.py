@@ -556,9 +556,9 @@ class Qwen3ForCausalLM(nnx.Module):
 
         # KV-cached inference of few rows on XLA:CPU: layer l's weights and cache rows are read in place from the
         # stacks by the FFI kernels (see "XLA:CPU decode kernels")
-        # (projections of up to 8 rows, cached attention of one new token per row, experts up to 4 copies each)
+        # (projections of up to 32 rows, cached attention of one new token per row, experts up to 4 copies each)
         kernels = kv is not None and self._kernels_serve(attn_p, moe_p, kv)
-        proj_kernel = kernels and h_btd.shape[0] * h_btd.shape[1] <= 8
+        proj_kernel = kernels and h_btd.shape[0] * h_btd.shape[1] <= 32
 
         def body(h, xs_l):
             l, xs_l, kv_l = xs_l

@@ -232,18 +232,49 @@ ffi::Error MoeGatherSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 // 2. Qwen3StackedMatmul*: y[b, m, n] = sum_k x[b, m, k] * W[l, b, k, n]
 //    x [B, M, K] f32, layer [] s32, W [L, Bw, K, N] -> y [B, M, N] f32; Bw = 1 shares W over b (projection weights
 //    [L, K, N]), Bw = B gives each b its own matrix. Chunks of N columns run in parallel.
+constexpr int kTileN = 64;  // output columns per register tile
+
+// y[r, j0:j0+nj] = sum_c x[r, c] * w[c, j0:j0+nj] for NR rows (nj <= kTileN): NR x kTileN accumulators stay in
+// registers while the weight rows stream by (one weight load per kTileN / vector columns, NR FMAs on each).
+template <int NR, typename W>
+void matmul_tile(const float* x, int64_t k, const W* w, int64_t n, int64_t j0, int64_t nj, float* y) {
+  float acc[NR][kTileN] = {};
+  if (nj == kTileN) {
+    for (int64_t c = 0; c < k; ++c) {
+      const W* __restrict__ wr = w + c * n + j0;
+      float wv[kTileN];
+      for (int jj = 0; jj < kTileN; ++jj) wv[jj] = to_f32(wr[jj]);
+      for (int r = 0; r < NR; ++r) {
+        const float xv = x[r * k + c];
+        for (int jj = 0; jj < kTileN; ++jj) acc[r][jj] += xv * wv[jj];
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < k; ++c) {
+      const W* __restrict__ wr = w + c * n + j0;
+      for (int r = 0; r < NR; ++r) {
+        const float xv = x[r * k + c];
+        for (int64_t jj = 0; jj < nj; ++jj) acc[r][jj] += xv * to_f32(wr[jj]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) std::copy(acc[r], acc[r] + nj, y + r * n + j0);
+}
+
+// Columns [n0, n1) of y [M, N] = x [M, K] @ w [K, N], in tiles of kRows rows x kTileN columns.
 template <typename W>
 void matmul_cols(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1) {
-  const int64_t nc = n1 - n0;
   for (int64_t r0 = 0; r0 < m; r0 += kRows) {
-    const int nr = static_cast<int>(std::min<int64_t>(kRows, m - r0));
-    for (int r = 0; r < nr; ++r) std::fill(y + (r0 + r) * n + n0, y + (r0 + r) * n + n1, 0.f);
-    for (int64_t c = 0; c < k; ++c) {
-      const W* __restrict__ wr = w + c * n + n0;
-      for (int r = 0; r < nr; ++r) {
-        const float xv = x[(r0 + r) * k + c];
-        float* __restrict__ yr = y + (r0 + r) * n + n0;
-        for (int64_t j = 0; j < nc; ++j) yr[j] += xv * to_f32(wr[j]);
+    const int64_t nr = std::min<int64_t>(kRows, m - r0);
+    for (int64_t j0 = n0; j0 < n1; j0 += kTileN) {
+      const int64_t nj = std::min<int64_t>(kTileN, n1 - j0);
+      const float* xr = x + r0 * k;
+      float* yr = y + r0 * n;
+      switch (nr) {
+        case 1: matmul_tile<1, W>(xr, k, w, n, j0, nj, yr); break;
+        case 2: matmul_tile<2, W>(xr, k, w, n, j0, nj, yr); break;
+        case 3: matmul_tile<3, W>(xr, k, w, n, j0, nj, yr); break;
+        default: matmul_tile<4, W>(xr, k, w, n, j0, nj, yr); break;
       }
     }
   }
