@@ -12,10 +12,10 @@
 //   gate/up [L, E, D, F], down [L, E, F, D] (f32 or bf16)  ->  y_td [T, D] f32
 //
 // The (token, slot) pairs are grouped by expert, so each distinct expert's weights stream through once for all of
-// its tokens (blocks of up to kRows tokens share each weight row). The F columns are cut into chunks run by the
-// calling thread and XLA's intra-op pool (parallel_chunks); each chunk adds into its own partial y, summed at the
-// end. A chunk no pool thread has started when the caller runs out of work is done by the caller, so a call never
-// waits on a busy pool. Indices are clamped as XLA's gather clamps them.
+// its tokens (blocks of up to kRows tokens share each weight row). The work is cut into chunks (ranges of whole
+// experts; column pieces of each expert when there are fewer experts than chunks) run by the calling thread and
+// XLA's intra-op pool (parallel_chunks); each chunk adds into its own partial y, summed at the end. Indices are
+// clamped as XLA's gather clamps them.
 
 #include <algorithm>
 #include <atomic>
@@ -42,13 +42,13 @@ inline float to_f32(uint16_t v) {
   return f;
 }
 
-// Weight rows are prefetched kPf rows ahead of use (a decode step of the bench config 0.50 -> 0.44 ms), the
-// experts' with the non-temporal hint (each is read once per step; keep the cache for what is read every step).
+// The experts' weight rows are prefetched kPf rows ahead of use with the non-temporal hint: each is read once per
+// step; the cache is kept for what every step reads (a decode step of the bench config 0.47-0.55 -> 0.44-0.46 ms).
 constexpr int64_t kPf = 16;
-template <int kLocality, typename W>
+template <typename W>
 inline void prefetch_row(const W* row, int64_t n) {
   const char* c = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(W)); b += 64) __builtin_prefetch(c + b, 0, kLocality);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(W)); b += 64) __builtin_prefetch(c + b, 0, 0);
 }
 
 struct Shared {
@@ -94,10 +94,10 @@ void run_chunk(const Problem& p, const W* gate, const W* up, const W* down, int6
         const W* grow = ge + dd * f + f0;
         const W* urow = ue + dd * f + f0;
         if (dd + kPf < d) {
-          prefetch_row<0>(grow + kPf * f, nf);
-          prefetch_row<0>(urow + kPf * f, nf);
+          prefetch_row(grow + kPf * f, nf);
+          prefetch_row(urow + kPf * f, nf);
         } else if (dd + kPf - d < nf) {  // the first rows of down
-          prefetch_row<0>(de + (f0 + dd + kPf - d) * d, d);
+          prefetch_row(de + (f0 + dd + kPf - d) * d, d);
         }
         for (int r = 0; r < nr; ++r) {
           const float xv = xr[r][dd];
@@ -118,7 +118,7 @@ void run_chunk(const Problem& p, const W* gate, const W* up, const W* down, int6
       // down: y[r, :] += h[r, c] * down[f0 + c, :]
       for (int64_t c = 0; c < nf; ++c) {
         const W* drow = de + (f0 + c) * d;
-        if (c + kPf < nf) prefetch_row<0>(drow + kPf * d, d);
+        if (c + kPf < nf) prefetch_row(drow + kPf * d, d);
         for (int r = 0; r < nr; ++r) {
           const float hv = g[r * nf + c];
           float* __restrict__ yv = yr[r];
@@ -133,9 +133,12 @@ void run_chunk(const Problem& p, const W* gate, const W* up, const W* down, int6
 // registers (in_flight) before it claims and touches the caller's data only for a chunk it claimed; a claim
 // succeeds only before the caller's own claim fails, and the caller then waits for in_flight to drain. A helper
 // that starts after the caller returned finds no chunk and touches only `shared` (which it co-owns).
+// Threads a kernel uses: the caller plus up to 7 of the pool's (the work is memory-bound; more only adds partials).
+inline int64_t threads(ffi::ThreadPool& pool) { return std::clamp<int64_t>(pool.num_threads(), 1, 8); }
+
 template <typename Fn>
 void parallel_chunks(ffi::ThreadPool& pool, int64_t n_chunks, Fn fn) {
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(0, pool.num_threads() - 1), n_chunks - 1);
+  const int64_t helpers = std::min<int64_t>(threads(pool) - 1, n_chunks - 1);
   if (helpers <= 0) {
     for (int64_t c = 0; c < n_chunks; ++c) fn(c);
     return;
@@ -146,7 +149,7 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t n_chunks, Fn fn) {
     for (int c; (c = shared->next.fetch_add(1)) < n_chunks;) fn(c);
     shared->in_flight.fetch_sub(1);
   };
-  for (int64_t h = 0; h < std::min<int64_t>(helpers, 7); ++h) pool.Schedule([work]() { work(); });
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work]() { work(); });
   work();
   while (shared->in_flight.load() > 0) std::this_thread::yield();
 }
@@ -205,7 +208,7 @@ ffi::Error MoeGatherSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   // chunks: ranges of whole experts (contiguous weight streams) when there are enough of them, else column
   // pieces of each expert; each chunk adds into its own partial y
   const int64_t n_groups = static_cast<int64_t>(p.experts.size());
-  const int64_t want = 2 * std::max<int64_t>(1, pool.num_threads());
+  const int64_t want = 2 * threads(pool);
   const int64_t pieces = n_groups >= want ? 1 : std::max<int64_t>(1, std::min<int64_t>(want / std::max<int64_t>(n_groups, 1), f / 64));
   const int64_t n_ranges = n_groups >= want ? want : n_groups;
   const int64_t n_chunks = n_ranges * pieces;
@@ -296,7 +299,7 @@ ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   float* y0 = y->typed_data();
   // chunks of >= 32 columns (and >= 16k weights), at most 4 per thread
   const int64_t per_row = std::max<int64_t>(1, std::min<int64_t>(n / 32, (k * n) / 16384));
-  const int64_t cols = std::max<int64_t>(1, std::min<int64_t>(per_row, 4 * std::max<int64_t>(1, pool.num_threads())));
+  const int64_t cols = std::max<int64_t>(1, std::min<int64_t>(per_row, 4 * threads(pool)));
   parallel_chunks(pool, b * cols, [&](int64_t c) {
     const int64_t bi = c / cols, ci = c % cols;
     const int64_t n0 = (n * ci / cols) & ~int64_t{7}, n1 = ci + 1 == cols ? n : (n * (ci + 1) / cols) & ~int64_t{7};
