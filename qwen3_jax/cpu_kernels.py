@@ -87,18 +87,6 @@ def build(verbose: bool = False) -> Path:
             print(" ".join(cmd))
         os.replace(so, out)  # atomic: concurrent builders (test workers, hosts) each write their own temp file
     return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        so = Path(tmp) / out.name
-        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}",
-               str(SRC), "-o", str(so)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
-        if verbose:
-            print(" ".join(cmd))
-        os.replace(so, out)  # atomic: concurrent builders (test workers, hosts) each write their own temp file
-    return out
 
 
 @functools.cache
@@ -111,7 +99,7 @@ def load() -> bool:
         for target, symbol in (ts for kernels in TARGETS.values() for ts in kernels.values()):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except Exception as e:  # noqa: BLE001 -- any failure means: use the XLA path
-        warnings.warn(f"qwen3_jax CPU kernels unavailable, decode uses the XLA gather: {e}", stacklevel=2)
+        warnings.warn(f"qwen3_jax CPU kernels unavailable, decoding takes the XLA path: {e}", stacklevel=2)
         return False
     return True
 
@@ -121,28 +109,27 @@ def available(dtype) -> bool:
     return jax.default_backend() == "cpu" and jnp.dtype(dtype) in TARGETS and load()
 
 
+def _ffi(kernel: str, dtype, out_shape):
+    """The FFI call of `kernel` for weights of `dtype`, returning fp32 `out_shape`."""
+    if not load():
+        raise RuntimeError("qwen3_jax CPU kernels unavailable (see the warning); use the XLA path")
+    target, _ = TARGETS[jnp.dtype(dtype)][kernel]
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
+
+
 def moe_gather_swiglu(x_td, w_tk, e_tk, stack, layer):
     """y_td [T, D] fp32 = sum_j w_tk[t, j] * SwiGLU expert e_tk[t, j] of layer `layer` applied to x_td[t].
     stack = (gate [L, E, D, F], up [L, E, D, F], down [L, E, F, D]), all of one dtype in TARGETS."""
-    if not load():
-        raise RuntimeError("qwen3_jax CPU kernels unavailable (see the warning); use the XLA path")
     gate, up, down = stack
-    target, _ = TARGETS[jnp.dtype(gate.dtype)]["moe"]
-    t, d = x_td.shape
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((t, d), jnp.float32), vmap_method="sequential")
+    call = _ffi("moe", gate.dtype, x_td.shape)
     return call(x_td.astype(jnp.float32), w_tk.astype(jnp.float32), e_tk.astype(jnp.int32),
-                jnp.asarray(layer, jnp.int32), gate, up, down.astype(gate.dtype))
+                jnp.asarray(layer, jnp.int32), gate, up.astype(gate.dtype), down.astype(gate.dtype))
 
 
 def stacked_matmul(x_bmk, w_stack, layer):
     """y [B, M, N] fp32 = x_bmk[b] @ W[layer, b], read in place from w_stack [L, Bw, K, N]; Bw = 1 (one matrix
     for every b) or B."""
-    if not load():
-        raise RuntimeError("qwen3_jax CPU kernels unavailable (see the warning); use the XLA path")
-    target, _ = TARGETS[jnp.dtype(w_stack.dtype)]["matmul"]
-    b, m, _ = x_bmk.shape
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((b, m, w_stack.shape[3]), jnp.float32),
-                            vmap_method="sequential")
+    call = _ffi("matmul", w_stack.dtype, (*x_bmk.shape[:2], w_stack.shape[3]))
     return call(x_bmk.astype(jnp.float32), jnp.asarray(layer, jnp.int32), w_stack)
 
 
@@ -150,10 +137,7 @@ def decode_attention(q_bhd, kn_bkd, vn_bkd, old_bs, new_b, k_stack, v_stack, lay
     """o [B, H, hd] fp32: each row's query (1/sqrt(hd) scaled here) over the cache slots old_bs [B, S] marks in
     layer `layer` of k_stack/v_stack [L, B, S, K, hd] and, where new_b [B], its own new key/value kn/vn [B, K, hd];
     grouped-query (H = K * G), fp32 softmax; a row with nothing to attend to gets zeros."""
-    if not load():
-        raise RuntimeError("qwen3_jax CPU kernels unavailable (see the warning); use the XLA path")
-    target, _ = TARGETS[jnp.dtype(k_stack.dtype)]["attention"]
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_bhd.shape, jnp.float32), vmap_method="sequential")
+    call = _ffi("attention", k_stack.dtype, q_bhd.shape)
     f32 = jnp.float32
     return call(q_bhd.astype(f32), kn_bkd.astype(f32), vn_bkd.astype(f32), old_bs.astype(bool), new_b.astype(bool),
                 jnp.asarray(layer, jnp.int32), k_stack, v_stack.astype(k_stack.dtype))
