@@ -12,8 +12,9 @@ intra-op threads and compute in fp32 (f32 or bf16 weights and cache):
   row, reading only the occupied slots.
 
 The shared library is built with the system C++ compiler (`$CXX`, else c++/g++/clang++) against jaxlib's FFI
-headers into `$QWEN3_JAX_CACHE` (default ~/.cache/qwen3_jax), keyed by the source, jaxlib version and CPU; a
-machine without a compiler (or QWEN3_JAX_CPU_KERNELS=0) falls back to the XLA gather, with one warning.
+headers into `$QWEN3_JAX_CACHE` (default ~/.cache/qwen3_jax), keyed by the source, jaxlib version, CPU, compiler
+and flags. A machine without a compiler falls back to the XLA path with one warning; QWEN3_JAX_CPU_KERNELS=0 (or
+`model.use_cpu_kernels = False`) chooses the XLA path silently.
 """
 
 from __future__ import annotations
