@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Qwen3 / Qwen3-MoE in JAX + Flax NNX: HF checkpoint parity, expert parallelism, fine-tuning, inference",
     python_requires=">=3.10",
-    packages=["qwen3_jax", "qwen3_jax.sharding", "qwen3_jax.train", "qwen3_jax.infer"],
+    packages=["qwen3_jax", "qwen3_jax.kernels", "qwen3_jax.sharding", "qwen3_jax.train", "qwen3_jax.infer"],
     package_data={"qwen3_jax": ["csrc/*.cc"]},  # the XLA:CPU decode kernels, compiled on first use
     package_dir={
         "qwen3_jax": "qwen3_jax",
@@ -33,13 +33,16 @@ setup(
     extras_require={
         # qwen3-jax-serve and qwen3-jax-chat --mcp: HTTP server, metrics, MCP client, constrained decoding
         "serve": SERVE,
+        # jax[tpu] brings libtpu: the tests compile the TPU programs ahead of time for abstract chips (no TPU needed);
         # the server's tests also drive it with the openai client (and npm's `ai`, installed by tests/node)
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "psutil", *SERVE, "openai>=1.40", "httpx>=0.27"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "psutil", "jax[tpu]", *SERVE, "openai>=1.40",
+                 "httpx>=0.27"],
     },
     entry_points={
         "console_scripts": [
             "qwen3-jax=qwen3_jax.cli:main",
             "qwen3-jax-plan=qwen3_jax.sharding.plan:main",
+            "qwen3-jax-compile=qwen3_jax.aot:main",
             "qwen3-jax-train=qwen3_jax.train.cli:main",
             "qwen3-jax-export=qwen3_jax.train.cli:export_main",
             "qwen3-jax-plot=qwen3_jax.train.plot:main",

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen3_jax.attention import causal_attention
+from qwen3_jax.kernels.attention import causal_attention
 from qwen3_jax.hostmem import tune_malloc
 
 from forward import timeit_interleaved  # bench/forward.py (this script's folder is on sys.path)

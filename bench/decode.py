@@ -5,7 +5,7 @@ bench/forward.py: 4 layers, hidden 256, 32 experts top-4, vocab 4096, fp32).
     python bench/decode.py --only hf       # one of: hf, prefill, position, batch
 
 1. hf:       greedy decode tokens/s, batch 1, 32-token prompt, 128 new tokens: our engine (jitted prefill, on-device
-             decode loop over the KV cache; on CPU the decode kernels of qwen3_jax.cpu_kernels read experts, weights
+             decode loop over the KV cache; on CPU the decode kernels of qwen3_jax.kernels.cpu_decode read experts, weights
              and cache in place, QWEN3_JAX_CPU_KERNELS=0 for the XLA path) vs transformers
              `generate(do_sample=False)` with its KV cache. Target >= 5x.
 2. prefill:  prefill tokens/s (batch 1 x 2000 tokens into the cache).

@@ -1,5 +1,6 @@
 """Inference (installed as qwen3_jax.infer)."""
 
+from .engine import lower_decode_step
 from .chat import IncrementalDetokenizer, parse_tool_calls, split_reasoning
 from .generate import GenerationResult, Request, generate, iter_generate, stream
 from .sampling import SamplingParams
@@ -18,4 +19,5 @@ __all__ = [
     "parse_tool_calls",
     "render_chat_template",
     "split_reasoning",
+    "lower_decode_step",
 ]

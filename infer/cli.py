@@ -22,12 +22,20 @@ Output: one line per input line, written (and fsync'ed) as each request complete
 "usage"}`, the OpenAI batch output object for OpenAI batch lines, and `{"line": N, "id": ..., "error": reason}` for a
 line that cannot run. A rerun appends only what is missing: ids with a result and lines with an error line are
 skipped, and a torn last line (the process was killed while writing it) is cut off. The exit status is 1 when some
-line has an error line, 2 on a usage or setup error.
+line has an error line, 2 on a usage or setup error (one line `qwen3-jax-infer: error: ...`, no traceback, and no
+output file made): a bad flag, a missing or damaged checkpoint (every tensor's name and shape is checked from the
+safetensors headers before anything is loaded), a config key that is missing.
+
+Several hosts (a pod slice): the same command on every host (`--coordinator HOST:PORT --num-processes N
+--process-id I`, or auto-detected on TPU pods and SLURM). Every process reads the input and runs the same batches
+over the model spread across all hosts (default mesh: every device on 'tensor'); process 0 reads and writes the
+output file, so each id is written once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,6 +46,7 @@ import uuid
 from pathlib import Path
 
 from qwen3_jax.hostmem import tune_malloc
+from qwen3_jax.launch import ArgumentParser, add_launch_args, allgather_json, first_error, launch
 
 from .chat import THINK_END, THINK_START
 
@@ -64,7 +73,8 @@ def _add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--dtype", default="auto",
                    help="compute/parameter dtype: float32, bfloat16, ...; 'auto' = the checkpoint's torch_dtype")
     g.add_argument("--mesh", type=_mesh_arg, metavar="AXIS=N,...",
-                   help="device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, tensor)")
+                   help="device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, tensor); default: one device, "
+                   "or every device on 'tensor' when several processes run (qwen3-jax-infer's launch flags)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int):
@@ -110,12 +120,22 @@ def _setup(p: argparse.ArgumentParser, args):
         p.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
     try:
         cfg = Qwen3Config.from_pretrained(args.model)
-    except ValueError as e:
-        p.error(f"--model {args.model}: {e}")
+    except (ValueError, KeyError) as e:
+        p.error(f"--model {args.model}: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+    from qwen3_jax.checkpoint import CheckpointError, check_checkpoint
+
+    try:  # every tensor's name and shape, and truncated files, from the headers: before anything is loaded
+        check_checkpoint(args.model, cfg)
+    except CheckpointError as e:
+        p.error(f"--model: {e}")
     try:
         args.dtype = jnp.dtype((cfg.torch_dtype or "float32") if args.dtype == "auto" else args.dtype).name
     except TypeError:
         p.error(f"--dtype {args.dtype}: not a dtype (float32, bfloat16, float16)")
+    import jax
+
+    if args.mesh is None and jax.process_count() > 1:
+        args.mesh = {"tensor": -1}  # the model spread over every host (see _check_multiprocess_mesh)
     if args.mesh is not None:
         from qwen3_jax.sharding import check_experts, make_mesh
 
@@ -124,7 +144,61 @@ def _setup(p: argparse.ArgumentParser, args):
             args.mesh = make_mesh(**args.mesh)
         except ValueError as e:
             p.error(f"--mesh: {e}")
+        if jax.process_count() > 1:
+            _check_multiprocess_mesh(p, args.mesh)
     return cfg
+
+
+def _check_multiprocess_mesh(p, mesh):
+    """Every process fetches each decode chunk's tokens, so with several processes each one must hold every
+    row of the decode batch: the batch axes (data, fsdp, expert) may not be split across processes."""
+    import math
+
+    import jax
+
+    from qwen3_jax.sharding import activation_sharding
+
+    n = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
+    index = activation_sharding("bt", (n, 1), mesh).devices_indices_map((n, 1))
+    rows: dict = {}
+    for device, idx in index.items():
+        rows.setdefault(device.process_index, set()).add(idx[0].indices(n)[:2])
+    if len({frozenset(r) for r in rows.values()}) > 1:
+        p.error(f"--mesh {','.join(f'{a}={s}' for a, s in mesh.shape.items() if s > 1)}: with "
+                f"{jax.process_count()} processes the decode batch may not be split across processes (each fetches "
+                "every row's tokens); put the devices that span processes on 'tensor', e.g. --mesh "
+                f"tensor={jax.device_count()} (the default)")
+
+
+def _agreed(p, fn):
+    """fn() (which may call p.error); in a multi-process run a usage error on any process stops every process
+    with that error, instead of the others going on to wait for it in the first collective."""
+    import jax
+
+    if jax.process_count() == 1:
+        return fn()
+
+    class _Stop(Exception):
+        pass
+
+    err = None
+
+    def capture(message):
+        nonlocal err
+        err = message
+        raise _Stop
+
+    p.error = capture
+    try:
+        out = fn()
+    except _Stop:
+        out = None
+    finally:
+        del p.error  # the class's method again
+    first = first_error(err)
+    if first is not None:
+        p.error(first)
+    return out
 
 
 def _load_tokenizer(args):
@@ -415,6 +489,8 @@ def result_record(job: Job, res) -> dict:
 
 
 def _write(f, record: dict):
+    if f is None:  # not process 0: its lines are process 0's to write
+        return
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
     f.flush()
     os.fsync(f.fileno())
@@ -425,7 +501,7 @@ def _write(f, record: dict):
 
 
 def batch_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="qwen3-jax-infer", description="Batch inference over a JSONL file (resumable; see the module docstring "
         "of qwen3_jax.infer.cli for the line formats).")
     p.add_argument("--input", required=True, help="input JSONL")
@@ -438,6 +514,7 @@ def batch_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, help="KV cache length per row (prompt + new tokens); default: fitted to "
                    "the requests. Prompts must be shorter than it and than max_position_embeddings")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (as qwen3-jax-train)")
+    add_launch_args(p)
     return p
 
 
@@ -449,23 +526,36 @@ def main(argv=None) -> int:
         p.error(f"--input {args.input}: no such file")
     if Path(args.output).resolve() == Path(args.input).resolve():
         p.error("--output must not be the --input file")
-    cfg = _setup(p, args)
+    launch(p, args)
+    cfg = _agreed(p, lambda: _setup(p, args))
 
+    import jax
     from tqdm import tqdm
 
     from qwen3_jax.infer import iter_generate
 
+    writer = jax.process_index() == 0  # the output file is process 0's: it scans it and writes every line
+    if jax.process_count() > 1 and args.seed is None:  # the processes must sample alike: one random base seed
+        args.seed = allgather_json(int.from_bytes(os.urandom(4), "little"))[0]
     tokenizer = _load_tokenizer(args)
     parser = LineParser(args, cfg, tokenizer, SamplingDefaults(args.model, args))
     out_path = Path(args.output)
-    try:
-        done_ids, error_lines = scan_output(out_path)
-    except ValueError as e:
-        p.error(str(e))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def scan():
+        try:
+            return scan_output(out_path) if writer else (set(), set())
+        except ValueError as e:
+            p.error(str(e))
+
+    done_ids, error_lines = _agreed(p, scan)
+    if jax.process_count() > 1:  # what process 0 found: [ids], [lines] (ids keep their JSON type)
+        done, lines = allgather_json([sorted(done_ids, key=json.dumps), sorted(error_lines)])[0]
+        done_ids, error_lines = set(done), set(lines)
+    if writer:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
 
     jobs, first_line, failed, skipped = [], {}, 0, 0
-    with open(out_path, "a", encoding="utf-8") as out:
+    with (open(out_path, "a", encoding="utf-8") if writer else contextlib.nullcontext()) as out:
         with open(args.input, encoding="utf-8") as f:
             for n, raw in enumerate(f, 1):
                 if not raw.strip():
@@ -493,14 +583,15 @@ def main(argv=None) -> int:
                     skipped += 1
                 else:
                     jobs.append(job)
-        if failed:
+        if failed and writer:
             print(f"{failed} input line(s) failed (error lines in {out_path})", file=sys.stderr)
-        if skipped:
+        if skipped and writer:
             print(f"resuming: {skipped} request(s) already in {out_path}", file=sys.stderr)
         if jobs:
             model = _load_model(args)
             tokens, t0 = 0, time.perf_counter()
-            with tqdm(total=len(jobs), unit="req", file=sys.stderr, dynamic_ncols=True, disable=not args.progress) as bar:
+            with tqdm(total=len(jobs), unit="req", file=sys.stderr, dynamic_ncols=True,
+                      disable=not (args.progress and writer)) as bar:
                 results = iter_generate(model, [j.request for j in jobs], tokenizer=tokenizer,
                                         batch_size=args.batch_size, max_len=args.max_len)
                 for i, res in results:
@@ -553,7 +644,7 @@ class ReasoningPrinter:
 
 
 def chat_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="qwen3-jax-chat", description="Interactive streaming chat. Commands: "
         + ", ".join(f"{k} ({v})" for k, v in COMMANDS.items())
         + ". /think and /no_think inside a message are Qwen3's soft switches for that turn.")

@@ -140,14 +140,9 @@ class DecodeOut(NamedTuple):
     top_logprobs_bnk: np.ndarray | None
 
 
-@functools.lru_cache(maxsize=16)
-def _slots_init(cfg, batch, max_len, n_stop, dtype, mesh):
-    """Jitted allocation of the slots, placed by the sharding rules when a mesh is given: the cache by
-    'kv_cache' ([L, B, S, K, hd]: batch over the data axes, kv heads over 'tensor'), per-row arrays over the
-    batch axes of 'bt'."""
-    fn = functools.partial(init_slots, cfg, batch, max_len, n_stop, dtype, cfg.vocab_size)
-    if mesh is None:
-        return jax.jit(fn)
+def slot_shardings(cfg, batch, max_len, n_stop, dtype, mesh):
+    """Shardings of the slots by the rules: the cache by 'kv_cache' ([L, B, S, K, hd]: batch over the data axes, kv
+    heads over 'tensor'), per-row arrays over the batch axes of 'bt'."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from qwen3_jax.sharding.rules import activation_sharding
@@ -158,7 +153,17 @@ def _slots_init(cfg, batch, max_len, n_stop, dtype, mesh):
         spec = activation_sharding("bt", (x.shape[0], 1), mesh).spec
         return NamedSharding(mesh, P(spec[0], *([None] * (x.ndim - 1))))
 
-    return jax.jit(fn, out_shardings=jax.tree.map(one, jax.eval_shape(fn)))
+    shapes = jax.eval_shape(functools.partial(init_slots, cfg, batch, max_len, n_stop, dtype, cfg.vocab_size))
+    return jax.tree.map(one, shapes)
+
+
+@functools.lru_cache(maxsize=16)
+def _slots_init(cfg, batch, max_len, n_stop, dtype, mesh):
+    """Jitted allocation of the slots, placed by the sharding rules when a mesh is given (slot_shardings)."""
+    fn = functools.partial(init_slots, cfg, batch, max_len, n_stop, dtype, cfg.vocab_size)
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(fn, out_shardings=slot_shardings(cfg, batch, max_len, n_stop, dtype, mesh))
 
 
 class _Compiled:
@@ -277,7 +282,32 @@ class _Compiled:
         return (slots, out_bn, n, lp) if n_top else (slots, out_bn, n)
 
 
-
 @functools.lru_cache(maxsize=16)
 def _compiled(graphdef, cfg, think_ids, forced) -> _Compiled:
     return _Compiled(graphdef, cfg, think_ids, forced)
+
+
+def lower_decode_step(cfg, mesh, *, batch_size: int, max_len: int, dtype="bfloat16", scan_layers: bool = True,
+                      n_stop: int = 16, ep_buffer_factor="default"):
+    """One decode step of the engine (one token per row: the model over the cache, sampling, stop and thinking-budget
+    bookkeeping; the engine's decode loop with at most one step) for `batch_size` rows of a `max_len`-slot cache,
+    lowered for `mesh` (e.g. abstract TPU chips, see qwen3_jax.aot) with abstract parameters in `dtype`, placed by
+    the serving rules (no per-token weight gathers), and the slots donated. Returns a jax.stages.Lowered.
+    scan_layers=False unrolls the layers."""
+    from qwen3_jax.aot import abstract_model
+    from qwen3_jax.runtime import Runtime
+    from qwen3_jax.sharding.rules import SERVE_PARAM_RULES
+
+    rt_kw = {} if ep_buffer_factor == "default" else {"ep_buffer_factor": ep_buffer_factor}
+    runtime = Runtime(mesh=mesh, scan_layers=scan_layers, **rt_kw)
+    graphdef, abstract_state, params = abstract_model(cfg, runtime, dtype=dtype, param_dtype=dtype,
+                                                      rules=SERVE_PARAM_RULES)
+    state = jax.tree.map(lambda x: x, abstract_state)
+    nnx.replace_by_pure_dict(state, params)
+    dt = jnp.dtype(dtype)
+    shapes = jax.eval_shape(functools.partial(init_slots, cfg, batch_size, max_len, n_stop, dt, cfg.vocab_size))
+    shard = slot_shardings(cfg, batch_size, max_len, n_stop, dt, mesh)
+    slots = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shard)
+    fns = _Compiled(graphdef, cfg, (-1, -1), (-1,))
+    return fns.decode.lower(state, slots, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.bool_),
+                            n_max=1)

@@ -4,6 +4,7 @@ from .config import PRESETS, Qwen3Config
 from .model import CausalLMOutput, Qwen3ForCausalLM
 from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .params import param_count
+from .runtime import Runtime
 
 __all__ = [
     "PRESETS",
@@ -14,5 +15,6 @@ __all__ = [
     "from_pretrained",
     "save_pretrained",
     "param_count",
+    "Runtime",
 ]
 __version__ = "0.1.0"

@@ -122,6 +122,10 @@ def demo(args) -> int:
     _say(f"      expert load, max/min fraction of token copies per MoE layer (balanced = {1 / n_exp:.3f}):")
     _say(f"        step {first['step']:3d}: {_expert_load_line(first)}")
     _say(f"        step {last['step']:3d}: {_expert_load_line(last)}")
+    from qwen3_jax.train.plot import plot
+
+    _say(f"      plot of loss, lbl, learning rate and expert load per layer: "
+         f"{plot(recs, os.path.join(run_dir, 'metrics.png'))}")
 
     _say(f"[4/5] loading the fine-tuned Hugging Face checkpoint back: {hf_dir}")
     model = qwen3_jax.from_pretrained(hf_dir)
@@ -136,6 +140,8 @@ def demo(args) -> int:
                         tokenizer=tok):
         print(delta, end="", flush=True)
     print(flush=True)
+    _say(f"      (docstring-flavoured gibberish: the model is random and tiny ({c['total'] / 1e6:.0f}M parameters) and "
+         f"saw {args.steps} steps; the pipeline, not the prose, is the point)")
     _say(f"done in {time.perf_counter() - t0:.0f}s; outputs in {out}")
     return 0
 
@@ -149,23 +155,29 @@ def params(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qwen3-jax", description=__doc__)
+def parser():
+    from .launch import ArgumentParser
+
+    ap = ArgumentParser(prog="qwen3-jax", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="build, load, run a small random Qwen3-MoE (no download)")
     d.add_argument("--out", default="qwen3-jax-demo", help="output directory (default ./qwen3-jax-demo)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="random init, data order and sampling")
     d.add_argument("--steps", type=int, default=100, help="fine-tuning steps (default 100: 1-2 minutes of training on 2 cores)")
     d.add_argument("--batch-size", type=int, default=8, help="global batch, sequences")
-    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--seq-len", type=int, default=128, help="tokens per training row (sequence length)")
     d.add_argument("--lbl-coef", type=float, default=0.1, help="load-balancing loss coefficient (default 0.1)")
-    d.add_argument("--prompt", default="json.dumps: Serialize")
-    d.add_argument("--max-new-tokens", type=int, default=40)
+    d.add_argument("--prompt", default="json.dumps: Serialize", help="start of the generated text")
+    d.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated after the prompt")
     d.set_defaults(fn=demo)
     p = sub.add_parser("params", help="parameter counts of published configs")
     p.add_argument("preset", nargs="*", help="preset names (default: all)")
     p.set_defaults(fn=params)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     tune_malloc()
     return args.fn(args)
 

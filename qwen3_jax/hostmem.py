@@ -6,7 +6,8 @@ empty: either way every step touches fresh pages, and the page faults cost the t
 ~0.4 s of system time (124k faults per step). `tune_malloc` keeps freed memory in the process instead: one arena
 (M_ARENA_MAX 1), no per-allocation mmap (M_MMAP_MAX 0), trim only above 1 GiB free at the heap top
 (M_TRIM_THRESHOLD). Our programs (CLIs, benches) call it at start, before XLA starts its threads; library code
-never does. QWEN3_JAX_MALLOC=system leaves glibc's defaults.
+never does. QWEN3_JAX_MALLOC=system leaves glibc's defaults. It is a CPU heuristic: on a host whose programs run
+on an accelerator (qwen3_jax.kernels.host_platform) it does nothing.
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ def _libc():
         return None
 
 
-def tune_malloc() -> bool:
-    """Apply the settings above (glibc only; idempotent). Returns whether they are in effect."""
+def tune_malloc(platform: str | None = None) -> bool:
+    """Apply the settings above (glibc, CPU programs only; idempotent). Returns whether they are in effect.
+    platform: where this process's programs run (default: qwen3_jax.kernels.host_platform(), which starts no
+    backend)."""
     global _tuned
     if _tuned:
         return True
+    if platform is None:
+        from qwen3_jax.kernels import host_platform
+
+        platform = host_platform()
+    if platform != "cpu":
+        return False
     libc = _libc()
     if libc is None or os.environ.get("QWEN3_JAX_MALLOC", "").lower() == "system" or not hasattr(libc, "mallopt"):
         return False

@@ -1,7 +1,8 @@
 """Qwen3 / Qwen3-MoE decoder in Flax NNX.
 
-Read top to bottom: pure math functions (norm, RoPE, attention, router, MoE) over explicit shapes, then thin
-NNX modules that hold the parameters stacked over layers, then the decoder stack run by `nnx.scan`.
+Read top to bottom: pure math functions (norm, RoPE, attention over a cache, router, MoE) over explicit shapes,
+the layer ops (where the platform's kernels plug in, chosen once in qwen3_jax.kernels), then thin NNX modules
+that hold the parameters stacked over layers, then the decoder stack (one `lax.scan` over the layers, or unrolled).
 
 Shape letters: B batch, T query positions, S key positions, D hidden, H query heads, K kv heads,
 G = H / K query heads per kv head, hd head dim, E experts, k top-k, F expert width, I dense MLP width,
@@ -13,6 +14,9 @@ Parameters are stored `[in, out]` (x @ W) with the layer axis first:
                   q_norm/k_norm [L, hd], input_layernorm/post_attention_layernorm [L, D]
     layers.moe:   router [Lm, D, E], gate_proj/up_proj [Lm, E, D, F], down_proj [Lm, E, F, D]
     layers.mlp:   gate_proj/up_proj [Ld, D, I], down_proj [Ld, I, D]
+
+How the model runs (mesh, remat, layer loop, MoE capacity, kernel overrides) is `model.runtime`, a
+qwen3_jax.Runtime; the algorithms follow from the platform of its mesh's devices (qwen3_jax.kernels).
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import cpu_kernels
-from .attention import causal_attention
 from .config import Qwen3Config
-from .gmm import grouped_swiglu
-
+from .kernels import attention as attention_kernels
+from .kernels import cpu_decode
+from .kernels.gmm import grouped_swiglu
+from .runtime import FIELDS as RUNTIME_FIELDS
+from .runtime import Runtime
 
 
 # ============================================================================ pure math
@@ -91,9 +96,7 @@ def apply_rope(x_bthd, cos_btd, sin_btd):
 
 
 def attention_core(q_bthd, k_bskd, v_bskd, mask_bts):
-    """Grouped-query softmax attention (fp32 logits and softmax), mask_bts True = may attend.
-
-    jax.nn.dot_product_attention picks the implementation (cuDNN on GPU when it can, else XLA)."""
+    """Grouped-query softmax attention under a [B, T, S] mask (True = may attend); XLA (prefill into a cache)."""
     return jax.nn.dot_product_attention(q_bthd, k_bskd, v_bskd, mask=mask_bts[:, None])
 
 
@@ -101,13 +104,15 @@ def cached_attention(q_bthd, kc_bskd, vc_bskd, kn_btkd, vn_btkd, write_bt, old_b
     """Attention of T new queries over the cache (old_bs [B,S]: slot holds an earlier token) and the T new keys
     (new_btt: causal and real). The cache is only read; the caller stores the new keys/values.
 
-    T == 1 (decode): one flat matmul over the cache row [S, K*hd] against a block-diagonal query [K*hd, K*G],
-    layout-friendly on CPU (no per-head transposes of the cache), the new token joining the same softmax.
+    T == 1 (decode): grouped heads -- each kv head's G queries against its cache keys ([B,K,G,hd] x [B,S,K,hd]),
+    H x S x hd multiply-adds per row for scores and as many for values (no block-diagonal expansion over the kv
+    heads), the new token joining the same fp32 softmax.
     T > 1 (prefill): the new keys are written into a copy of the layer's cache row, then masked attention."""
     b, t, h, hd = q_bthd.shape
     s_len, kh = kc_bskd.shape[1], kc_bskd.shape[2]
     g = h // kh
     dt = q_bthd.dtype
+    f32 = jnp.float32
     if t > 1:
         rows = jnp.arange(b)[:, None]
         kc = kc_bskd.astype(dt).at[rows, write_bt].set(kn_btkd, mode="drop")
@@ -116,23 +121,17 @@ def cached_attention(q_bthd, kc_bskd, vc_bskd, kn_btkd, vn_btkd, write_bt, old_b
         end_b = write_bt[:, 0] + jnp.sum(new_btt[:, -1], -1)          # lengths + real new tokens
         mask_bts = (slot[None, None] <= write_bt[:, :, None]) & (slot[None, None] < end_b[:, None, None])
         return attention_core(q_bthd, kc, vc, mask_bts)
-    eye = jnp.eye(kh, dtype=dt)
     q_bkgd = q_bthd[:, 0].reshape(b, kh, g, hd) * jnp.asarray(1.0 / math.sqrt(hd), dt)
-    q_bxy = jnp.einsum("bkgd,kj->bkdjg", q_bkgd, eye).reshape(b, kh * hd, kh * g)     # block diagonal
-    s_c = jnp.einsum("bsx,bxy->bsy", kc_bskd.reshape(b, s_len, kh * hd).astype(dt), q_bxy,
-                     preferred_element_type=jnp.float32)                                 # [B, S, K*G]
-    s_c = jnp.where(old_bs[:, :, None], s_c, -jnp.inf)
-    s_n = jnp.einsum("bkgd,bkd->bkg", q_bkgd, kn_btkd[:, 0], preferred_element_type=jnp.float32).reshape(b, 1, kh * g)
-    s_n = jnp.where(new_btt[:, :1, :1], s_n, -jnp.inf)
-    m = jnp.maximum(jnp.max(s_c, 1, keepdims=True), s_n)
+    s_c = jnp.einsum("bkgd,bskd->bkgs", q_bkgd, kc_bskd.astype(dt), preferred_element_type=f32)
+    s_c = jnp.where(old_bs[:, None, None, :], s_c, -jnp.inf)
+    s_n = jnp.einsum("bkgd,bkd->bkg", q_bkgd, kn_btkd[:, 0].astype(dt), preferred_element_type=f32)[..., None]
+    s_n = jnp.where(new_btt[:, 0, 0][:, None, None, None], s_n, -jnp.inf)
+    m = jnp.maximum(jnp.max(s_c, -1, keepdims=True), s_n)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p_c, p_n = jnp.exp(s_c - m), jnp.exp(s_n - m)
-    denom = jnp.maximum(jnp.sum(p_c, 1) + p_n[:, 0], 1e-30)                              # [B, K*G]
-    o = jnp.einsum("bsy,bsx->byx", p_c.astype(dt), vc_bskd.reshape(b, s_len, kh * hd).astype(dt),
-                   preferred_element_type=jnp.float32).reshape(b, kh, g, kh, hd)
-    o = jnp.einsum("bkgjd,kj->bkgd", o, eye.astype(o.dtype))
-    o = o + p_n[:, 0].reshape(b, kh, g)[..., None] * vn_btkd[:, 0, :, None, :].astype(jnp.float32)
-    o = o / denom.reshape(b, kh, g)[..., None]
+    p_c, p_n = jnp.exp(s_c - m), jnp.exp(s_n - m)                       # [B,K,G,S], [B,K,G,1]
+    denom = jnp.maximum(jnp.sum(p_c, -1, keepdims=True) + p_n, 1e-30)
+    o = jnp.einsum("bkgs,bskd->bkgd", p_c.astype(dt), vc_bskd.astype(dt), preferred_element_type=f32)
+    o = (o + p_n * vn_btkd[:, 0, :, None, :].astype(f32)) / denom
     return o.reshape(b, 1, h, hd).astype(dt)
 
 
@@ -175,13 +174,21 @@ def route_topk(logits_te, top_k, norm_topk_prob):
     return w_tk, e_tk
 
 
-def moe_experts(x_td, w_tk, e_tk, p, *, num_experts=None, gmm_backend="auto", stacked=None):
+def mask_padding(e_tk, valid_t, num_experts):
+    """Padding tokens (valid_t False) route nowhere: expert id num_experts, which no grouped matmul computes
+    (they take no expert capacity and their output is zero)."""
+    if valid_t is None:
+        return e_tk
+    return jnp.where(valid_t[:, None], e_tk, num_experts)
+
+
+def moe_experts(x_td, w_tk, e_tk, p, *, impl: str, interpret: bool = False, num_experts=None, stacked=None):
     """Dropless expert computation: sort (token, slot) pairs by expert, grouped SwiGLU, unsort, combine.
 
-    `e_tk` may name experts outside [0, num_experts) (expert-parallel callers drop them by giving them
-    weight 0 and an index >= num_experts): those slots sort last and are not computed.
-    stacked: (the MoE parameters stacked over layers, layer index) of which p is one layer (see grouped_swiglu).
-    """
+    `e_tk` may name experts outside [0, num_experts) (padding, or expert-parallel rows that are not this shard's):
+    those slots sort last, are not computed and contribute zero. impl: the grouped matmul (qwen3_jax.kernels.gmm).
+    stacked: (the MoE parameters stacked over layers, layer index) of which p is one layer (impl "cpu" reads the
+    experts' weights from the stack in place)."""
     t, d = x_td.shape
     k = e_tk.shape[1]
     n_exp = num_experts or p["gate_proj"].shape[0]
@@ -193,8 +200,8 @@ def moe_experts(x_td, w_tk, e_tk, p, *, num_experts=None, gmm_backend="auto", st
     names = ("gate_proj", "up_proj", "down_proj")
     if stacked is not None:
         stacked = (tuple(stacked[0][n] for n in names), stacked[1])
-    y_md = grouped_swiglu(x_md, *(p[n].astype(dt) for n in names), sizes_e, backend=gmm_backend,
-                          stacked=stacked)                      # [M, D]
+    y_md = grouped_swiglu(x_md, *(p[n].astype(dt) for n in names), sizes_e, impl=impl, interpret=interpret,
+                          stacked=stacked if impl == "cpu" else None)   # [M, D], rows past the groups zero
     unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))  # inverse perm.
     y_tkd = y_md[unsort].reshape(t, k, d)                       # back to (token, slot) order
     return jnp.einsum("tkd,tk->td", y_tkd, w_tk.astype(dt))
@@ -202,7 +209,8 @@ def moe_experts(x_td, w_tk, e_tk, p, *, num_experts=None, gmm_backend="auto", st
 
 def moe_experts_gather(x_td, w_tk, e_tk, p):
     """Few-token (decode) experts: gather each (token, slot)'s expert weights [M, D, F] (M = T x k) and multiply
-    directly -- no sort, no grouping, no padding. Reads T x k expert matrices, so it pays off while T x k <= E.
+    directly -- no sort, no grouping, no padding. Reads T x k expert matrices, so it pays off while T x k <= E
+    (a CPU heuristic, see qwen3_jax.kernels). Slots naming no expert (>= E: padding) contribute zero.
 
     Each row is its own batch entry ([M, 1, D] @ [M, D, F]: batch dims leading, contraction on the weights' major
     dim), which XLA:CPU runs as one batched matmul over the gathered weights; an einsum over [T, k, D, F] with D
@@ -211,8 +219,10 @@ def moe_experts_gather(x_td, w_tk, e_tk, p):
     ([T, 1, k*F] @ [T, k*F, D])."""
     t, d = x_td.shape
     k = e_tk.shape[1]
+    n_exp = p["gate_proj"].shape[0]
     dt = x_td.dtype
-    e_m = e_tk.reshape(-1)                                        # [M]
+    w_tk = jnp.where(e_tk < n_exp, w_tk, 0)
+    e_m = jnp.minimum(e_tk.reshape(-1), n_exp - 1)                # [M]
     x_m1d = jnp.repeat(x_td, k, axis=0)[:, None, :]              # [M, 1, D]
     g_mdf = p["gate_proj"][e_m].astype(dt)
     u_mdf = p["up_proj"][e_m].astype(dt)
@@ -224,77 +234,118 @@ def moe_experts_gather(x_td, w_tk, e_tk, p):
     return y_t1d[:, 0]
 
 
-def moe_block(x_btd, p, cfg: Qwen3Config, gmm_backend="auto", gather_max: int | None = None, stacked=None,
-              kernels: bool = False):
-    """Qwen3-MoE sparse block. Returns output [B,T,D] and router logits [B,T,E] (fp32).
+def moe_block(x_btd, p, cfg: Qwen3Config, ks=None, valid_bt=None, stacked=None):
+    """Qwen3-MoE sparse block on one device. Returns output [B,T,D] and router logits [B,T,E] (fp32).
 
-    With gmm_backend "auto", few token copies (B*T*top_k <= gather_max; static shapes, i.e. KV-cached decode)
-    take the gather path, the rest the sorted grouped matmul (stacked: see moe_experts). The gather copies one
-    expert per token copy, the blocked grouped matmul reading the layer stack one per distinct expert: by default
-    the gather serves up to num_experts / 2 copies when the stack is given (4 layers, 32 experts top-4 on CPU, per
-    decode step: 16 rows gather 2.2 vs blocked 3.2 ms, 32 rows 5.5 vs 4.6 ms), up to num_experts otherwise.
-    kernels (KV-cached inference on XLA:CPU, with `stacked`): up to 4 copies per expert, the router and the experts
-    run in qwen3_jax.cpu_kernels, reading the layer's weights in place from the stack (moe_experts_kernel)."""
+    ks: the kernel choices (qwen3_jax.kernels.Kernels; default: this process's default device). Few token copies
+    (B*T*top_k <= ks.gather_rows: a CPU heuristic, KV-cached decode) take the gather path, the rest the sorted
+    grouped matmul. valid_bt: False for padding tokens, which take no expert. stacked: see moe_experts."""
+    if ks is None:
+        ks = Runtime().kernels
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
-    copies = b * t * cfg.num_experts_per_tok
-    if kernels and stacked is not None and gmm_backend == "auto" and copies <= 4 * cfg.num_experts:
-        logits = stacked_proj(x_td.astype(jnp.float32), stacked[0]["router"], stacked[1])
-        w_tk, e_tk = route_topk(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-        y = moe_experts_kernel(x_td, w_tk, e_tk, stacked)
-        return y.reshape(b, t, d), logits.reshape(b, t, -1)
     logits, w_tk, e_tk = route(x_td, p["router"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
-    if gather_max is None:
-        gather_max = cfg.num_experts // 2 if stacked is not None else cfg.num_experts
-    if gmm_backend == "auto" and copies <= gather_max:
+    e_tk = mask_padding(e_tk, None if valid_bt is None else valid_bt.reshape(-1), cfg.num_experts)
+    if b * t * cfg.num_experts_per_tok <= ks.gather_rows(cfg.num_experts, stacked is not None):
         y = moe_experts_gather(x_td, w_tk, e_tk, p)
     else:
-        y = moe_experts(x_td, w_tk, e_tk, p, gmm_backend=gmm_backend, stacked=stacked)
+        y = moe_experts(x_td, w_tk, e_tk, p, impl=ks.gmm, interpret=ks.interpret, stacked=stacked)
     return y.reshape(b, t, d), logits.reshape(b, t, -1)
 
 
 # ============================================================================ XLA:CPU decode kernels
 # KV-cached inference on CPU reads layer l's weights and cache rows in place from their layer stacks through the
-# FFI kernels of qwen3_jax.cpu_kernels: in a layer scan, XLA copies every slice it feeds to a matmul (a decode step
-# of the bench config copied ~1 MB per layer) and a gather of the chosen experts copies them whole. Inference only
-# (no gradients); the XLA functions above are the reference the tests hold them to.
+# FFI kernels of qwen3_jax.kernels.cpu_decode: in a layer scan, XLA copies every slice it feeds to a matmul (a
+# decode step of the bench config copied ~1 MB per layer) and a gather of the chosen experts copies them whole.
+# Inference only (no gradients); the XLA functions above are the reference the tests hold them to.
 def stacked_proj(x, w_stack, layer, n_in: int = 1):
     """x [..., *in] @ w_stack[layer] for w_stack [L, *in, *out] (n_in input dims) -> [..., *out] fp32."""
     lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
     out = w_stack.shape[1 + n_in:]
-    y = cpu_kernels.stacked_matmul(x.reshape(1, -1, k), w_stack.reshape(w_stack.shape[0], 1, k, -1), layer)
+    y = cpu_decode.stacked_matmul(x.reshape(1, -1, k), w_stack.reshape(w_stack.shape[0], 1, k, -1), layer)
     return y.reshape(*lead, *out)
 
 
 def moe_experts_kernel(x_td, w_tk, e_tk, stacked):
-    """moe_experts_gather of layer stacked[1], the chosen experts read in place from the stack stacked[0]."""
+    """moe_experts_gather of layer stacked[1], the chosen experts read in place from the stack stacked[0]
+    (slots naming no expert -- padding -- get weight 0)."""
     stack = tuple(stacked[0][n] for n in ("gate_proj", "up_proj", "down_proj"))
-    return cpu_kernels.moe_gather_swiglu(x_td, w_tk, e_tk, stack, stacked[1]).astype(x_td.dtype)
+    n_exp = stack[0].shape[1]
+    w_tk = jnp.where(e_tk < n_exp, w_tk, 0)
+    e_tk = jnp.minimum(e_tk, n_exp - 1)
+    return cpu_decode.moe_gather_swiglu(x_td, w_tk, e_tk, stack, stacked[1]).astype(x_td.dtype)
 
 
 def cached_attention_kernel(q_bthd, k_stack, v_stack, layer, kn_btkd, vn_btkd, old_bs, new_btt):
     """cached_attention for T == 1 with layer `layer` of the cache k_stack/v_stack [L, B, S, K, hd] read in place
     (only the slots old_bs marks)."""
-    o_bhd = cpu_kernels.decode_attention(q_bthd[:, 0], kn_btkd[:, 0], vn_btkd[:, 0], old_bs, new_btt[:, 0, 0],
-                                         k_stack, v_stack, layer)
+    o_bhd = cpu_decode.decode_attention(q_bthd[:, 0], kn_btkd[:, 0], vn_btkd[:, 0], old_bs, new_btt[:, 0, 0],
+                                        k_stack, v_stack, layer)
     return o_bhd[:, None].astype(q_bthd.dtype)
+
+
+# ============================================================================ layer ops
+class LayerOps:
+    """How the pieces of one decoder layer run, from the runtime's kernel choices (qwen3_jax.kernels): the layer
+    body calls these with its layer index and parameter slices and never asks which platform it runs on.
+
+    - attention: the platform's attention without a cache; with one, `cached_attention` (grouped heads) or the
+      CPU kernel reading the cache in place;
+    - projections: einsums over the layer's slices, or (CPU decode kernels) x @ W[l] read in place;
+    - MoE: on a mesh the expert-parallel block (qwen3_jax.sharding.ep), else `moe_block` or the CPU experts
+      kernel. Each returns (y, router logits, token copies dropped).
+    """
+
+    def __init__(self, model, attn_stack, moe_stack, kv, n_rows: int):
+        rt = model.runtime
+        self.cfg, self.runtime, self.ks = model.config, rt, rt.kernels
+        self.mesh = rt.mesh if model._sharded() else None
+        self.attn_stack, self.moe_stack, self.kv = attn_stack, moe_stack, kv
+        arrays = [] if kv is None else [attn_stack[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + list(kv[:2])
+        if kv is not None and moe_stack is not None:
+            arrays += [moe_stack[n] for n in ("router", "gate_proj", "up_proj", "down_proj")]
+        # the XLA:CPU decode kernels serve KV-cached inference on one CPU device (weights, cache in their dtypes)
+        self.in_place = (kv is not None and self.ks.decode_kernels and self.mesh is None
+                         and all(cpu_decode.available(x.dtype) for x in arrays))
+        self.proj_in_place = self.in_place and n_rows <= 32     # projections of up to 32 rows
+
+    def proj(self, layer):
+        if not self.proj_in_place:
+            return None
+        return lambda name, x: stacked_proj(x, self.attn_stack[name], layer, n_in=2 if name == "o_proj" else 1)
+
+    def attend(self, q, k, v, layer, kv_l, seg_bt):
+        if self.kv is None:
+            return attention_kernels.attention(q, k, v, seg_bt, ks=self.ks, mesh=self.mesh)
+        _, _, write_bt, old_bs, new_btt = self.kv
+        if self.in_place and q.shape[1] == 1:
+            return cached_attention_kernel(q, self.kv[0], self.kv[1], layer, k, v, old_bs, new_btt)
+        return cached_attention(q, kv_l[0], kv_l[1], k, v, write_bt, old_bs, new_btt)
+
+    def moe(self, x_btd, p, layer, valid_bt, in_stack: bool):
+        """in_stack: p is layer `layer` of self.moe_stack (all-MoE stacks), which CPU kernels may read in place."""
+        cfg = self.cfg
+        if self.mesh is not None:  # expert-parallel: all-to-all over the mesh's 'expert' axis
+            from qwen3_jax.sharding.ep import ep_moe
+
+            return ep_moe(x_btd, valid_bt, p, cfg, self.runtime, inference=self.kv is not None)
+        stacked = (self.moe_stack, layer) if in_stack else None
+        b, t, d = x_btd.shape
+        if self.in_place and stacked is not None and b * t * cfg.num_experts_per_tok <= 4 * cfg.num_experts:
+            x_td = x_btd.reshape(b * t, d)
+            logits = stacked_proj(x_td.astype(jnp.float32), self.moe_stack["router"], layer)
+            w_tk, e_tk = route_topk(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+            e_tk = mask_padding(e_tk, None if valid_bt is None else valid_bt.reshape(-1), cfg.num_experts)
+            y = moe_experts_kernel(x_td, w_tk, e_tk, stacked)
+            return y.reshape(b, t, d), logits.reshape(b, t, -1), jnp.int32(0)
+        y, logits = moe_block(x_btd, p, cfg, self.ks, valid_bt, stacked)
+        return y, logits, jnp.int32(0)
 
 
 # ============================================================================ masks and positions
 def positions_from_mask(mask_bt):
     """Left/right padding aware positions: cumsum(mask) - 1 (pads get 0)."""
     return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def causal_mask(positions_bt, mask_bt=None, segment_ids_bt=None):
-    """[B, T, T] bool: key index <= query index, key is real, same segment."""
-    t = positions_bt.shape[1]
-    m = jnp.tril(jnp.ones((t, t), bool))[None]
-    if mask_bt is not None:
-        m = m & mask_bt.astype(bool)[:, None, :]
-    if segment_ids_bt is not None:
-        m = m & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
-    return m
 
 
 # ============================================================================ modules
@@ -353,7 +404,7 @@ class CausalLMOutput:
     logits: jax.Array                 # [B, T, V]
     router_logits: jax.Array | None   # [L_moe, B, T, E] fp32, or None for a dense model
     hidden_states: jax.Array | None = None  # final normed hidden [B, T, D]
-    dropped_tokens: jax.Array | None = None  # [L_moe] int32 token copies dropped (EP with a capacity)
+    dropped_tokens: jax.Array | None = None  # [L_moe] int32 token copies dropped (expert-parallel; None on one device)
     cache: "KVCache | None" = None           # the updated KV cache when one was passed in
 
 
@@ -391,23 +442,20 @@ def _pure(module) -> Any:
 
 
 class Qwen3ForCausalLM(nnx.Module):
-    """Qwen3 / Qwen3-MoE causal LM. `model(input_ids, attention_mask=None, positions=None)`."""
+    """Qwen3 / Qwen3-MoE causal LM. `model(input_ids, attention_mask=None, positions=None)`.
+
+    runtime: how it runs (qwen3_jax.Runtime); its fields may also be given as keywords (remat="full",
+    capacity_factor=1.25, ...)."""
 
     def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 gmm_backend: str = "auto", remat: str = "none", capacity_factor: float | None = None,
-                 ep_dispatch: str = "auto"):
+                 runtime: Runtime | None = None, **runtime_kw):
+        unknown = sorted(set(runtime_kw) - set(RUNTIME_FIELDS))
+        if unknown:
+            raise TypeError(f"Qwen3ForCausalLM: unknown arguments {unknown} (runtime fields: {RUNTIME_FIELDS})")
         self.config = config
-        # expert parallelism (qwen3_jax.sharding): the mesh the parameters live on (set by shard_model /
-        # from_pretrained(mesh=)); capacity_factor None = dropless; ep_dispatch: auto, padded, ragged.
-        self.mesh = None
-        self.capacity_factor = capacity_factor
-        self.ep_dispatch = ep_dispatch
+        self.runtime = (runtime or Runtime()).replace(**runtime_kw)
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
-        self.gmm_backend = gmm_backend
-        self.remat = remat
-        # KV-cached decode on XLA:CPU through qwen3_jax.cpu_kernels (False: XLA only)
-        self.use_cpu_kernels = True
         v, d, std = config.vocab_size, config.hidden_size, config.initializer_range
         self.embed_tokens = nnx.Param(_normal(rngs, (v, d), std, param_dtype))
         self.layers = DecoderLayers(config, rngs=rngs, param_dtype=param_dtype)
@@ -415,6 +463,15 @@ class Qwen3ForCausalLM(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else nnx.Param(_normal(rngs, (d, v), std, param_dtype))
         inv_freq, scale = rope_inv_freq(config)
         self._rope = (tuple(float(f) for f in inv_freq), scale)  # static, hashable
+
+    @property
+    def mesh(self):
+        """The mesh the parameters live on (runtime.mesh), set by shard_model / from_pretrained(mesh=)."""
+        return self.runtime.mesh
+
+    @mesh.setter
+    def mesh(self, mesh):
+        self.runtime = self.runtime.replace(mesh=mesh)
 
     # -- pieces reused by the KV-cached engine and the trainer --------------------------------
     def embed(self, input_ids_bt):
@@ -430,7 +487,8 @@ class Qwen3ForCausalLM(nnx.Module):
         return self._shard(h_btd @ w.astype(h_btd.dtype), "btv")
 
     def _sharded(self) -> bool:
-        return getattr(self, "mesh", None) is not None and self.mesh.size > 1
+        mesh = self.runtime.mesh
+        return mesh is not None and mesh.size > 1
 
     def _shard(self, x, kind):
         """Sharding constraint of an activation by the rules in qwen3_jax.sharding (no-op without a mesh)."""
@@ -438,45 +496,20 @@ class Qwen3ForCausalLM(nnx.Module):
             return x
         from qwen3_jax.sharding.rules import constrain
 
-        return constrain(x, self.mesh, kind)
-
-    def mlp_fn(self, h_btd, moe_p, dense_p, layer_kind, moe_stacked=None, kernels: bool = False):
-        """MLP of one layer. layer_kind: 'moe', 'dense' or a traced bool (True = MoE) for mixed stacks.
-        moe_stacked: (all MoE layers' parameters, this layer's index), see moe_experts; kernels: see moe_block."""
-        cfg = self.config
-        b, t, _ = h_btd.shape
-        e = cfg.num_experts
-        h_btd = self._shard(h_btd, "btd")
-
-        def run_moe(h):
-            if self._sharded():  # expert-parallel: all-to-all over the mesh's 'expert' axis
-                from qwen3_jax.sharding.ep import ep_moe
-
-                y, logits, _ = ep_moe(h, moe_p, cfg, self.mesh, capacity_factor=self.capacity_factor,
-                                      dispatch=self.ep_dispatch, gmm_backend=self.gmm_backend)
-                return self._shard(y, "btd"), logits
-            return moe_block(h, moe_p, cfg, self.gmm_backend, stacked=moe_stacked, kernels=kernels)
-
-        def run_dense(h):
-            return swiglu_mlp(h, dense_p), jnp.zeros((b, t, e), jnp.float32)
-
-        if layer_kind == "moe":
-            return run_moe(h_btd)
-        if layer_kind == "dense":
-            return run_dense(h_btd)[0], None
-        return jax.lax.cond(layer_kind, run_moe, run_dense, h_btd)
+        return constrain(x, self.runtime.mesh, kind)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
                  return_hidden: bool = False, cache: KVCache | None = None) -> CausalLMOutput:
         """Logits for `input_ids` [B, T].
 
         Without `cache`: attention_mask [B, T] marks real tokens (left or right padding); positions default
-        to cumsum(mask) - 1. segment_ids [B, T] keep packed documents apart.
+        to cumsum(mask) - 1. segment_ids [B, T] keep packed documents apart (0 = padding).
         With `cache`: the new tokens go to slots lengths[b] + t; attention_mask then marks the real new tokens
         as a prefix of each row (right padding), positions default to lengths[b] + t; `out.cache` is the
         updated cache.
+        Padding (mask 0, segment 0) takes no expert: it is not routed, so it uses no expert capacity and is
+        never counted as dropped.
         """
-        cfg = self.config
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
@@ -486,7 +519,9 @@ class Qwen3ForCausalLM(nnx.Module):
             if positions is None:
                 positions = positions_from_mask(attention_mask) if attention_mask is not None else \
                     jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            mask_bts = causal_mask(positions, attention_mask, segment_ids)
+            seg_bt = segment_ids if segment_ids is not None else attention_mask
+            seg_bt = None if seg_bt is None else jnp.asarray(seg_bt).astype(jnp.int32)
+            valid_bt = None if seg_bt is None else seg_bt > 0
         else:
             write_bt = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
             n_new = jnp.sum(attention_mask, -1).astype(jnp.int32) if attention_mask is not None else jnp.full((b,), t, jnp.int32)
@@ -496,105 +531,113 @@ class Qwen3ForCausalLM(nnx.Module):
             old_bs = slot[None] < cache.lengths[:, None]                  # cached tokens: every new token sees them
             idx = jnp.arange(t, dtype=jnp.int32)
             new_btt = (idx[None, :, None] >= idx[None, None, :]) & (idx[None, None, :] < n_new[:, None, None])
-            mask_bts = None
+            seg_bt = None
+            valid_bt = idx[None, :] < n_new[:, None]                     # finished / padded rows: no expert
             kv = (cache.k, cache.v, write_bt, old_bs, new_btt)
         cos, sin = self.rope(positions)
         h = self.embed(input_ids)
-        h, router_logits, kv_out = self.decoder(h, cos, sin, mask_bts, kv)
+        h, router_logits, dropped, kv_out = self.decoder(h, cos, sin, seg_bt, valid_bt, kv)
         new_cache = None if cache is None else KVCache(kv_out[0], kv_out[1], cache.lengths + n_new)
-        h = rms_norm(h, self.norm[...], cfg.rms_norm_eps)
+        h = rms_norm(h, self.norm[...], self.config.rms_norm_eps)
         logits = self.unembed(h)
-        dropped = None
-        if self._sharded() and router_logits is not None and self.capacity_factor is not None:
-            from qwen3_jax.sharding.ep import count_dropped
-
-            dropped = count_dropped(router_logits, cfg, self.mesh, self.capacity_factor)
         return CausalLMOutput(logits=logits, router_logits=router_logits, hidden_states=h if return_hidden else None,
                               dropped_tokens=dropped, cache=new_cache)
 
-    def _kernels_serve(self, attn_p, moe_p, kv) -> bool:
-        """The CPU decode kernels serve this model: one device, weights and cache in dtypes they know."""
-        if self._sharded() or not self.use_cpu_kernels:
-            return False
-        arrays = [attn_p[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [kv[0], kv[1]]
-        if moe_p is not None:
-            arrays += [moe_p[n] for n in ("router", "gate_proj", "up_proj", "down_proj")]
-        return all(cpu_kernels.available(x.dtype) for x in arrays)
+    def decoder(self, h_btd, cos, sin, seg_bt, valid_bt, kv=None):
+        """Run the layer stack: one `lax.scan` (a single compiled layer body whatever the depth), or unrolled
+        (runtime.scan_layers False: per-layer cost figures, see qwen3_jax.aot).
 
-    def decoder(self, h_btd, cos, sin, mask_bts, kv=None):
-        """Run the layer stack with `nnx.scan`: one compiled layer body whatever the depth.
-
+        seg_bt: segment ids of a forward without a cache (None: plain causal); valid_bt: real tokens (None: all).
         kv: None, or (k [L,B,S,K,hd], v [L,B,S,K,hd], write slots [B,T], cached-slot mask [B,S], new-token mask
         [B,T,T]): each layer reads its cache slice (scan input, never copied or carried) and attends over the cached
-        tokens plus its new keys/values (`cached_attention`); the new keys/values come out of the scan [L,B,T,K,hd]
-        and are scattered into the (donatable) cache once, after the layer loop.
-        Returns (h, router logits [L_moe,B,T,E] or None, (k, v) or None).
+        tokens plus its new keys/values; the new keys/values come out of the layer loop [L,B,T,K,hd] and are
+        scattered into the (donatable) cache once, after it.
+        Returns (h, router logits [L_moe,B,T,E] or None, dropped token copies [L_moe] or None (one device),
+        (k, v) or None).
         """
-        cfg = self.config
+        cfg, rt = self.config, self.runtime
         eps = cfg.rms_norm_eps
         attn_p = _pure(self.layers.attn)
         moe_p, dense_p = _pure(self.layers.moe), _pure(self.layers.mlp)
         n_layers = cfg.num_hidden_layers
         is_moe = np.array([cfg.is_moe_layer(i) for i in range(n_layers)])
         mixed = 0 < is_moe.sum() < n_layers
+        moe_idx = np.maximum(np.cumsum(is_moe) - 1, 0).astype(np.int32)      # layer -> index in its stack
+        dense_idx = np.maximum(np.cumsum(~is_moe) - 1, 0).astype(np.int32)
+        ops = LayerOps(self, attn_p, moe_p, kv, h_btd.shape[0] * h_btd.shape[1])
+        b, t, _ = h_btd.shape
 
-        if mixed:
-            # per-layer kind and index into the MoE / dense stacks; lax.cond picks the branch.
-            moe_idx = np.maximum(np.cumsum(is_moe) - 1, 0).astype(np.int32)
-            dense_idx = np.maximum(np.cumsum(~is_moe) - 1, 0).astype(np.int32)
-            xs = (attn_p, jnp.asarray(is_moe), jnp.asarray(moe_idx), jnp.asarray(dense_idx))
+        def mlp(x, kind, moe_l, dense_l, layer):
+            """(y, router logits, dropped); kind 'moe' / 'dense' (static) or a traced bool (mixed stacks)."""
+            run_moe = lambda x: ops.moe(x, moe_l, layer, valid_bt, in_stack=not mixed)  # noqa: E731
+            run_dense = lambda x: (swiglu_mlp(x, dense_l), jnp.zeros((b, t, cfg.num_experts), jnp.float32),  # noqa: E731
+                                   jnp.int32(0))
+            if isinstance(kind, str):
+                return run_moe(x) if kind == "moe" else run_dense(x)
+            return jax.lax.cond(kind, run_moe, run_dense, x)
 
-            def select(xs_l):
-                a, kind, mi, di = xs_l
-                return a, kind, jax.tree.map(lambda w: w[mi], moe_p), jax.tree.map(lambda w: w[di], dense_p)
-        elif is_moe.all():
-            xs = (attn_p, moe_p)
-            select = lambda xs_l: (xs_l[0], "moe", xs_l[1], None)  # noqa: E731
-        else:
-            xs = (attn_p, dense_p)
-            select = lambda xs_l: (xs_l[0], "dense", None, xs_l[1])  # noqa: E731
+        def layer_fn(kind: str):
+            """The layer body for layers of `kind` ('moe', 'dense', or 'mixed': a traced flag in xs picks)."""
+            def body(h, xs):
+                layer, a, flag, moe_l, dense_l, kv_l = xs
+                x = rms_norm(h, a["input_layernorm"], eps)
+                q, k, v = attention_qkv(x, a, cos, sin, eps, ops.proj(layer))
+                o = ops.attend(q, k, v, layer, kv_l, seg_bt)
+                h = h + attention_out(o, a, ops.proj(layer))
+                x = self._shard(rms_norm(h, a["post_attention_layernorm"], eps), "btd")
+                y, rl, dropped = mlp(x, flag if kind == "mixed" else kind, moe_l, dense_l, layer)
+                h = h + self._shard(y, "btd")
+                return h, (rl, dropped, None if kv is None else (k, v))
 
-        # KV-cached inference of few rows on XLA:CPU: layer l's weights and cache rows are read in place from the
-        # stacks by the FFI kernels (see "XLA:CPU decode kernels")
-        # (projections of up to 32 rows, cached attention of one new token per row, experts up to 4 copies each)
-        kernels = kv is not None and self._kernels_serve(attn_p, moe_p, kv)
-        proj_kernel = kernels and h_btd.shape[0] * h_btd.shape[1] <= 32
+            if rt.remat == "none":
+                return body
+            return jax.checkpoint(body, policy=remat_policy(rt.remat), prevent_cse=not rt.scan_layers)
 
-        def body(h, xs_l):
-            l, xs_l, kv_l = xs_l
-            a, kind, moe_l, dense_l = select(xs_l)
-            proj = None
-            if proj_kernel:
-                proj = lambda name, x: stacked_proj(x, attn_p[name], l, n_in=2 if name == "o_proj" else 1)  # noqa: E731
-            x = rms_norm(h, a["input_layernorm"], eps)
-            q, k, v = attention_qkv(x, a, cos, sin, eps, proj)
-            if kv is None:
-                o = causal_attention(q, k, v, mask_bts)
-            elif kernels and q.shape[1] == 1:
-                o = cached_attention_kernel(q, kv[0], kv[1], l, k, v, kv[3], kv[4])
-            else:
-                o = cached_attention(q, kv_l[0], kv_l[1], k, v, kv[2], kv[3], kv[4])
-            h = h + attention_out(o, a, proj)
-            x = rms_norm(h, a["post_attention_layernorm"], eps)
-            # all-MoE stacks: the CPU experts kernel reads this layer's experts from the stack (no per-layer copy)
-            stacked = (moe_p, l) if isinstance(kind, str) and kind == "moe" else None
-            y, rl = self.mlp_fn(x, moe_l, dense_l, kind, stacked, kernels)
-            h = h + y
-            return h, (rl, None if kv is None else (k, v))
-
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
         kv_xs = None if kv is None else (kv[0], kv[1])
-        h, (rl, new_kv) = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
-            h_btd, (jnp.arange(n_layers), xs, kv_xs))
-        if mixed:
-            rl = rl[jnp.asarray(np.nonzero(is_moe)[0])]
+        take = lambda tree, i: jax.tree.map(lambda w: w[i], tree)  # noqa: E731
+        if rt.scan_layers:
+            if mixed:
+                body = layer_fn("mixed")
+                scanned = lambda h, xs: body(h, (xs[0], xs[1], xs[3], take(moe_p, xs[4]), take(dense_p, xs[5]),  # noqa: E731
+                                                 xs[2]))
+                extra = (jnp.asarray(is_moe), jnp.asarray(moe_idx), jnp.asarray(dense_idx))
+            elif is_moe.all():
+                body = layer_fn("moe")
+                scanned = lambda h, xs: body(h, (xs[0], xs[1], None, xs[3], None, xs[2]))  # noqa: E731
+                extra = (moe_p,)
+            else:
+                body = layer_fn("dense")
+                scanned = lambda h, xs: body(h, (xs[0], xs[1], None, None, xs[3], xs[2]))  # noqa: E731
+                extra = (dense_p,)
+            h, (rl, dropped, new_kv) = jax.lax.scan(scanned, h_btd, (jnp.arange(n_layers), attn_p, kv_xs, *extra))
+        else:  # unrolled: static layer kinds, no cond
+            outs = []
+            h = h_btd
+            bodies = {"moe": layer_fn("moe"), "dense": layer_fn("dense")}
+            for i in range(n_layers):
+                moe_l = take(moe_p, moe_idx[i]) if is_moe[i] else None
+                dense_l = None if is_moe[i] else take(dense_p, dense_idx[i])
+                h, out = bodies["moe" if is_moe[i] else "dense"](h, (i, take(attn_p, i), None, moe_l, dense_l,
+                                                                      take(kv_xs, i)))
+                outs.append(out)
+            moe_outs = [o for o, m in zip(outs, is_moe) if m]
+            rl = jnp.stack([o[0] for o in moe_outs]) if moe_outs else None
+            dropped = jnp.stack([o[1] for o in moe_outs]) if moe_outs else None
+            new_kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *[o[2] for o in outs])
+        if rt.scan_layers:
+            if mixed:
+                sel = jnp.asarray(np.nonzero(is_moe)[0])
+                rl, dropped = rl[sel], dropped[sel]
+            elif not is_moe.any():
+                rl = dropped = None
+        if dropped is not None and not self._sharded():
+            dropped = None        # one device never drops
         if kv is None:
-            return h, rl, None
+            return h, rl, dropped, None
         rows = jnp.arange(h.shape[0])[:, None]
         ck = kv[0].at[:, rows, kv[2]].set(new_kv[0].astype(kv[0].dtype), mode="drop")
         cv = kv[1].at[:, rows, kv[2]].set(new_kv[1].astype(kv[1].dtype), mode="drop")
-        return h, rl, (ck, cv)
+        return h, rl, dropped, (ck, cv)
 
 
 def remat_policy(name: str):

@@ -5,13 +5,13 @@
     model(input_ids)                                      # MoE layers: all-to-all expert parallelism
 """
 
-from .ep import count_dropped, ep_moe
+from .ep import ep_moe
 from .mesh import AXES, check_experts, initialize, make_mesh
-from .rules import (ACTIVATION_RULES, PARAM_RULES, activation_sharding, constrain, fit_spec, param_shardings,
+from .rules import (ACTIVATION_RULES, PARAM_RULES, SERVE_PARAM_RULES, activation_sharding, constrain, fit_spec, param_shardings,
                     param_specs, shard_model)
 
 __all__ = [
     "AXES", "make_mesh", "initialize", "check_experts",
-    "PARAM_RULES", "ACTIVATION_RULES", "fit_spec", "param_specs", "param_shardings", "activation_sharding",
-    "constrain", "shard_model", "ep_moe", "count_dropped",
+    "PARAM_RULES", "SERVE_PARAM_RULES", "ACTIVATION_RULES", "fit_spec", "param_specs", "param_shardings", "activation_sharding",
+    "constrain", "shard_model", "ep_moe",
 ]

@@ -4,13 +4,20 @@ In `jax.shard_map` over the whole mesh, each device holds n tokens (the batch sp
 ('data', 'fsdp', 'expert'), padded to a multiple of the device count) and E/ep experts (ep = size of
 'expert'; their width F split over 'tensor'). Per MoE layer, per device:
 
-  1. route its n tokens locally (the model's `route`): M = n*k token copies (slots);
+  1. route its n tokens locally (the model's `route`): M = n*k token copies (slots); padding routes nowhere;
   2. group the slots by destination shard  dest = expert // (E/ep);
-  3. all-to-all over 'expert':
+  3. all-to-all over 'expert' (the dispatch is chosen by qwen3_jax.kernels from the platform):
+       ragged  `jax.lax.ragged_all_to_all` of the routed rows (GPU / TPU) into a receive buffer of
+               R = ep_buffer_factor x n*k rows (the mean a device receives, with slack; None: the worst case
+               ep*n*min(k, E/ep)). Every device knows every (source, destination) row count (one all_gather of
+               [E] counts), so all agree which rows go in a round: each destination takes rows from sources
+               0, 1, ... until R are taken. Training (a differentiable program) runs one round: rows past R are
+               dropped and counted; KV-cached inference repeats rounds until every row was sent (never drops;
+               in a balanced batch one round).
        padded  fixed buffers [ep, C, D]: C = ceil(capacity_factor * n*k / ep) slots per (source, dest)
                pair, first choices before second choices, overflow dropped (counted); dropless = the
-               worst case C = n * min(k, E/ep). Runs everywhere (XLA:CPU included).
-       ragged  `jax.lax.ragged_all_to_all` of exactly the routed rows (GPU / TPU, dropless);
+               worst case C = n * min(k, E/ep). Runs everywhere (XLA:CPU, which has no ragged all-to-all).
+       ragged_emulated  the ragged algorithm with all_gather + scatter in place of ragged_all_to_all (CPU tests).
   4. the model's grouped matmul (`moe_experts`) over the received rows and the local experts;
   5. the reverse all-to-all, then combine: y[t] = sum_j w[t, j] * out[slot(t, j)];
   6. with F split over 'tensor', a psum over 'tensor' finishes the down projection.
@@ -25,12 +32,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from qwen3_jax.model import moe_experts, route
+from qwen3_jax.model import mask_padding, moe_experts, route
 
 from .mesh import check_experts
 from .rules import BATCH, fit_spec
-
-DISPATCH = ("auto", "padded", "ragged", "ragged_emulated")
 
 
 # ============================================================================ slot bookkeeping
@@ -45,11 +50,21 @@ def _rank_in_group(group_m, num_groups):
 
 
 def capacity(n_local: int, top_k: int, ep: int, experts_per_shard: int, capacity_factor: float | None) -> int:
-    """Slots per (source, destination) buffer. None = dropless: the worst case n * min(k, E/ep)."""
+    """Slots per (source, destination) buffer of the padded dispatch. None = dropless: the worst case
+    n * min(k, E/ep)."""
     worst = n_local * min(top_k, experts_per_shard)
     if capacity_factor is None:
         return worst
     return max(1, min(worst, math.ceil(capacity_factor * n_local * top_k / ep)))
+
+
+def receive_rows(n_local: int, top_k: int, ep: int, experts_per_shard: int, buffer_factor: float | None) -> int:
+    """Rows of the ragged dispatch's receive buffer: buffer_factor x the mean n*k (a multiple of 8), at most the
+    worst case ep * n * min(k, E/ep) (None: the worst case)."""
+    worst = ep * n_local * min(top_k, experts_per_shard)
+    if buffer_factor is None:
+        return worst
+    return min(worst, -(-math.ceil(buffer_factor * n_local * top_k) // 8) * 8)
 
 
 def padded_slots(e_nk, valid_n, ep: int, e_loc: int, cap: int):
@@ -68,13 +83,13 @@ def padded_slots(e_nk, valid_n, ep: int, e_loc: int, cap: int):
 
 
 # ============================================================================ dispatch variants
-def _experts(x_rd, id_r, p_loc, e_loc, gmm_backend):
+def _experts(x_rd, id_r, p_loc, e_loc, ks):
     """The model's grouped SwiGLU over received rows; ids >= e_loc are empty rows (output 0)."""
     ones = jnp.ones((x_rd.shape[0], 1), x_rd.dtype)
-    return moe_experts(x_rd, ones, id_r[:, None], p_loc, num_experts=e_loc, gmm_backend=gmm_backend)
+    return moe_experts(x_rd, ones, id_r[:, None], p_loc, num_experts=e_loc, impl=ks.gmm, interpret=ks.interpret)
 
 
-def _moe_padded(x_nd, w_nk, e_nk, valid_n, p_loc, *, ep, e_loc, cap, gmm_backend):
+def _moe_padded(x_nd, w_nk, e_nk, valid_n, p_loc, *, ep, e_loc, cap, ks):
     n, k = e_nk.shape
     d = x_nd.shape[1]
     slot_m, _, dropped = padded_slots(e_nk, valid_n, ep, e_loc, cap)
@@ -82,7 +97,7 @@ def _moe_padded(x_nd, w_nk, e_nk, valid_n, p_loc, *, ep, e_loc, cap, gmm_backend
     send_x = jnp.zeros((ep * cap, d), x_nd.dtype).at[slot_m].set(x_nd[tok_m], mode="drop")
     send_id = jnp.full((ep * cap,), e_loc, jnp.int32).at[slot_m].set(e_nk.T.reshape(-1) % e_loc, mode="drop")
     a2a = functools.partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0, tiled=True)
-    y_rd = _experts(a2a(send_x), a2a(send_id), p_loc, e_loc, gmm_backend)    # [ep*cap, D], source-major
+    y_rd = _experts(a2a(send_x), a2a(send_id), p_loc, e_loc, ks)            # [ep*cap, D], source-major
     y_md = jnp.take(a2a(y_rd), slot_m, axis=0, mode="fill", fill_value=0)    # back in slot order
     y_nd = jnp.einsum("knd,nk->nd", y_md.reshape(k, n, d), w_nk.astype(x_nd.dtype))
     return y_nd, dropped
@@ -100,67 +115,79 @@ def _ragged_emulated(operand, output, input_offsets, send_sizes, output_offsets,
     return output
 
 
-def _moe_ragged(x_nd, w_nk, e_nk, valid_n, p_loc, *, ep, e_loc, gmm_backend, emulate=False):
+def _excl(a, axis):
+    """Exclusive prefix sum."""
+    return jnp.cumsum(a, axis=axis) - a
+
+
+def round_allocation(remaining, r: int):
+    """Rows each (source, destination) pair sends in one round [src, dst]: every destination takes up to r rows,
+    from source 0 upward (every device computes the same from the all-gathered counts)."""
+    return jnp.clip(r - _excl(remaining, 0), 0, remaining)
+
+
+def _moe_ragged(x_nd, w_nk, e_nk, valid_n, p_loc, *, ep, e_loc, r, rounds, ks, emulate=False):
+    """rounds: 1 (one round, rows past the receive buffer dropped) or None (rounds until all rows were sent)."""
     n, k = e_nk.shape
     d = x_nd.shape[1]
     n_exp = ep * e_loc
-    ragged = _ragged_emulated if emulate else jax.lax.ragged_all_to_all
-    e_m = jnp.where(valid_n[:, None], e_nk, n_exp).reshape(-1)          # token-major slots; pads -> E
+    a2a = functools.partial(_ragged_emulated if emulate else jax.lax.ragged_all_to_all, axis_name="expert")
+    e_m = mask_padding(e_nk, valid_n, n_exp).reshape(-1)                # token-major slots; padding -> E
     order = jnp.argsort(e_m, stable=True)                               # by expert = by (dest, local expert)
+    x_md = x_nd[order // k]                                             # my rows in send order
     counts_e = jnp.bincount(e_m, length=n_exp).astype(jnp.int32)        # [E] this shard's rows per expert
     all_counts = jax.lax.all_gather(counts_e, "expert").reshape(ep, ep, e_loc)  # [src, dst, local expert]
     sizes = all_counts.sum(-1)                                          # [src, dst] rows
+    starts = _excl(sizes, 1)                                            # chunk (src, dst) in src's send order
+    cum_e = jnp.cumsum(all_counts, -1)                                  # [src, dst, local expert]
     me = jax.lax.axis_index("expert")
-    excl = lambda a, ax: jnp.cumsum(a, axis=ax) - a                     # noqa: E731  exclusive prefix sum
-    send_sizes, recv_sizes = sizes[me], sizes[:, me]
-    in_off = excl(send_sizes, 0)                                        # my chunk for dst, in my buffer
-    out_off = excl(sizes, 0)[me]                                        # my chunk for dst, in dst's buffer
-    recv_off = excl(recv_sizes, 0)
-    back_off = excl(sizes, 1)[:, me]                                    # src's chunk for me, in src's buffer
-    r = ep * n * min(k, e_loc)                                          # worst case rows received
-    x_rd = ragged(x_nd[order // k], jnp.zeros((r, d), x_nd.dtype), in_off, send_sizes, out_off, recv_sizes,
-                  axis_name="expert")
-    # received rows: source-major, sorted by local expert within a source
-    mine = all_counts[:, me]                                            # [src, local expert]
-    id_r = jnp.repeat(jnp.tile(jnp.arange(e_loc, dtype=jnp.int32), ep), mine.reshape(-1), total_repeat_length=r)
-    id_r = jnp.where(jnp.arange(r) < mine.sum(), id_r, e_loc)
-    y_rd = _experts(x_rd, id_r, p_loc, e_loc, gmm_backend)
-    y_md = ragged(y_rd, jnp.zeros((n * k, d), y_rd.dtype), recv_off, recv_sizes, back_off, send_sizes,
-                  axis_name="expert")
-    y_nkd = y_md[jnp.argsort(order)].reshape(n, k, d)
-    return jnp.einsum("nkd,nk->nd", y_nkd, w_nk.astype(x_nd.dtype)), jnp.int32(0)
+    rows_r = jnp.arange(r, dtype=jnp.int32)
+
+    def one_round(sent, y_md):
+        alloc = round_allocation(sizes - sent, r)                       # [src, dst]
+        recv_off = _excl(alloc, 0)                                      # chunk (src, dst) in dst's buffer
+        x_rd = a2a(x_md, jnp.zeros((r, d), x_md.dtype), starts[me] + sent[me], alloc[me], recv_off[me],
+                   alloc[:, me])
+        # local expert of each received row: its source, its place in that source's chunk for me, the chunk's
+        # per-expert counts
+        src_r = jnp.clip(jnp.searchsorted(jnp.cumsum(alloc[:, me]), rows_r, side="right"), 0, ep - 1)
+        pos_r = sent[src_r, me] + rows_r - recv_off[src_r, me]
+        id_r = jnp.sum(pos_r[:, None] >= cum_e[src_r, me], axis=-1).astype(jnp.int32)
+        id_r = jnp.where(rows_r < alloc[:, me].sum(), id_r, e_loc)
+        y_rd = _experts(x_rd, id_r, p_loc, e_loc, ks)
+        y_md = a2a(y_rd, y_md, recv_off[:, me], alloc[:, me], starts[:, me] + sent[:, me], alloc[me])
+        return sent + alloc, y_md
+
+    sent0 = jnp.zeros((ep, ep), jnp.int32)
+    y0 = jnp.zeros((n * k, d), x_nd.dtype)
+    if rounds == 1:
+        sent, y_md = one_round(sent0, y0)
+    else:
+        sent, y_md = jax.lax.while_loop(lambda c: jnp.any(c[0] < sizes), lambda c: one_round(*c), (sent0, y0))
+    dropped = jnp.sum(sizes[me] - sent[me]).astype(jnp.int32)           # my valid rows that were never sent
+    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    y_nkd = y_md[unsort].reshape(n, k, d)
+    return jnp.einsum("nkd,nk->nd", y_nkd, w_nk.astype(x_nd.dtype)), dropped
 
 
 # ============================================================================ the layer
-def _local_moe(x_nd, valid_n, p, *, cfg, ep, e_loc, cap, dispatch, tensor_split, token_axes, gmm_backend):
+def _local_moe(x_nd, valid_n, p, *, cfg, ep, e_loc, cap, r, rounds, ks, tensor_split, token_axes):
     logits_ne, w_nk, e_nk = route(x_nd, p["router"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
     experts = {k: p[k] for k in ("gate_proj", "up_proj", "down_proj")}
     if ep == 1:
-        y_nd = moe_experts(x_nd, w_nk, jnp.where(valid_n[:, None], e_nk, e_loc), experts,
-                           num_experts=e_loc, gmm_backend=gmm_backend)
+        y_nd = moe_experts(x_nd, w_nk, mask_padding(e_nk, valid_n, e_loc), experts, num_experts=e_loc,
+                           impl=ks.gmm, interpret=ks.interpret)
         dropped = jnp.int32(0)
-    elif dispatch == "padded":
-        y_nd, dropped = _moe_padded(x_nd, w_nk, e_nk, valid_n, experts, ep=ep, e_loc=e_loc, cap=cap,
-                                    gmm_backend=gmm_backend)
+    elif ks.ep_dispatch == "padded":
+        y_nd, dropped = _moe_padded(x_nd, w_nk, e_nk, valid_n, experts, ep=ep, e_loc=e_loc, cap=cap, ks=ks)
     else:
-        y_nd, dropped = _moe_ragged(x_nd, w_nk, e_nk, valid_n, experts, ep=ep, e_loc=e_loc,
-                                    gmm_backend=gmm_backend, emulate=dispatch == "ragged_emulated")
+        y_nd, dropped = _moe_ragged(x_nd, w_nk, e_nk, valid_n, experts, ep=ep, e_loc=e_loc, r=r, rounds=rounds,
+                                    ks=ks, emulate=ks.ep_dispatch == "ragged_emulated")
     if tensor_split:
         y_nd = jax.lax.psum(y_nd, "tensor")
     if token_axes:
         dropped = jax.lax.psum(dropped, token_axes)
     return y_nd, logits_ne, dropped
-
-
-def resolve_dispatch(dispatch: str, capacity_factor) -> str:
-    if dispatch not in DISPATCH:
-        raise ValueError(f"EP dispatch {dispatch!r}: choose from {DISPATCH}")
-    if dispatch == "auto":
-        ragged_ok = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
-        return "ragged" if capacity_factor is None and ragged_ok else "padded"
-    if dispatch.startswith("ragged") and capacity_factor is not None:
-        raise ValueError("EP dispatch 'ragged' is dropless: use capacity_factor=None, or dispatch='padded'")
-    return dispatch
 
 
 def token_layout(n: int, mesh):
@@ -171,22 +198,24 @@ def token_layout(n: int, mesh):
     return token_axes, n_pad, n_pad // shards
 
 
-def ep_moe(x_btd, p, cfg, mesh, *, capacity_factor: float | None = None, dispatch: str = "auto",
-           gmm_backend: str = "auto"):
-    """Expert-parallel MoE block (drop-in for `model.moe_block`). p: one layer's MoE params.
+def ep_moe(x_btd, valid_bt, p, cfg, runtime, *, inference: bool = False):
+    """Expert-parallel MoE block on runtime.mesh. p: one layer's MoE params; valid_bt: real tokens (None: all).
+    inference: KV-cached decoding / prefill, where the ragged dispatch sends overflow in further rounds instead of
+    dropping it (a while loop: not differentiable).
 
-    Returns y [B, T, D], router logits [B, T, E] fp32 and the number of token copies dropped (int32,
-    over the whole batch; 0 when dropless).
+    Returns y [B, T, D], router logits [B, T, E] fp32 and the number of (real) token copies dropped (int32, over
+    the whole batch; 0 when nothing overflowed).
     """
+    mesh, ks = runtime.mesh, runtime.kernels
     b, t, d = x_btd.shape
     n_exp, k = cfg.num_experts, cfg.num_experts_per_tok
     p = {name: p[name] for name in ("router", "gate_proj", "up_proj", "down_proj")}
     check_experts(n_exp, mesh.shape)
     ep = mesh.shape["expert"]
     e_loc = n_exp // ep
-    dispatch = resolve_dispatch(dispatch, capacity_factor)
     token_axes, n_pad, n_loc = token_layout(b * t, mesh)
-    cap = capacity(n_loc, k, ep, e_loc, capacity_factor)
+    cap = capacity(n_loc, k, ep, e_loc, runtime.capacity_factor)
+    r = receive_rows(n_loc, k, ep, e_loc, runtime.ep_buffer_factor)
 
     # compute layout of the weights: experts over 'expert', width over 'tensor' (fsdp shards gathered)
     up_spec = fit_spec((None, None, "tensor"), p["gate_proj"].shape, mesh.shape)
@@ -197,36 +226,14 @@ def ep_moe(x_btd, p, cfg, mesh, *, capacity_factor: float | None = None, dispatc
     tok = P(token_axes or None)
     x_nd = jnp.pad(x_btd.reshape(b * t, d), ((0, n_pad - b * t), (0, 0)))
     valid_n = jnp.arange(n_pad) < b * t
-    fn = functools.partial(_local_moe, cfg=cfg, ep=ep, e_loc=e_loc, cap=cap, dispatch=dispatch,
-                           tensor_split=tensor_split, token_axes=token_axes, gmm_backend=gmm_backend)
-    # check_vma=False: the CPU grouped-matmul loops carry unvarying zeros into varying results (their
-    # fori_loop carries are not vma-typed); collectives and their transposes are checked by the tests.
+    if valid_bt is not None:
+        valid_n = valid_n & jnp.pad(valid_bt.reshape(-1), (0, n_pad - b * t))
+    fn = functools.partial(_local_moe, cfg=cfg, ep=ep, e_loc=e_loc, cap=cap, r=r, rounds=None if inference else 1,
+                           ks=ks, tensor_split=tensor_split, token_axes=token_axes)
+    # check_vma=False: the CPU grouped-matmul loops and the Pallas kernels carry unvarying values into varying
+    # results; collectives and their transposes are checked by the tests.
     y, logits, dropped = jax.shard_map(
         fn, mesh=mesh, in_specs=(P(token_axes or None, None), tok, specs),
         out_specs=(P(token_axes or None, None), P(token_axes or None, None), P()), check_vma=False,
     )(x_nd, valid_n, p)
     return y[: b * t].reshape(b, t, d), logits[: b * t].reshape(b, t, n_exp), dropped
-
-
-def count_dropped(router_logits_lbte, cfg, mesh, capacity_factor):
-    """Token copies the padded dispatch dropped per MoE layer [L_moe] int32, recomputed from the router
-    logits the model returns (same routing, same per-device token layout, same capacity)."""
-    n_layers, b, t, n_exp = router_logits_lbte.shape
-    k, ep = cfg.num_experts_per_tok, mesh.shape["expert"]
-    e_loc = n_exp // ep
-    token_axes, n_pad, n_loc = token_layout(b * t, mesh)
-    if ep == 1 or capacity_factor is None:
-        return jnp.zeros((n_layers,), jnp.int32)
-    cap = capacity(n_loc, k, ep, e_loc, capacity_factor)
-    logits = jnp.pad(router_logits_lbte.reshape(n_layers, b * t, n_exp), ((0, 0), (0, n_pad - b * t), (0, 0)))
-    valid_n = jnp.arange(n_pad) < b * t
-
-    def local(logits_lne, valid):
-        def one(lg):
-            _, e_nk = jax.lax.top_k(jax.nn.softmax(lg, axis=-1), k)
-            return padded_slots(e_nk, valid, ep, e_loc, cap)[2]
-        dropped = jax.vmap(one)(logits_lne)
-        return jax.lax.psum(dropped, token_axes) if token_axes else dropped
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, token_axes or None, None), P(token_axes or None)),
-                         out_specs=P())(logits, valid_n)

@@ -62,14 +62,47 @@ def check_experts(num_experts: int, mesh_shape) -> None:
                          "put those devices on 'data' or 'fsdp'")
 
 
+AUTO_CLUSTERS = ("gcetpu", "gketpu", "slurm", "ompi")  # jax cluster environments we start from on our own
+
+
+def detect_cluster() -> str | None:
+    """The cluster environment `jax.distributed.initialize()` can configure itself from (a Cloud TPU pod slice
+    on GCE or GKE, a SLURM job step run by srun, an Open MPI job), or None (a plain machine: one process)."""
+    import os
+
+    try:
+        from jax._src.clusters import ClusterEnv
+    except ImportError:  # jax moved its registry: the environment variables the common cases set
+        if all(v in os.environ for v in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")):
+            return "slurm"
+        if "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
+            return "gketpu"
+        return "ompi" if "OMPI_MCA_orte_hnp_uri" in os.environ else None
+    for env in ClusterEnv._cluster_types:
+        if getattr(env, "name", "") in AUTO_CLUSTERS:
+            try:
+                if env.is_env_present():
+                    return env.name
+            except Exception:  # noqa: BLE001  (a probe of the TPU metadata server that fails: not that cluster)
+                continue
+    return None
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, **kw) -> tuple[int, int]:
     """Start multi-host JAX (call before anything else touches devices); returns (process_index, count).
 
     On Cloud TPU pods and SLURM / Open MPI GPU clusters every argument is auto-detected:
     `initialize()` in each process. Elsewhere give the coordinator (process 0's host:port), the number of
-    processes and this process's id. CPU processes exchange collectives over gloo.
+    processes and this process's id; with none of them and no cluster detected, nothing is started and the
+    run is one process. `num_processes=1` never starts the distributed runtime. CPU processes exchange
+    collectives over gloo.
     """
+    given = (coordinator_address, num_processes, process_id)
+    if num_processes == 1 and process_id in (None, 0):
+        return 0, 1
+    if all(x is None for x in given) and detect_cluster() is None:
+        return 0, 1
     if jax.config.jax_cpu_collectives_implementation in (None, "none", ""):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,

@@ -4,7 +4,7 @@
 
 No devices and no allocation: shard sizes follow from the partition specs and the mesh's axis sizes.
 Activations are an estimate of what this model materialises (attention works one query chunk at a time and
-keeps only each row's log-sum-exp for the backward, see qwen3_jax.attention; the MoE buffers are the worst case
+keeps only each row's log-sum-exp for the backward, see qwen3_jax.kernels.attention; the MoE buffers are the worst case
 of dropless dispatch unless --capacity-factor is given).
 """
 
@@ -17,7 +17,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from qwen3_jax.attention import default_chunk
+from qwen3_jax.kernels.attention import default_chunk
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.params import param_count
 

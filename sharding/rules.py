@@ -37,6 +37,23 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
     (r"layers/mlp/down_proj",      (None, "tensor", FSDP)),                # [Ld, I, D]
 )
 
+# Serving (KV-cached decoding): no weight is gathered per token. Experts stay split over 'expert' (and their width
+# over 'tensor'); attention, norms, the router and the embeddings are split over 'tensor' only (heads, vocab) and
+# otherwise replicated, so a decode step moves activations (all-to-alls of a few rows), never weights.
+SERVE_PARAM_RULES: tuple[tuple[str, tuple], ...] = (
+    (r"embed_tokens",              ("tensor", None)),                      # [V, D]
+    (r"lm_head",                   (None, "tensor")),                      # [D, V]
+    (r"norm",                      (None,)),                               # [D]
+    (r"layers/attn/[qkv]_proj",    (None, None, "tensor", None)),          # [L, D, H|K, hd]
+    (r"layers/attn/o_proj",        (None, "tensor", None, None)),          # [L, H, hd, D]
+    (r"layers/attn/.*norm",        (None, None)),                          # [L, hd] | [L, D]
+    (r"layers/moe/router",         (None, None, None)),                    # [Lm, D, E]
+    (r"layers/moe/(gate|up)_proj", (None, "expert", None, "tensor")),      # [Lm, E, D, F]
+    (r"layers/moe/down_proj",      (None, "expert", "tensor", None)),      # [Lm, E, F, D]
+    (r"layers/mlp/(gate|up)_proj", (None, None, "tensor")),                # [Ld, D, I]
+    (r"layers/mlp/down_proj",      (None, "tensor", None)),                # [Ld, I, D]
+)
+
 ACTIVATION_RULES: dict[str, tuple] = {
     "bt":       (BATCH, None),                    # token ids, masks, positions
     "btd":      (BATCH, None, None),              # hidden states

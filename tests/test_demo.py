@@ -18,6 +18,8 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert all(len(r["expert_load"]["max"]) == 4 for r in recs)
     assert {"config.json", "model.safetensors"} <= set(os.listdir(out / "finetuned-hf"))
     assert os.listdir(out / "run" / "checkpoints")                      # orbax
+    assert (out / "run" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the plot of the run
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out / "base"))
-    generated = text.split("prompt 'json.dumps: Serialize':\n", 1)[1].split("\ndone in")[0]
+    generated = text.split("prompt 'json.dumps: Serialize':\n", 1)[1].split("\n      (docstring-flavoured")[0]
+    assert "gibberish: the model is random and tiny" in text
     assert generated.startswith("json.dumps: Serialize") and len(generated) > len("json.dumps: Serialize")

@@ -45,3 +45,10 @@ def test_tune_malloc_keeps_large_buffers_mapped():
     pages = 5 * (64 << 20) // 4096
     assert faults_default > pages // 2          # every 64 MB buffer faulted afresh
     assert faults < pages // 20                 # reused
+
+
+def test_malloc_tuning_is_a_cpu_heuristic():
+    """On a host whose programs run on an accelerator nothing is changed (checked in a fresh process)."""
+    code = "from qwen3_jax.hostmem import tune_malloc; print(tune_malloc('tpu'), tune_malloc('gpu'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]

@@ -11,7 +11,7 @@ from flax import nnx
 
 import qwen3_jax
 from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
-from qwen3_jax.gmm import gmm
+from qwen3_jax.kernels.gmm import grouped_swiglu
 from tests.hf_ref import CONFIGS, hf_forward
 
 NAMES = list(CONFIGS)
@@ -129,96 +129,88 @@ def test_layer_stack_is_scanned_not_unrolled():
     assert abs(sizes[1] - sizes[0]) < 0.02 * sizes[0]
 
 
-@pytest.mark.parametrize("backend", ["blocked", "gather", "megablox"])
-def test_grouped_matmul_backends_equal_ragged_dot(backend):
-    rng = np.random.default_rng(0)
-    for m, k, n, g in [(37, 16, 24, 5), (200, 32, 8, 16), (5, 8, 8, 12)]:
-        sizes = rng.multinomial(m - 3, np.ones(g) / g)  # 3 trailing rows belong to no group
-        sizes[1] = 0
-        sizes = jnp.asarray(sizes, jnp.int32)
-        x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
-        w = jnp.asarray(rng.normal(size=(g, k, n)), jnp.float32)
-        for tile in ([8, 16] if backend == "blocked" else [None]):
-            out = gmm(x, w, sizes, backend=backend, tile=tile)
-            np.testing.assert_allclose(out, jax.lax.ragged_dot(x, w, sizes), atol=1e-4)
-
-            def f(x, w):
-                return jnp.sum(jnp.sin(gmm(x, w, sizes, backend=backend, tile=tile)))
-
-            def f_ref(x, w):
-                return jnp.sum(jnp.sin(jax.lax.ragged_dot(x, w, sizes)))
-
-            for a, b in zip(jax.grad(f, (0, 1))(x, w), jax.grad(f_ref, (0, 1))(x, w)):
-                np.testing.assert_allclose(a, b, atol=1e-4)
+def _swiglu_reference(x, ws, sizes):
+    """Row by row: the SwiGLU of the row's group; rows past the groups are zero."""
+    ends = np.cumsum(np.asarray(sizes))
+    g_of = np.searchsorted(ends, np.arange(x.shape[0]), side="right")
+    rows = []
+    for r, g in enumerate(g_of):
+        if g >= len(ends):
+            rows.append(jnp.zeros_like(x[r]))
+            continue
+        h = jax.nn.silu(x[r] @ ws[0][g]) * (x[r] @ ws[1][g])
+        rows.append(h @ ws[2][g])
+    return jnp.stack(rows)
 
 
-def test_blocked_grouped_matmul_cost_follows_routed_rows():
-    """The blocked loop's trip count is tiles + non-empty groups - 1, not groups x tiles."""
-    from qwen3_jax.gmm import _schedule
-
-    sizes = jnp.asarray([0, 64, 0, 0, 70, 0, 0, 0] * 16, jnp.int32)  # 128 experts, 32 non-empty
-    _, _, visits, _, _ = _schedule(sizes, int(sizes.sum()), 32)
-    assert int(visits) <= -(-int(sizes.sum()) // 32) + 32 - 1
-
-
-@pytest.mark.parametrize("tile", [16, 32, 128])
-def test_fused_blocked_swiglu_equals_ragged_dot_composition(tile):
-    """The CPU experts kernel (full tiles + binary remainder tiles per expert, custom VJP) vs ragged_dot."""
-    from qwen3_jax.gmm import grouped_swiglu
-
-    rng = np.random.default_rng(tile)
-    m, d, f, e = 403, 24, 16, 7
+@pytest.mark.parametrize("impl,tile", [("cpu", 16), ("cpu", 32), ("cpu", 128), ("megablox", None),
+                                       ("ragged_dot", None)])
+def test_grouped_swiglu_implementations_equal_the_reference(impl, tile):
+    """Every grouped matmul of qwen3_jax.kernels (the CPU loop with its full + quarter tail tiles, megablox in
+    interpret mode, ragged_dot): values and gradients equal a row-by-row reference; rows past the groups give
+    zeros and receive no gradient."""
+    rng = np.random.default_rng(tile or 7)
+    m, d, f, e = 203, 24, 16, 7
     sizes = rng.multinomial(m - 5, [0.4, 0.05, 0.0, 0.2, 0.05, 0.1, 0.2])  # one empty group, 5 unrouted rows
     sizes = jnp.asarray(sizes, jnp.int32)
     x = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
-    ws = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(e, d, f), (e, d, f), (e, f, d)]]
-
-    def run(backend):
-        return lambda x, *w: grouped_swiglu(x, *w, sizes, backend=backend, tile=tile if backend == "blocked" else None)
-
-    ref, new = run("ragged_dot"), run("blocked")
-    np.testing.assert_allclose(new(x, *ws), ref(x, *ws), rtol=1e-5, atol=1e-3)
-
+    ws = [jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32) for s in [(e, d, f), (e, d, f), (e, f, d)]]
+    new = lambda x, *w: grouped_swiglu(x, *w, sizes, impl=impl, interpret=True, tile=tile)  # noqa: E731
+    ref = lambda x, *w: _swiglu_reference(x, w, sizes)  # noqa: E731
+    out = new(x, *ws)
+    np.testing.assert_allclose(out, ref(x, *ws), rtol=1e-5, atol=1e-4)
+    assert not np.asarray(out[m - 5:]).any()
     proj = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
 
     def loss(fn):
         return lambda *a: jnp.sum(fn(*a) * proj)
 
-    for a, b in zip(jax.grad(loss(new), (0, 1, 2, 3))(x, *ws), jax.grad(loss(ref), (0, 1, 2, 3))(x, *ws)):
+    got, want = jax.grad(loss(new), (0, 1, 2, 3))(x, *ws), jax.grad(loss(ref), (0, 1, 2, 3))(x, *ws)
+    for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+    assert not np.asarray(got[0][m - 5:]).any()
 
 
-def test_chunked_causal_attention_equals_full_attention():
-    from qwen3_jax.model import attention_core, causal_attention, causal_mask
+def test_attention_implementations_equal_masked_softmax():
+    """chunked (CPU), XLA (GPU's fallback, the cuDNN call's arguments) and splash (TPU, Pallas interpret mode):
+    causal attention with packed segments and left padding equals a plain masked softmax, values and gradients."""
+    from qwen3_jax.kernels import attention as A
+    from qwen3_jax.kernels import Kernels
 
     rng = np.random.default_rng(0)
-    b, t, h, k, hd = 2, 23, 4, 2, 8
+    b, t, h, k, hd = 2, 128, 4, 2, 16
     q = jnp.asarray(rng.normal(size=(b, t, h, hd)), jnp.float32)
     kk, v = (jnp.asarray(rng.normal(size=(b, t, k, hd)), jnp.float32) for _ in range(2))
-    mask = jnp.asarray(np.arange(t)[None] >= np.array([[3], [0]]))          # row 0 left-padded
-    seg = jnp.asarray(np.repeat([[0] * 10 + [1] * 13], b, 0))               # two packed documents
-    m = causal_mask(jnp.zeros((b, t), jnp.int32), mask, seg)
-    real = np.asarray(mask)  # padding queries see no key: their (unused) outputs may differ
-    for chunk in (5, 23, None):
-        np.testing.assert_allclose(np.asarray(causal_attention(q, kk, v, m, chunk=chunk))[real],
-                                   np.asarray(attention_core(q, kk, v, m))[real], atol=1e-6)
-    # the hand-written backward (probabilities recomputed from the log-sum-exp) equals autodiff of the reference
-    proj = jnp.asarray(rng.normal(size=(b, t, h, hd)), jnp.float32) * mask[:, :, None, None]
+    seg = np.repeat([[1] * 50 + [2] * 78], b, 0)
+    seg[0, :3] = 0                                                          # row 0 left-padded
+    seg = jnp.asarray(seg, jnp.int32)
+    mask = A.segment_mask(seg, t, b)
 
-    def loss(fn):
-        return lambda *a: jnp.sum(fn(*a, m) * proj)
+    def reference(q, kk, v):
+        g = h // k
+        s = jnp.einsum("bthd,bshd->bhts", q, jnp.repeat(kk, g, 2)) / np.sqrt(hd)
+        s = jnp.where(mask[:, None], s, -1e30)
+        return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, -1), jnp.repeat(v, g, 2))
 
-    got = jax.grad(loss(lambda *a: causal_attention(*a, chunk=5)), (0, 1, 2))(q, kk, v)
-    want = jax.grad(loss(attention_core), (0, 1, 2))(q, kk, v)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, atol=2e-5)
+    proj = jnp.asarray(rng.normal(size=(b, t, h, hd)), jnp.float32)
+    loss = lambda fn: (lambda *a: jnp.sum(fn(*a) * proj))  # noqa: E731
+    want = reference(q, kk, v)
+    want_g = jax.grad(loss(reference), (0, 1, 2))(q, kk, v)
+    for impl in ("chunked", "xla", "splash"):
+        ks = Kernels(platform="cpu", gmm="cpu", attention=impl, ep_dispatch="padded", decode_kernels=False)
+        fn = lambda q, kk, v: A.attention(q, kk, v, seg, ks=ks)  # noqa: E731
+        np.testing.assert_allclose(fn(q, kk, v), want, atol=2e-5, err_msg=impl)
+        for a, w in zip(jax.grad(loss(fn), (0, 1, 2))(q, kk, v), want_g):
+            np.testing.assert_allclose(a, w, atol=5e-5, err_msg=impl)
+    # the chunked kernel's own chunking (5-row chunks, odd length)
+    got = A.causal_attention(q[:, :23], kk[:, :23], v[:, :23], A.segment_mask(seg[:, :23], 23, b), chunk=5)
+    full = A.causal_attention(q[:, :23], kk[:, :23], v[:, :23], A.segment_mask(seg[:, :23], 23, b), chunk=23)
+    np.testing.assert_allclose(got, full, atol=1e-6)
 
 
 def test_swiglu_reading_the_layer_stack_equals_the_layer_slice():
     """Inside a layer scan the CPU kernel may read the experts from the whole stack (no per-layer copy): same values
     and gradients as the scan's slice, and the compiled forward keeps no full-layer slice of the experts."""
-    from qwen3_jax.gmm import grouped_swiglu
-
     rng = np.random.default_rng(3)
     n_layers, m, d, f, e = 3, 150, 16, 24, 5
     ws = [jnp.asarray(rng.normal(size=(n_layers, *s)) * 0.3, jnp.float32) for s in [(e, d, f), (e, d, f), (e, f, d)]]
@@ -229,7 +221,7 @@ def test_swiglu_reading_the_layer_stack_equals_the_layer_slice():
         def loss(x, ws):
             def body(h, xs):
                 layer, w_l = xs
-                y = grouped_swiglu(h, *w_l, sizes, backend="blocked", tile=32,
+                y = grouped_swiglu(h, *w_l, sizes, impl="cpu", tile=32,
                                    stacked=(ws, layer) if stacked else None)
                 return jnp.tanh(y), None
 
@@ -246,10 +238,8 @@ def test_swiglu_reading_the_layer_stack_equals_the_layer_slice():
 
 
 def test_few_rows_read_the_layer_stack_once_per_distinct_expert():
-    """Decode-sized batches: with the layer stack the auto backend runs the CPU kernel (one copy per distinct
-    expert, empty experts skipped), equal to the per-row gather."""
-    from qwen3_jax.gmm import grouped_swiglu
-
+    """Decode-sized batches: with the layer stack the CPU kernel copies one expert per distinct expert, empty
+    experts skipped, and equals the per-row reference."""
     rng = np.random.default_rng(5)
     n_layers, d, f, e = 2, 16, 24, 8
     ws = [jnp.asarray(rng.normal(size=(n_layers, *s)) * 0.3, jnp.float32) for s in [(e, d, f), (e, d, f), (e, f, d)]]
@@ -257,7 +247,6 @@ def test_few_rows_read_the_layer_stack_once_per_distinct_expert():
     sizes = jnp.asarray([3, 0, 0, 5, 0, 2, 0, 0], jnp.int32)   # 10 routed rows, 2 unrouted
     layer = 1
     w_l = [w[layer] for w in ws]
-    kernel = jax.jit(lambda x: grouped_swiglu(x, *w_l, sizes, stacked=(ws, jnp.int32(layer))))
-    gather = grouped_swiglu(x, *w_l, sizes, backend="gather")
-    np.testing.assert_allclose(kernel(x), gather, rtol=1e-5, atol=1e-6)
+    kernel = jax.jit(lambda x: grouped_swiglu(x, *w_l, sizes, impl="cpu", stacked=(ws, jnp.int32(layer))))
+    np.testing.assert_allclose(kernel(x), _swiglu_reference(x, w_l, sizes), rtol=1e-5, atol=1e-6)
     assert "while" in kernel.lower(x).compile().as_text()          # the kernel's loop, not the gather

@@ -17,8 +17,9 @@ from jax.sharding import PartitionSpec as P
 
 import qwen3_jax
 from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
-from qwen3_jax.model import moe_block
-from qwen3_jax.sharding import (count_dropped, ep_moe, fit_spec, make_mesh, param_shardings, param_specs,
+from qwen3_jax.model import moe_block, route
+from qwen3_jax.runtime import Runtime
+from qwen3_jax.sharding import (ep_moe, fit_spec, make_mesh, param_shardings, param_specs,
                                 shard_model)
 from qwen3_jax.sharding import plan
 
@@ -141,7 +142,7 @@ def test_dropless_ep_equals_single_device(reference, sharded, name, batch):
     ids, cot, logits, router_logits, grads = reference[batch]
     model = sharded(name)
     (_, out), g = _fwd_grad(model, ids, cot)
-    assert out.dropped_tokens is None  # dropless
+    assert int(np.asarray(out.dropped_tokens).sum()) == 0  # dropless
     np.testing.assert_allclose(np.asarray(out.logits), logits, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(out.router_logits), router_logits, atol=1e-5, rtol=0)
     g = _flat(g)
@@ -188,7 +189,7 @@ def test_capacity_mode_drops_and_reports(reference, sharded):
     assert dropped.shape == (len(CFG.moe_layers),) and (dropped > 0).all()
     assert not np.allclose(np.asarray(out.logits), logits, atol=1e-5)
     # a capacity factor large enough drops nothing and equals the single-device model
-    model.capacity_factor = float(CFG.num_experts)
+    model.runtime = model.runtime.replace(capacity_factor=float(CFG.num_experts))
     out = _fwd(model, ids)
     assert int(np.asarray(out.dropped_tokens).sum()) == 0
     np.testing.assert_allclose(np.asarray(out.logits), logits, atol=1e-5, rtol=0)
@@ -203,13 +204,12 @@ def _moe_params(seed=0):
             "down_proj": jnp.asarray(rng.normal(size=(e, f, d)) * 0.1, jnp.float32)}
 
 
-def test_ep_moe_layer_capacity_count_matches_recount():
+def test_ep_moe_layer_capacity_drops_only_terms():
     p = _moe_params()
     x = jnp.asarray(np.random.default_rng(3).normal(size=(3, 7, CFG.hidden_size)), jnp.float32)
-    mesh = make_mesh(data=2, expert=4)
-    y, logits, dropped = jax.jit(lambda x, p: ep_moe(x, p, CFG, mesh, capacity_factor=0.75))(x, p)
+    rt = Runtime(mesh=make_mesh(data=2, expert=4), capacity_factor=0.75)
+    y, logits, dropped = jax.jit(lambda x, p: ep_moe(x, None, p, CFG, rt))(x, p)
     assert int(dropped) > 0
-    assert int(count_dropped(logits[None], CFG, mesh, 0.75)[0]) == int(dropped)
     ref, ref_logits = moe_block(x, p, CFG)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
     # dropped copies only remove terms: rows with nothing dropped are unchanged, at least one row changed
@@ -217,27 +217,68 @@ def test_ep_moe_layer_capacity_count_matches_recount():
     assert 0 < changed.sum() <= int(dropped)
 
 
-def test_ragged_dispatch_is_dropless_and_lowers():
-    """The ragged_all_to_all path (GPU/TPU) run with an all_gather emulation of the op on CPU, and lowered
-    with the real op (XLA:CPU cannot compile it)."""
+def test_ragged_dispatch_bounded_buffers_rounds_and_padding():
+    """The ragged_all_to_all dispatch (GPU/TPU), run on CPU through the all_gather emulation of the op:
+    - worst-case receive buffers: dropless in one round, values and gradients equal one device;
+    - buffers of 0.3 x the mean: one round (training) drops and counts exactly the copies it did not send;
+      KV-cached inference sends them in further rounds and equals one device;
+    - padding tokens take no expert and are never counted as dropped;
+    - lowered with the real op (XLA:CPU cannot compile it): dispatch + combine and their transposes."""
     p = _moe_params(1)
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, CFG.hidden_size)), jnp.float32)
     mesh = make_mesh(data=2, expert=4)
     ref = moe_block(x, p, CFG)[0]
+    rt = Runtime(mesh=mesh, ep_dispatch="ragged_emulated", ep_buffer_factor=None)
 
-    def loss(x, p, dispatch):
-        return jnp.sum(jnp.sin(ep_moe(x, p, CFG, mesh, dispatch=dispatch)[0]))
+    def loss(x, p, rt):
+        return jnp.sum(jnp.sin(ep_moe(x, None, p, CFG, rt)[0]))
 
-    y = jax.jit(lambda x, p: ep_moe(x, p, CFG, mesh, dispatch="ragged_emulated")[0])(x, p)
+    y, _, dropped = jax.jit(lambda x, p: ep_moe(x, None, p, CFG, rt))(x, p)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5, rtol=0)
-    g = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, p, "ragged_emulated")
+    assert int(dropped) == 0
+    g = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, p, rt)
     g_ref = jax.grad(lambda x, p: jnp.sum(jnp.sin(moe_block(x, p, CFG)[0])), argnums=(0, 1))(x, p)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
-    text = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2).lower(x, p, "ragged").as_text()
+
+    small = rt.replace(ep_buffer_factor=0.3)
+    y1, _, d1 = jax.jit(lambda x, p: ep_moe(x, None, p, CFG, small))(x, p)
+    changed = np.abs(np.asarray(y1) - np.asarray(ref)).max(-1) > 1e-5
+    assert int(d1) > 0 and 0 < changed.sum() <= int(d1)
+    # the count is exact: re-derive it from the routing, the token layout and the allocation rule
+    from qwen3_jax.sharding.ep import receive_rows, round_allocation, token_layout
+
+    _, w, e = route(x.reshape(-1, CFG.hidden_size), p["router"], CFG.num_experts_per_tok, CFG.norm_topk_prob)
+    _, n_pad, n_loc = token_layout(10, mesh)
+    e_all = np.full((n_pad, CFG.num_experts_per_tok), -1)                     # device padding routes nowhere
+    e_all[:10] = np.asarray(e)
+    e_dev = e_all.reshape(8, n_loc * CFG.num_experts_per_tok)                 # per device (data-major)
+    e_loc = CFG.num_experts // 4
+    r = receive_rows(n_loc, CFG.num_experts_per_tok, 4, e_loc, 0.3)
+    want = 0
+    for group in (range(0, 4), range(4, 8)):                                  # the two expert groups of 4
+        sizes = np.array([[np.sum((e_dev[s] >= 0) & (e_dev[s] // e_loc == dst)) for dst in range(4)]
+                          for s in group])
+        want += int((sizes - np.asarray(round_allocation(jnp.asarray(sizes), r))).sum())
+    assert int(d1) == want
+    y2, _, d2 = jax.jit(lambda x, p: ep_moe(x, None, p, CFG, small, inference=True))(x, p)
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(ref), atol=1e-5, rtol=0)
+    assert int(d2) == 0
+
+    valid = jnp.asarray(np.random.default_rng(5).random((2, 5)) > 0.4)
+    for r_t in (rt, Runtime(mesh=mesh)):                                       # ragged and padded
+        y3, _, d3 = ep_moe(x, valid, p, CFG, r_t)
+        want_y = moe_block(x, p, CFG, valid_bt=valid)[0]
+        np.testing.assert_allclose(np.asarray(y3), np.asarray(want_y), atol=1e-5, rtol=0)
+        assert not np.asarray(y3)[~np.asarray(valid)].any() and int(d3) == 0
+    tight = Runtime(mesh=mesh, capacity_factor=0.5)
+    assert int(ep_moe(x, jnp.zeros((2, 5), bool), p, CFG, tight)[2]) == 0     # padding never counts as dropped
+
+    real = rt.replace(ep_dispatch="ragged")
+    text = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2).lower(x, p, real).as_text()
     assert text.count("ragged_all_to_all") == 4  # dispatch + combine, and their transposes
-    with pytest.raises(ValueError, match="dropless"):
-        ep_moe(x, p, CFG, mesh, dispatch="ragged", capacity_factor=1.0)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        ep_moe(x, None, p, CFG, real.replace(capacity_factor=1.0))
 
 
 # ============================================================================ loading and multi-process

@@ -7,7 +7,8 @@ Modules: losses (pure loss math), data (jsonl -> grain pipeline with packing), s
 jitted train step), trainer (run loop, orbax checkpoints, metrics, export), cli, plot.
 """
 
+from .step import lower_train_step
 from .losses import cross_entropy_sum, expert_load, lbl_from_stats, lbl_stats, load_balancing_loss, router_z_loss_sum
 
 __all__ = ["load_balancing_loss", "lbl_stats", "lbl_from_stats", "router_z_loss_sum", "expert_load",
-           "cross_entropy_sum"]
+           "cross_entropy_sum", "lower_train_step"]

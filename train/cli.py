@@ -4,18 +4,20 @@
         --seq-len 2048 --mesh data=4,expert=8 --dtype bfloat16 --param-dtype float32 --export-hf runs/a/hf
     qwen3-jax-train --config run.yaml --lr 1e-5          # yaml keys = flag names; flags override the file
     qwen3-jax-export --checkpoint runs/a --out hf_dir    # latest step (or runs/a/checkpoints/<step>)
+    # a pod slice / several hosts: the same command on every host (auto-detected on TPU pods and SLURM), or
+    qwen3-jax-train ... --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # (1 on the other host)
 
-`main(argv)` returns an exit code (it never calls sys.exit), so it can be called from Python.
+`main(argv)` returns an exit code (it never calls sys.exit), so it can be called from Python: 0 done,
+1 the run had bad records (skipped, or --strict stopped at one), 2 a usage or setup error (one line
+`qwen3-jax-train: error: ...` on stderr, and no output directory made for a new run).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 
 from qwen3_jax.hostmem import tune_malloc
+from qwen3_jax.launch import ArgumentParser, add_launch_args, fail, launch
 
 from .step import FREEZE_GROUPS, SCHEDULES
 
@@ -25,8 +27,7 @@ def _csv(s):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen3-jax-train", description="Fine-tune Qwen3 / Qwen3-MoE (JAX, Flax NNX).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="qwen3-jax-train", description="Fine-tune Qwen3 / Qwen3-MoE (JAX, Flax NNX).")
     a = p.add_argument
     a("--config", help="yaml file of flag values (keys as the flag names, - or _); command-line flags override it")
     a("--model", help="Hugging Face checkpoint directory, or a preset name (random init)")
@@ -37,19 +38,21 @@ def parser() -> argparse.ArgumentParser:
     a("--steps", type=int, help="optimizer steps (overrides --epochs)")
     a("--epochs", type=float, default=1.0, help="passes over the packed data when --steps is not given")
     a("--batch-size", type=int, default=8, help="global batch in sequences (rows of seq-len)")
-    a("--seq-len", type=int, default=1024)
+    a("--seq-len", type=int, default=1024,
+      help="tokens per training row (sequence length): records are packed into rows of this length")
     a("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
-    a("--lr", type=float, default=1e-5)
+    a("--lr", type=float, default=1e-5, help="peak learning rate (AdamW), reached after --warmup steps")
     a("--warmup", type=int, default=0, help="linear warmup steps")
-    a("--schedule", choices=SCHEDULES, default="cosine")
-    a("--weight-decay", type=float, default=0.0)
+    a("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate decay after the warmup")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on norm scales)")
     a("--clip", type=float, default=1.0, help="clip by global gradient norm (0: off)")
     a("--lbl-coef", type=float, help="load-balancing loss coefficient (default: the config's router_aux_loss_coef)")
     a("--lbl-scope", choices=("global", "micro"), default="global",
       help="LBL statistics over the whole global batch, or per micro-batch")
     a("--z-loss-coef", type=float, default=0.0, help="router z-loss coefficient")
     a("--mesh", help="e.g. data=2,expert=4 (axes data, fsdp, expert, tensor; default: all devices on data)")
-    a("--remat", choices=("none", "full", "dots"), default="none")
+    a("--remat", choices=("none", "full", "dots"), default="none",
+      help="recompute activations in the backward: none, every layer (full), or all but matmul outputs (dots)")
     a("--capacity-factor", type=float, help="expert-parallel capacity factor (default: dropless)")
     a("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
     a("--param-dtype", default="float32", help="master weight dtype")
@@ -57,24 +60,30 @@ def parser() -> argparse.ArgumentParser:
     a("--stop-after-steps", type=int, help="end this invocation (with a checkpoint) after N steps; rerun to resume")
     a("--keep", type=int, default=3, help="checkpoints to keep")
     a("--export-hf", help="write a Hugging Face checkpoint here at the end")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="data shuffling (and the random init of a preset)")
     a("--freeze", type=_csv, default=[], help=f"comma-separated groups to freeze: {', '.join(FREEZE_GROUPS)}")
     a("--strict", action="store_true", help="fail on a malformed data line instead of skipping it")
     a("--overflow", choices=("split", "truncate"), default="split",
       help="a record longer than --seq-len: cut into seq-len pieces (every token trained on) or truncated")
     a("--peak-flops", type=float, help="peak FLOP/s of one device, for the MFU estimate (e.g. 459e12 TPU v5p)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_launch_args(p)
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = parser()
+def parse_args(argv=None, p: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    p = p or parser()
     args = p.parse_args(argv)
     if args.config:
         import yaml
 
-        with open(args.config) as f:
-            conf = yaml.safe_load(f) or {}
+        try:
+            with open(args.config) as f:
+                conf = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            p.error(f"--config {args.config}: {' '.join(str(e).split())}")
+        if not isinstance(conf, dict):
+            p.error(f"--config {args.config}: expected a mapping of flag names to values")
         known = {a.dest for a in p._actions}
         conf = {k.replace("-", "_"): v for k, v in conf.items()}
         bad = sorted(set(conf) - known)
@@ -99,44 +108,52 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     tune_malloc()
+    p = parser()
     try:
-        args = parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        args = parse_args(argv, p)
+        launch(p, args)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, its one line already printed)
         return int(e.code or 0)
     from . import trainer
     from .data import DataError
 
     try:
-        os.makedirs(args.output, exist_ok=True)
-        with open(os.path.join(args.output, "train_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
         result = trainer.train(args)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"qwen3-jax-train: error: {e}", file=sys.stderr)
-        return 1
-    print(trainer.summary(result["rows"]))
-    if result["skipped"]:
-        print(f"{len(result['skipped'])} malformed records skipped")
-    return 0
+    except DataError as e:  # a bad record (--strict), or none usable
+        return fail(p.prog, e, 1)
+    except trainer.SetupError as e:
+        return fail(p.prog, e, 2)
+    import jax
+
+    n_bad = result["skipped_total"]
+    if jax.process_index() == 0:
+        print(trainer.summary(result["rows"]))
+        if n_bad:
+            print(f"{n_bad} malformed records skipped (each named above as file:line: reason)")
+    return 1 if n_bad else 0
 
 
 def export_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="qwen3-jax-export", description="Orbax training checkpoint -> HF safetensors")
+    p = ArgumentParser(prog="qwen3-jax-export", description="Orbax training checkpoint -> HF safetensors")
     p.add_argument("--checkpoint", required=True, help="a training --output directory (latest step) or one step's dir")
     p.add_argument("--out", required=True, help="directory for config.json + model.safetensors (+ tokenizer files)")
     p.add_argument("--tokenizer", help="tokenizer files to copy (default: the run's tokenizer / model directory)")
+    add_launch_args(p)
     try:
         args = p.parse_args(argv)
+        launch(p, args)
     except SystemExit as e:
         return int(e.code or 0)
     from . import trainer
 
     try:
         step = trainer.export_checkpoint(args.checkpoint, args.out, args.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"qwen3-jax-export: error: {e}", file=sys.stderr)
-        return 1
-    print(f"exported step {step} to {args.out}")
+    except (OSError, ValueError, KeyError) as e:
+        return fail(p.prog, e, 2)
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"exported step {step} to {args.out}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Training data: jsonl records -> token examples -> grain pipeline (shuffle, per-host shard, pack, batch).
+"""Training data: jsonl records -> token examples -> grain pipelines (shuffle, pack, batch) per data shard.
 
 Record forms, one JSON object per line:
     {"text": "..."}                         loss on every token (an <|endoftext|> is appended when the
@@ -16,6 +16,13 @@ An example longer than seq_len is cut into consecutive pieces of seq_len tokens 
 target is kept (overflow "split", as transformers' run_clm chunks long texts; each piece is a document of its
 own), or cut at seq_len (overflow "truncate", as TRL's SFTTrainer); `Corpus.long` counts them.
 Malformed lines are reported as `file:line: reason` and skipped.
+
+Data shards (what makes a run on N hosts equal to a run on one): the global batch's rows are split into K
+equal blocks, one per distinct row range of the batch sharding on the mesh (K depends on the mesh and the
+batch size, never on the number of processes). Record r (counting non-blank lines over the files in order)
+belongs to data shard r % K, which feeds block r % K through its own pipeline (shuffled with seed + shard,
+packed into rows of that block). A host reads and tokenizes only the records of the shards its devices
+hold (`load_corpus(..., shards=)`), and `HostBatches` concatenates its shards' batches into its rows.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class DataError(ValueError):
 @dataclass
 class Corpus:
     examples: list = field(default_factory=list)   # [{"inputs": int32 [n], "targets": int32 [n]}]
+    shards: dict = field(default_factory=dict)     # data shard -> its examples (the wanted shards only)
     skipped: list = field(default_factory=list)    # ["file:line: reason"]
     long: int = 0                                  # records longer than seq_len (split or truncated)
 
@@ -129,14 +137,21 @@ def to_examples(ids, labels, seq_len: int, overflow: str = "split") -> list[dict
 
 
 def load_corpus(paths, seq_len: int, vocab_size: int, tokenizer_fn, strict: bool = False, log=print,
-                overflow: str = "split") -> Corpus:
+                overflow: str = "split", shards: tuple = ((0,), 1)) -> Corpus:
     """Read jsonl files in order; malformed lines are reported (`file:line: reason`) and skipped, or raise.
-    Records longer than seq_len are split or truncated (`overflow`, see the module docstring)."""
-    corpus = Corpus()
+    Records longer than seq_len are split or truncated (`overflow`, see the module docstring).
+    `shards=(wanted, K)`: only the records of the wanted data shards (record r is in shard r % K) are parsed
+    and tokenized; the counts (skipped, long) are of those records."""
+    wanted, count = set(shards[0]), int(shards[1])
+    corpus = Corpus(shards={k: [] for k in sorted(wanted)})
+    record = -1
     for path in paths:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
+                    continue
+                record += 1
+                if record % count not in wanted:
                     continue
                 try:
                     try:
@@ -152,7 +167,9 @@ def load_corpus(paths, seq_len: int, vocab_size: int, tokenizer_fn, strict: bool
                     corpus.skipped.append(msg)
                     continue
                 corpus.long += len(ids) > seq_len
-                corpus.examples.extend(to_examples(ids, labels, seq_len, overflow))
+                pieces = to_examples(ids, labels, seq_len, overflow)
+                corpus.examples.extend(pieces)
+                corpus.shards[record % count].extend(pieces)
     if corpus.long:
         log(f"{corpus.long} records longer than seq_len {seq_len} were "
             f"{'split into pieces' if overflow == 'split' else 'truncated'} (overflow={overflow})")
@@ -188,3 +205,54 @@ def to_batch(packed: dict) -> dict:
 
 def batches_per_epoch(examples, seq_len: int, host_batch: int, seed: int, shard=(0, 1)) -> int:
     return sum(1 for _ in dataset(examples, seq_len, host_batch, seed, repeat=False, shard=shard))
+
+
+def padding_batch(rows: int, seq_len: int) -> dict:
+    """Rows that count for nothing: segment 0 (padding), no targets."""
+    z = np.zeros((rows, seq_len), np.int32)
+    return {"inputs": z, "targets": np.full((rows, seq_len), IGNORE, np.int32), "segment_ids": z, "positions": z}
+
+
+class HostBatches:
+    """This host's rows of each global batch: one `dataset` pipeline per data shard it holds (seed + shard),
+    their batches concatenated in shard order. A shard without examples, and (repeat=False) a shard that has
+    run out, gives padding rows, so every host keeps stepping with the others; `exhausted` says that every
+    local shard has run out. Checkpointable: get_state() / set_state() of {"shards": {k: grain state}}."""
+
+    def __init__(self, shards: dict, seq_len: int, rows: int, seed: int, *, repeat: bool = True):
+        self.rows, self.seq_len, self.keys = rows, seq_len, sorted(shards)
+        self._it = {k: iter(dataset(shards[k], seq_len, rows, seed + k, repeat=repeat)) for k in self.keys if shards[k]}
+        self._live = set(self._it)
+        self.exhausted = not self._live
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        parts = []
+        for k in self.keys:
+            b = next(self._it[k], None) if k in self._live else None
+            if b is None:
+                self._live.discard(k)
+                parts.append(padding_batch(self.rows, self.seq_len))
+                continue
+            n = b["inputs"].shape[0]
+            if n < self.rows:  # the last batch of a pass (repeat=False): padded with empty rows
+                b = {key: np.concatenate([v, padding_batch(self.rows - n, self.seq_len)[key]]) for key, v in b.items()}
+            parts.append(b)
+        self.exhausted = not self._live
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def get_state(self) -> dict:
+        return {"shards": {str(k): it.get_state() for k, it in self._it.items()}}
+
+    def set_state(self, state: dict):
+        if "shards" not in state and list(self._it) == [0]:  # a checkpoint of one pipeline (before data shards)
+            state = {"shards": {"0": state}}
+        saved = state.get("shards", {})
+        missing = [k for k in self._it if str(k) not in saved]
+        if missing:
+            raise DataError(f"the checkpoint has no data-iterator state for data shard(s) {missing} (it was written "
+                            f"with another mesh or --batch-size; it has shards {sorted(saved, key=int)})")
+        for k, it in self._it.items():
+            it.set_state(saved[str(k)])

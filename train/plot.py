@@ -1,11 +1,10 @@
-"""qwen3-jax-plot OUTPUT [--out PNG]: loss, lbl, lr and per-layer expert-load spread from metrics.jsonl."""
+"""qwen3-jax-plot OUTPUT [--out PNG]: loss, lbl, lr and per-layer expert-load imbalance from metrics.jsonl."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 
 
 def read_metrics(output: str) -> list[dict]:
@@ -15,11 +14,23 @@ def read_metrics(output: str) -> list[dict]:
 
 
 def plot(rows: list[dict], png: str) -> str:
+    """Write the 2x2 figure of `figure(rows)` to `png`; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def figure(rows: list[dict]):
+    """loss / eval loss, LBL, learning rate, and per MoE layer the expert-load imbalance over the steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
@@ -37,21 +48,33 @@ def plot(rows: list[dict], png: str) -> str:
     ax[1, 0].set_title("learning rate")
     load = [r.get("expert_load") for r in rows]
     if any(load):
-        spread = np.array([np.array(l["max"]) / np.maximum(np.array(l["min"]), 1e-9) if l else np.nan for l in load])
-        im = ax[1, 1].imshow(np.log2(np.clip(spread, 1, None)).T, aspect="auto", origin="lower", cmap="viridis",
-                             extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, spread.shape[1] - 0.5))
-        fig.colorbar(im, ax=ax[1, 1], label="log2(max / min expert load)")
+        # colour: the coefficient of variation of the experts' loads (std / mean of the fractions of routed
+        # token copies; 0 = perfectly balanced, sqrt(E - 1) = every copy to one expert): finite even when an
+        # expert gets no tokens, which is marked with a dot instead
+        n_layers = max(len(l["cv"]) for l in load if l)
+        cv = np.array([l["cv"] if l else [np.nan] * n_layers for l in load], float)
+        idle = np.array([np.asarray(l["min"]) <= 0 if l else [False] * n_layers for l in load], bool)
+        im = ax[1, 1].imshow(cv.T, aspect="auto", origin="lower", cmap="viridis", vmin=0.0,
+                             extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, n_layers - 0.5), interpolation="nearest")
+        fig.colorbar(im, ax=ax[1, 1], label="CV of expert loads (std/mean, 0 = balanced)")
+        if idle.any():
+            s_idx, l_idx = np.nonzero(idle)
+            ax[1, 1].plot(np.asarray(steps)[s_idx], l_idx, "o", ms=3, color="red", ls="none",
+                          label="an expert got no tokens")
+            ax[1, 1].legend(loc="upper right", fontsize="small")
+        ax[1, 1].yaxis.set_major_locator(MaxNLocator(integer=True))
         ax[1, 1].set_ylabel("MoE layer")
-    ax[1, 1].set_title("expert-load spread per layer")
+    ax[1, 1].set_title("expert-load imbalance per MoE layer")
     for a in ax.flat:
         a.set_xlabel("step")
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="qwen3-jax-plot", description=__doc__)
+    from qwen3_jax.launch import ArgumentParser, fail
+
+    p = ArgumentParser(prog="qwen3-jax-plot", description=__doc__)
     p.add_argument("output", help="a training --output directory (or its metrics.jsonl)")
     p.add_argument("--out", help="PNG path (default: OUTPUT/metrics.png)")
     try:
@@ -60,12 +83,12 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     try:
         rows = read_metrics(args.output)
-    except FileNotFoundError as e:
-        print(f"qwen3-jax-plot: error: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:
+        return fail(p.prog, f"{args.output}: no metrics.jsonl ({e.strerror})", 2)
+    except (ValueError, KeyError) as e:
+        return fail(p.prog, f"{args.output}: not a metrics.jsonl of qwen3-jax-train ({e})", 2)
     if not rows:
-        print("qwen3-jax-plot: error: no metrics yet", file=sys.stderr)
-        return 1
+        return fail(p.prog, f"{args.output}: no metrics yet", 2)
     base = args.output if os.path.isdir(args.output) else os.path.dirname(args.output)
     print(plot(rows, args.out or os.path.join(base, "metrics.png")))
     return 0

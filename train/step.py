@@ -231,3 +231,54 @@ def host_metrics(m) -> dict:
         load = {k: np.asarray(v).tolist() for k, v in expert_load(counts).items()}
         out["expert_load"] = {"max": load["max"], "min": load["min"], "cv": load["cv"]}
     return out
+
+
+def opt_state_shardings(abstract_opt_state, params, mesh):
+    """Shardings of an optimizer state: each moment on its parameter's sharding (matched by path suffix and shape),
+    scalars (step counts) replicated. `params`: arrays or ShapeDtypeStructs that carry their sharding."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    by_path = {tuple(str(k.key) for k in kp): x for kp, x in flat}
+
+    def pick(kp, leaf):
+        keys = tuple(str(k.key) for k in kp if isinstance(k, jax.tree_util.DictKey))
+        for i in range(len(keys)):
+            p = by_path.get(keys[i:])
+            if p is not None and p.shape == leaf.shape:
+                return p.sharding
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def lower_train_step(cfg, mesh, *, batch_size: int, seq_len: int, dtype="bfloat16", param_dtype="float32",
+                     remat: str = "full", scan_layers: bool = True, lr: float = 1e-5, steps: int = 1000,
+                     warmup: int = 0, schedule: str = "cosine", weight_decay: float = 0.0, clip: float = 1.0,
+                     grad_accum: int = 1, lbl_coef: float | None = None, lbl_scope: str = "global",
+                     z_loss_coef: float = 0.0, freeze=(), ce_chunk: int = 512, ep_buffer_factor="default",
+                     capacity_factor: float | None = None):
+    """The train step qwen3-jax-train runs (chunked cross-entropy, global-batch LBL, AdamW with clipping,
+    remat, accumulation), lowered for `mesh` (e.g. abstract TPU chips, see qwen3_jax.aot) with abstract sharded
+    parameters, optimizer state and batch: nothing is allocated. Returns a jax.stages.Lowered (`.compile()` it).
+    scan_layers=False unrolls the layers."""
+    from qwen3_jax.aot import abstract_model
+    from qwen3_jax.runtime import Runtime
+    from qwen3_jax.sharding import activation_sharding
+
+    rt_kw = {} if ep_buffer_factor == "default" else {"ep_buffer_factor": ep_buffer_factor}
+    runtime = Runtime(mesh=mesh, remat=remat, scan_layers=scan_layers, capacity_factor=capacity_factor, **rt_kw)
+    graphdef, abstract_state, params = abstract_model(cfg, runtime, dtype=dtype, param_dtype=param_dtype)
+    sched = make_schedule(schedule, lr, warmup, steps)
+    tx = make_optimizer(params, schedule=sched, weight_decay=weight_decay, clip=clip, freeze=tuple(freeze))
+    opt_abstract = jax.eval_shape(tx.init, params)
+    opt_sh = opt_state_shardings(opt_abstract, params, mesh)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_abstract, opt_sh)
+    scfg = StepConfig(grad_accum=grad_accum, lbl_coef=cfg.router_aux_loss_coef if lbl_coef is None else lbl_coef,
+                      lbl_scope=lbl_scope, z_loss_coef=z_loss_coef, freeze=tuple(freeze), ce_chunk=ce_chunk)
+    shardings = (jax.tree.map(lambda x: x.sharding, params), opt_sh)
+    step = make_train_step(graphdef, abstract_state, tx, sched, scfg, shardings)
+    bt = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32,
+                              sharding=activation_sharding("bt", (batch_size, seq_len), mesh))
+    batch = {k: bt for k in ("inputs", "targets", "segment_ids", "positions")}
+    return step.lower(params, opt_state, batch, jax.ShapeDtypeStruct((), jnp.int32))

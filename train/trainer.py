@@ -1,7 +1,9 @@
 """The training run: model + mesh, data, optimizer, orbax checkpoints (auto-resume), metrics, export.
 
-`<output>/` holds: `model/config.json` (the model's config, for export), `checkpoints/<step>/` (orbax:
-params, opt_state, data iterator state, meta with step / RNG / skipped records), `metrics.jsonl`.
+`<output>/` holds: `model/config.json` (the model's config, for export), `train_args.json`,
+`checkpoints/<step>/` (orbax: params, opt_state, the data iterators' state per data shard, meta with the step
+and the skipped records), `metrics.jsonl`. On several processes (a pod slice), process 0 writes everything
+but the checkpoints, which orbax writes from every process.
 """
 
 from __future__ import annotations
@@ -118,26 +120,81 @@ def truncate_metrics(path, last_step):
         f.writelines(keep)
 
 
-def global_batch(host_batch: dict, mesh) -> dict:
-    """This host's rows -> global arrays sharded over the batch axes."""
+def batch_shards(mesh, batch_size: int, seq_len: int) -> tuple[int, list[int], int]:
+    """(K, the data shards this process feeds, rows per shard): the global batch's rows split into the K
+    distinct row ranges of their sharding on the mesh; data shard k feeds rows [k*R, (k+1)*R). K depends on
+    the mesh and the batch size only, so a run's data is the same on any number of processes."""
+    shape = (batch_size, seq_len)
+    sharding = activation_sharding("bt", shape, mesh)
+
+    def starts(index_map):
+        return {idx[0].indices(batch_size)[0] for idx in index_map.values()}
+
+    k = len(starts(sharding.devices_indices_map(shape)))
+    rows = batch_size // k
+    return k, sorted(s // rows for s in starts(sharding.addressable_devices_indices_map(shape))), rows
+
+
+def global_batch(host_batch: dict, mesh, batch_size: int | None = None) -> dict:
+    """This host's rows (its data shards' rows, in order) -> global [batch_size, T] arrays sharded over the
+    batch axes. batch_size defaults to the host's rows times the number of processes."""
     out = {}
     for k, v in host_batch.items():
-        shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        shape = (batch_size or v.shape[0] * jax.process_count(),) + v.shape[1:]
         out[k] = jax.make_array_from_process_local_data(activation_sharding("bt", shape, mesh), v, shape)
     return out
 
 
-def evaluate(eval_fn, params, examples, args, mesh, host_batch):
+def evaluate(eval_fn, params, shards: dict, args, mesh, rows: int, n_steps: int) -> float:
+    """Mean target NLL over the eval records: every process runs the same n_steps (the longest data shard's
+    batch count); shards that have run out, and the last batch of each, are padded with masked rows."""
+    it = D.HostBatches(shards, args.seq_len, rows, args.seed, repeat=False)
     nll = n = 0.0
-    for b in D.dataset(examples, args.seq_len, host_batch, args.seed, repeat=False,
-                       shard=(jax.process_index(), jax.process_count())):
-        rows = b["inputs"].shape[0]
-        if rows < host_batch:  # pad the last batch with empty rows (segment 0, no targets)
-            b = {k: np.concatenate([v, np.full((host_batch - rows,) + v.shape[1:], D.IGNORE if k == "targets" else 0,
-                                               v.dtype)]) for k, v in b.items()}
-        s, c = eval_fn(params, global_batch(b, mesh))
+    for _ in range(n_steps):
+        s, c = eval_fn(params, global_batch(next(it), mesh, args.batch_size))
         nll, n = nll + float(s), n + float(c)
     return nll / max(n, 1.0)
+
+
+def _host_values(tree):
+    """Metrics on this host: small arrays spread over processes are gathered first."""
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: x if x.is_fully_addressable or x.is_fully_replicated
+                        else multihost_utils.process_allgather(x, tiled=True), tree)
+
+
+def _on_every_process(fn):
+    """fn() on every process; when it fails on one (its share of the data, its slices of the checkpoint),
+    every process raises that error, instead of the others waiting for it in the next collective."""
+    if jax.process_count() == 1:
+        return fn()
+    from qwen3_jax.launch import allgather_json
+
+    mine = exc = out = None
+    try:
+        out = fn()
+    except (ValueError, OSError, KeyError) as e:
+        exc = e
+        mine = {"data": isinstance(e, D.DataError), "msg": e.args[0] if isinstance(e, KeyError) and e.args else str(e)}
+    for k, err in enumerate(allgather_json(mine)):
+        if err is not None:
+            if k == jax.process_index():
+                raise exc
+            raise (D.DataError if err["data"] else ValueError)(f"process {k}: {err['msg']}")
+    return out
+
+
+def _global_sum(*values: int) -> list[int]:
+    from qwen3_jax.launch import allgather_json
+
+    return [sum(v) for v in zip(*allgather_json(list(values)))]
+
+
+def _global_max(value: int) -> int:
+    from qwen3_jax.launch import allgather_json
+
+    return max(allgather_json(value))
 
 
 def summary(rows: list[dict]) -> str:
@@ -159,34 +216,67 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def train(args, log=print) -> dict:
-    """Run (or resume) a training job described by the parsed CLI `args`; returns a result summary."""
-    os.makedirs(args.output, exist_ok=True)
-    sizes = parse_mesh(args.mesh)
-    n_mesh = math.prod(sizes.values())
-    # a mesh smaller than the machine uses its first devices (e.g. --mesh data=1 on a multi-device host)
-    mesh = make_mesh(**sizes, devices=jax.devices()[:n_mesh] if 0 < n_mesh < jax.device_count() else None)
-    model = build_model(args, mesh)
-    cfg = model.config
-    os.makedirs(os.path.join(args.output, "model"), exist_ok=True)
-    cfg.save_pretrained(os.path.join(args.output, "model"))
+class SetupError(ValueError):
+    """The run could not start (model, data, mesh, flags, checkpoint); nothing was written."""
 
-    n_proc = jax.process_count()
-    if args.batch_size % n_proc:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {n_proc} processes")
-    host_batch = args.batch_size // n_proc
-    shard = (jax.process_index(), n_proc)
+
+def make_run_mesh(spec: str | None):
+    sizes = parse_mesh(spec)
+    n_mesh = math.prod(sizes.values())
+    if 0 < n_mesh < jax.device_count():
+        if jax.process_count() > 1:
+            raise ValueError(f"--mesh {spec}: {n_mesh} devices, but a run of {jax.process_count()} processes uses "
+                             f"all {jax.device_count()} devices")
+        # a mesh smaller than the machine uses its first devices (e.g. --mesh data=1 on a multi-device host)
+        return make_mesh(**sizes, devices=jax.devices()[:n_mesh])
+    return make_mesh(**sizes)
+
+
+def train(args, log=print) -> dict:
+    """Run (or resume) a training job described by the parsed CLI `args`; returns a result summary.
+
+    Every process of a multi-process run calls it with the same args. Each reads the records of its own
+    data shards only (see data.py), process 0 writes metrics.jsonl, train_args.json and the export, and
+    orbax writes the checkpoints from every process. Errors before the first step raise SetupError (or
+    DataError for bad records with --strict) and leave no output directory behind."""
+    try:
+        setup = _setup(args, log)
+    except D.DataError:
+        raise
+    except (ValueError, OSError, KeyError) as e:
+        raise SetupError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+    return _run(args, log, **setup)
+
+
+def _setup(args, log) -> dict:
+    mesh = make_run_mesh(args.mesh)
+    n_shards, local, rows = batch_shards(mesh, args.batch_size, args.seq_len)
+    model = _on_every_process(lambda: build_model(args, mesh))
+    cfg = model.config
     tok = lazy_tokenizer(tokenizer_dir(args))
-    corpus = D.load_corpus(args.data, args.seq_len, cfg.vocab_size, tok, strict=args.strict, log=log,
-                           overflow=args.overflow)
-    eval_corpus = D.load_corpus(args.eval_data, args.seq_len, cfg.vocab_size, tok, strict=args.strict, log=log,
-                                overflow=args.overflow) if args.eval_data else None
-    skipped = len(corpus.skipped)
-    # --epochs: passes over the packed data, counted on the whole corpus so that every host gets the same count
-    steps = args.steps or math.ceil(args.epochs * D.batches_per_epoch(corpus.examples, args.seq_len, args.batch_size,
-                                                                       args.seed))
+
+    def read(paths):
+        return D.load_corpus(paths, args.seq_len, cfg.vocab_size, tok, strict=args.strict, log=log,
+                             overflow=args.overflow, shards=(local, n_shards))
+
+    corpus = _on_every_process(lambda: read(args.data))
+    eval_corpus = _on_every_process(lambda: read(args.eval_data)) if args.eval_data else None
+    # counts over every process's shards, so that each process logs, stops and evaluates alike
+    n_examples, skipped, long = _global_sum(len(corpus.examples), len(corpus.skipped), corpus.long)
+    if not n_examples:
+        raise D.DataError("no usable training records" + (f" ({skipped} malformed, skipped)" if skipped else ""))
+
+    def passes(shards):  # batches in one pass over the longest data shard
+        return _global_max(max([D.batches_per_epoch(ex, args.seq_len, rows, args.seed + k)
+                                for k, ex in shards.items() if ex] or [0]))
+
+    # --epochs: passes over the packed data (of the longest data shard)
+    steps = args.steps or math.ceil(args.epochs * passes(corpus.shards))
     if not steps or steps < 1:
         raise ValueError("give --steps or --epochs")
+    eval_steps = passes(eval_corpus.shards) if eval_corpus else 0
+    if eval_corpus is not None and not eval_steps:
+        raise D.DataError("--eval-data: no usable records")
 
     graphdef, abstract_state, params = split_model(model)
     del model
@@ -194,56 +284,74 @@ def train(args, log=print) -> dict:
     tx = make_optimizer(params, schedule=schedule, weight_decay=args.weight_decay, clip=args.clip,
                         freeze=tuple(args.freeze))
     opt_state = init_opt_state(tx, params, mesh)
-    shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     lbl_coef = cfg.router_aux_loss_coef if args.lbl_coef is None else args.lbl_coef
     scfg = StepConfig(grad_accum=args.grad_accum, lbl_coef=lbl_coef, lbl_scope=args.lbl_scope,
                       z_loss_coef=args.z_loss_coef, freeze=tuple(args.freeze))
-    train_step = make_train_step(graphdef, abstract_state, tx, schedule, scfg, shardings)
-    rng = jax.random.key(args.seed)
+    if args.batch_size % args.grad_accum:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    return dict(mesh=mesh, cfg=cfg, rows=rows, corpus=corpus, eval_corpus=eval_corpus, skipped=skipped, long=long,
+                steps=steps, eval_steps=eval_steps, graphdef=graphdef, abstract_state=abstract_state, params=params,
+                schedule=schedule, tx=tx, opt_state=opt_state, scfg=scfg)
 
-    ds = D.dataset(corpus.examples, args.seq_len, host_batch, args.seed, shard=shard)
-    it = iter(ds)
+
+def _run(args, log, *, mesh, cfg, rows, corpus, eval_corpus, skipped, long, steps, eval_steps, graphdef,
+         abstract_state, params, schedule, tx, opt_state, scfg) -> dict:
+    from qwen3_jax.launch import allgather_json
+
+    writer = jax.process_index() == 0
+    # the run starts: only now its directory is made (a failed start leaves none behind)
+    if writer:
+        os.makedirs(os.path.join(args.output, "model"), exist_ok=True)
+        cfg.save_pretrained(os.path.join(args.output, "model"))
+        with open(os.path.join(args.output, "train_args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+    train_step = make_train_step(graphdef, abstract_state, tx, schedule, scfg, shardings)
+
+    it = D.HostBatches(corpus.shards, args.seq_len, rows, args.seed)
     mngr = checkpoint_manager(args.output, args.keep)
     metrics_path = os.path.join(args.output, "metrics.jsonl")
     start = 0
     latest = mngr.latest_step()
     opt_def = jax.tree.structure(opt_state)
     if latest is not None:
-        restored = mngr.restore(latest, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_of(params)),
-            opt_state=ocp.args.StandardRestore(abstract_of(jax.tree.leaves(opt_state))),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        try:
+            restored = mngr.restore(latest, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_of(params)),
+                opt_state=ocp.args.StandardRestore(abstract_of(jax.tree.leaves(opt_state))),
+                data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            it.set_state(restored.data)
+        except (ValueError, OSError, KeyError) as e:
+            raise SetupError(f"{mngr.directory}/{latest}: cannot resume from this checkpoint: {e}") from e
         params = restored.params
         opt_state = jax.tree.unflatten(opt_def, restored.opt_state)
-        it.set_state(restored.data)
-        meta = restored.meta
-        rng = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
-        start = int(meta["step"])
-        truncate_metrics(metrics_path, start)
-        log(f"resumed from {mngr.directory}/{latest} at step {start}")
+        start = int(restored.meta["step"])  # (older checkpoints' meta also has an unused "rng": ignored)
+        if writer:
+            truncate_metrics(metrics_path, start)
+            log(f"resumed from {mngr.directory}/{latest} at step {start}")
 
     saved = start
 
     def save(step):
         nonlocal saved
         saved = step
+        state = {"shards": {k: v for part in allgather_json(it.get_state()) for k, v in part["shards"].items()}}
         mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(jax.tree.leaves(opt_state)),
-            data=ocp.args.JsonSave(it.get_state()),
-            meta=ocp.args.JsonSave({"step": step, "rng": np.asarray(jax.random.key_data(rng)).tolist(),
-                                    "skipped_records": skipped})))
+            data=ocp.args.JsonSave(state), meta=ocp.args.JsonSave({"step": step, "skipped_records": skipped})))
 
     eval_fn = make_eval_step(graphdef, abstract_state) if eval_corpus else None
     active = qwen3_jax.param_count(cfg)["active"]
     fpt = flops_per_token(cfg, args.seq_len, active)
-    rows = []
-    bar = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, disable=not args.progress)
-    with open(metrics_path, "a") as mf:
+    out_rows = []
+    bar = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, disable=not (args.progress and writer))
+    mf = open(metrics_path, "a") if writer else None
+    try:
         for step in range(start, steps):
             t0 = time.perf_counter()
-            batch = global_batch(next(it), mesh)
-            rng, _ = jax.random.split(rng)  # the step's key (reserved for stochastic layers); saved for resume
+            batch = global_batch(next(it), mesh, args.batch_size)
             params, opt_state, m = train_step(params, opt_state, batch, jnp.int32(step))
+            m = _host_values(m)
             row = {"step": step + 1, **host_metrics(m)}
             dt = time.perf_counter() - t0
             n_tokens = args.batch_size * args.seq_len
@@ -251,40 +359,49 @@ def train(args, log=print) -> dict:
             row["real_tokens"] = int(np.asarray(m["tokens"]))
             row["mfu"] = (fpt * n_tokens / dt / (args.peak_flops * jax.device_count())) if args.peak_flops else None
             row["skipped_records"] = skipped
-            row["long_records"] = corpus.long
+            row["long_records"] = long
             row["step_time_s"] = dt
             if step + 1 == steps or (args.save_every and (step + 1) % args.save_every == 0):
                 if eval_fn is not None:
-                    row["eval_loss"] = evaluate(eval_fn, params, eval_corpus.examples, args, mesh, host_batch)
+                    row["eval_loss"] = evaluate(eval_fn, params, eval_corpus.shards, args, mesh, rows, eval_steps)
                 save(step + 1)
-            if jax.process_index() == 0:
+            if mf is not None:
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
-            rows.append(row)
+            out_rows.append(row)
             bar.update(1)
-            if args.stop_after_steps and len(rows) >= args.stop_after_steps and step + 1 < steps:
+            if args.stop_after_steps and len(out_rows) >= args.stop_after_steps and step + 1 < steps:
                 if saved != step + 1:
                     save(step + 1)
-                log(f"stopping after {len(rows)} steps this run (--stop-after-steps); rerun to resume")
+                if writer:
+                    log(f"stopping after {len(out_rows)} steps this run (--stop-after-steps); rerun to resume")
                 break
             bar.set_postfix(loss=f"{row['loss']:.4f}", lbl=f"{row['lbl']:.3f}", gn=f"{row['grad_norm']:.2f}")
+    finally:
+        if mf is not None:
+            mf.close()
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
-    if args.export_hf and (rows[-1]["step"] if rows else start) == steps:  # only a finished run is exported
+    if args.export_hf and (out_rows[-1]["step"] if out_rows else start) == steps:  # only a finished run is exported
         export(model_from(graphdef, abstract_state, params), args.export_hf, tokenizer_dir(args))
-        log(f"exported Hugging Face checkpoint to {args.export_hf}")
-    return {"rows": rows, "params": params, "steps": steps, "skipped": corpus.skipped}
+        if writer:
+            log(f"exported Hugging Face checkpoint to {args.export_hf}")
+    return {"rows": out_rows, "params": params, "steps": steps, "skipped": corpus.skipped, "skipped_total": skipped}
 
 
 def export(model, out, tok_dir=None):
+    """Hugging Face safetensors + tokenizer files (every process calls it; process 0 writes)."""
     qwen3_jax.save_pretrained(model, out)
-    copy_tokenizer(tok_dir, out)
+    if jax.process_index() == 0:
+        copy_tokenizer(tok_dir, out)
 
 
-def restore_params(checkpoint: str):
+def restore_params(checkpoint: str, mesh=None):
     """(config, params pure dict, step, run output dir) of an orbax step: `checkpoint` is a training --output
-    directory (latest step) or one step's directory `<output>/checkpoints/<step>`."""
+    directory (latest step) or one step's directory `<output>/checkpoints/<step>`. The params are restored
+    straight into their shards on `mesh` (default: every device of every process on 'fsdp'), so no host
+    holds the whole model."""
     checkpoint = os.path.abspath(checkpoint)
     base = os.path.basename(checkpoint.rstrip("/"))
     if base.isdigit():
@@ -296,18 +413,27 @@ def restore_params(checkpoint: str):
         raise FileNotFoundError(f"{checkpoint}: no checkpoints directory")
     cfg = qwen3_jax.Qwen3Config.from_pretrained(os.path.join(output, "model"))
     mngr = ocp.CheckpointManager(ckpt_dir)
+    steps = list(mngr.all_steps())
     step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    if step is None or step not in steps:
+        mngr.close()
+        raise FileNotFoundError(f"no checkpoint {'' if step is None else f'of step {step} '}in {ckpt_dir}"
+                                + (f" (steps: {sorted(steps)})" if steps else ""))
     meta = mngr.item_metadata(step)
     leaf = jax.tree.leaves(meta.params)[0] if meta is not None and meta.params is not None else None
     dtype = jnp.dtype(leaf.dtype) if leaf is not None else jnp.float32
     abstract = nnx.eval_shape(lambda: qwen3_jax.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=dtype))
     _, _, abstract_params = split_model(abstract)
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract_params)
-    params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
-    mngr.close()
+    from qwen3_jax.sharding import param_shardings
+
+    shardings = param_shardings(cfg, mesh if mesh is not None else make_mesh(fsdp=-1))
+    target = jax.tree_util.tree_map_with_path(
+        lambda kp, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[tuple(str(k.key) for k in kp)]),
+        abstract_params)
+    try:
+        params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+    finally:
+        mngr.close()
     return cfg, params, step, output
 
 

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -42,12 +43,15 @@ inline float to_f32(uint16_t v) {
   return f;
 }
 
-// exp(x) for x <= 88 that the compiler vectorizes (std::exp is a scalar call per element: 4096 of them in the
+// exp(x) that the compiler vectorizes (std::exp is a scalar call per element: 4096 of them in the
 // experts of one decode step of the bench config, 4000 per kv head in attention at position 2000): 2^n * 2^f with
 // n = round(x log2 e), 2^f = e^y with y = x - n ln 2 (Cody-Waite: ln 2 in two parts), |y| <= ln 2 / 2, by its
-// Taylor series to degree 7 (relative error < 2e-7 over [-87, 88]). x < -87 gives 0.
+// Taylor series to degree 7 (relative error < 2e-7 over [-87, 88]). x < -87 gives 0, x > 88.72 +inf (any x: a
+// finite or infinite float, never a wrapped exponent).
 inline float exp_approx(float x) {
-  const float xc = std::max(x, -87.f);
+  // clamped to [-87, 88]: 2^n with n in [-126, 127] is a normal float (above 88 the exponent would wrap into the
+  // sign bit: silu(-90) came out as -90); the ends are exact to float precision: 0 below, +inf above 88.72
+  const float xc = std::min(std::max(x, -87.f), 88.f);
   const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
   const float y = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
   float p = 1.f / 5040;
@@ -61,7 +65,9 @@ inline float exp_approx(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.f ? 0.f : p * scale;
+  if (x < -87.f) return 0.f;
+  if (x > 88.7228f) return std::numeric_limits<float>::infinity();
+  return p * scale;
 }
 
 // The experts' weight rows are prefetched kPf rows ahead of use with the non-temporal hint: each is read once per

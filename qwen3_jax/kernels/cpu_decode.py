@@ -14,7 +14,8 @@ intra-op threads and compute in fp32 (f32 or bf16 weights and cache):
 The shared library is built with the system C++ compiler (`$CXX`, else c++/g++/clang++) against jaxlib's FFI
 headers into `$QWEN3_JAX_CACHE` (default ~/.cache/qwen3_jax), keyed by the source, jaxlib version, CPU, compiler
 and flags. A machine without a compiler falls back to the XLA path with one warning; QWEN3_JAX_CPU_KERNELS=0 (or
-`model.use_cpu_kernels = False`) chooses the XLA path silently.
+`Runtime(cpu_decode_kernels=False)`) chooses the XLA path silently. They are one optional CPU backend of the
+seam in qwen3_jax.kernels: built on first use only, never on other platforms.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-SRC = Path(__file__).parent / "csrc" / "decode_kernels.cc"
+SRC = Path(__file__).parent.parent / "csrc" / "decode_kernels.cc"
 # weight dtype -> {kernel: (FFI target, library symbol)}
 TARGETS = {
     jnp.dtype(jnp.float32): {"moe": ("qwen3_moe_gather_swiglu_f32", "Qwen3MoeGatherSwigluF32"),
@@ -106,8 +107,9 @@ def load() -> bool:
 
 
 def available(dtype) -> bool:
-    """The kernel serves this weight dtype on the default backend."""
-    return jax.default_backend() == "cpu" and jnp.dtype(dtype) in TARGETS and load()
+    """The kernels serve this weight dtype (and are built: the first call builds them). Whether the program
+    runs on XLA:CPU at all is the caller's choice (qwen3_jax.kernels)."""
+    return jnp.dtype(dtype) in TARGETS and load()
 
 
 def _ffi(kernel: str, dtype, out_shape):

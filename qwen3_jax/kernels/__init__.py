@@ -1,0 +1,123 @@
+"""The backend seam: every algorithm choice of the model, made in one place from the devices a program is
+compiled for.
+
+    ks = kernels.select(runtime)      # Kernels: the choices for the platform of runtime.mesh's devices
+    ks.platform                       # "tpu" | "gpu" | "cpu"
+    ks.gmm, ks.attention, ks.ep_dispatch, ks.decode_kernels, ks.gather_rows(...)
+
+The platform is that of the mesh's devices (abstract TPU chips from a topology included), else of the default
+device: never `jax.default_backend()`, which says "cpu" while a program is compiled ahead of time for a TPU slice.
+
+| choice                      | tpu                         | gpu                              | cpu                              |
+|-----------------------------|-----------------------------|----------------------------------|----------------------------------|
+| grouped matmul (experts)    | megablox gmm / tgmm         | `jax.lax.ragged_dot`             | blocked loop per expert (`cpu`)  |
+| EP dispatch                 | `ragged_all_to_all`, bounded receive buffers | same            | padded all-to-all (XLA:CPU has no ragged all-to-all) |
+| attention, train / prefill  | splash (Pallas, in shard_map) | cuDNN (`jax.nn.dot_product_attention`) | chunked jnp with a flash VJP |
+| decode attention            | grouped-head einsum over the cache | same                      | FFI kernel reading the cache in place |
+| few-token experts (decode)  | sorted grouped matmul       | same                             | FFI kernel / per-row gather      |
+| host malloc tuning          | no                          | no                               | yes (`qwen3_jax.hostmem`)        |
+
+The implementations sit beside this file: `gmm.py` (grouped SwiGLU), `attention.py` (chunked, splash, cuDNN),
+`cpu_decode.py` (the XLA:CPU FFI decode kernels). `Runtime` fields override a choice (e.g. gmm="ragged_dot").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+
+import jax
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+GMM = ("megablox", "ragged_dot", "cpu")
+ATTENTION = ("splash", "cudnn", "xla", "chunked")
+EP_DISPATCH = ("ragged", "padded", "ragged_emulated")
+
+DEFAULTS = {
+    "tpu": dict(gmm="megablox", attention="splash", ep_dispatch="ragged", decode_kernels=False),
+    "gpu": dict(gmm="ragged_dot", attention="cudnn", ep_dispatch="ragged", decode_kernels=False),
+    "cpu": dict(gmm="cpu", attention="chunked", ep_dispatch="padded", decode_kernels=True),
+}
+
+
+def normalize_platform(name: str) -> str:
+    p = _ALIASES.get(name.lower(), name.lower())
+    if p not in PLATFORMS:
+        raise ValueError(f"unknown platform {name!r}: choose from {PLATFORMS}")
+    return p
+
+
+def platform_of(mesh=None) -> str:
+    """Platform of the devices a program runs on: the mesh's (abstract topology devices too), else the default
+    device's."""
+    dev = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    return normalize_platform(dev.platform)
+
+
+def host_platform() -> str:
+    """The platform this process's programs will run on, without starting a backend when none is started yet
+    (multi-host start-up must come first): the started backend's, else the accelerator device files present."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return platform_of()
+    forced = (jax.config.jax_platforms or "").split(",")[0].strip()
+    if forced:
+        return normalize_platform(forced)
+    if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+        return "tpu"
+    if glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/kfd"):
+        return "gpu"
+    return "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """The algorithm choices for one platform (see the module table)."""
+
+    platform: str
+    gmm: str
+    attention: str
+    ep_dispatch: str
+    decode_kernels: bool
+
+    @property
+    def interpret(self) -> bool:
+        """Pallas TPU kernels run in interpret mode when the program is not compiled for a TPU (tests)."""
+        return self.platform != "tpu"
+
+    def gather_rows(self, num_experts: int, stacked: bool) -> int:
+        """Most token copies for which a few-token MoE gathers each copy's expert weights instead of sorting
+        (a CPU heuristic: XLA:CPU's gather beats its blocked loop for few rows; 4 layers, 32 experts top-4,
+        per decode step: 16 rows gather 2.2 vs blocked 3.2 ms, 32 rows 5.5 vs 4.6 ms). Accelerators always
+        sort and run the grouped matmul."""
+        if self.platform != "cpu":
+            return 0
+        return num_experts // 2 if stacked else num_experts
+
+
+def select(runtime) -> Kernels:
+    """The choices for `runtime` (a qwen3_jax.Runtime): the platform's defaults, overridden by its fields."""
+    platform = runtime.platform
+    choice = dict(DEFAULTS[platform])
+    if runtime.gmm != "auto":
+        choice["gmm"] = _check(runtime.gmm, GMM, "gmm")
+    if runtime.attention != "auto":
+        choice["attention"] = _check(runtime.attention, ATTENTION, "attention")
+    if runtime.ep_dispatch != "auto":
+        choice["ep_dispatch"] = _check(runtime.ep_dispatch, EP_DISPATCH, "ep_dispatch")
+    elif runtime.capacity_factor is not None:
+        choice["ep_dispatch"] = "padded"          # a capacity factor asks for fixed per-pair buffers
+    if choice["ep_dispatch"].startswith("ragged") and runtime.capacity_factor is not None:
+        raise ValueError("capacity_factor is the padded dispatch's; the ragged dispatch bounds its receive "
+                         "buffers with ep_buffer_factor")
+    choice["decode_kernels"] = choice["decode_kernels"] and runtime.cpu_decode_kernels
+    return Kernels(platform=platform, **choice)
+
+
+def _check(value, allowed, name):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: choose from auto, {', '.join(allowed)}")
+    return value

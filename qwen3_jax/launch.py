@@ -1,0 +1,126 @@
+"""What every command line shares: the multi-process launch flags, help that shows each default once, the
+one-line error, and the small cross-process exchanges a pod-slice run needs (every host runs the same
+command; process 0 writes).
+
+    p = ArgumentParser(prog="qwen3-jax-x")    # one-line usage errors, each default shown once in --help
+    add_launch_args(p)
+    args = p.parse_args()
+    launch(p, args)              # jax.distributed (flags, or auto-detected on TPU pods / SLURM); usage errors exit 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help once: not when the help already says its default, and not for
+    flags without a value (switches), None or empty defaults."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if ("default" in text or action.nargs == 0 or d is None or d is argparse.SUPPRESS or isinstance(d, bool)
+                or (isinstance(d, (list, tuple, str)) and not d)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with our conventions: a usage error is the one line `prog: error: message` (exit 2, no usage
+    dump: `--help` has it), and the help formatter is `HelpFormatter`."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*a, **kw)
+
+    def error(self, message):
+        self.exit(2, error_line(self.prog, message) + "\n")
+
+
+def error_line(prog: str, error) -> str:
+    """`prog: error: message` on one line (a KeyError's message without its quotes)."""
+    msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return f"{prog}: error: " + " ".join(str(msg).split())
+
+
+def fail(prog: str, error, code: int = 2) -> int:
+    """Print the one-line error to stderr and return the exit code (2: setup / usage, 1: bad records)."""
+    print(error_line(prog, error), file=sys.stderr, flush=True)
+    return code
+
+
+# ----------------------------------------------------------------------------------------------- launching
+def add_launch_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group(
+        "multi-process launch (pod slices, GPU clusters: the same command on every host)",
+        "Without these flags the processes are found on Cloud TPU pods and under SLURM (srun) / Open MPI; "
+        "elsewhere the run is one process.")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same for every process")
+    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes (one per host)")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1 (process 0 writes)")
+    return g
+
+
+def launch(p: argparse.ArgumentParser, args, timeout_s: int = 300) -> tuple[int, int]:
+    """Start jax.distributed from the launch flags (or the detected cluster); returns (process_index, count).
+    Bad flags and a coordinator that cannot be reached are usage errors (`p.error`: one line, exit 2)."""
+    from qwen3_jax.sharding.mesh import detect_cluster, initialize
+
+    c, n, i = args.coordinator, args.num_processes, args.process_id
+    if n is not None and n < 1:
+        p.error(f"--num-processes {n}: must be >= 1")
+    if i is not None and (i < 0 or (n is not None and i >= n)):
+        p.error(f"--process-id {i}: must be in 0..{(n or 1) - 1}")
+    if c is not None and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^\s:\[\]]+):\d{1,5}", c):
+        p.error(f"--coordinator {c!r}: expected HOST:PORT, e.g. 10.0.0.1:1234")
+    given = [f for f, v in (("--coordinator", c), ("--num-processes", n), ("--process-id", i)) if v is not None]
+    if given and len(given) < 3 and n != 1 and detect_cluster() is None:
+        missing = sorted({"--coordinator", "--num-processes", "--process-id"} - set(given))
+        p.error(f"{' '.join(given)} needs {' and '.join(missing)} too (no TPU pod, SLURM or Open MPI job "
+                "was detected to provide them)")
+    try:
+        return initialize(c, n, i, initialization_timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001  (unreachable coordinator, timeouts, a second initialize)
+        p.error(f"could not start the multi-process run ({' '.join(given) or 'auto-detected'}): "
+                + " ".join(str(e).split())[:300])
+
+
+# ----------------------------------------------------------------------------------------------- exchanges
+def is_writer() -> bool:
+    """Process 0 writes metrics, outputs and exports."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def allgather_json(obj) -> list:
+    """Every process's JSON-able `obj`, in process order (a collective: every process must call it)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [obj]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(len(data)))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:len(data)] = data
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [json.loads(bytes(r[:s]).decode()) for r, s in zip(rows, sizes)]
+
+
+def first_error(error: str | None) -> str | None:
+    """The error of the first process that has one (None: every process is fine). Every process calls it
+    after a step that can fail on one host only (reading its share of the data, its slices of the
+    checkpoint), so that all stop together instead of waiting in a collective for the one that stopped."""
+    import jax
+
+    for k, e in enumerate(allgather_json(error)):
+        if e is not None:
+            return e if k == jax.process_index() else f"process {k}: {e}"
+    return None

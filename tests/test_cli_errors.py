@@ -1,0 +1,139 @@
+"""Every command line fails the same way, as a new user meets it: a setup error (missing or truncated checkpoint, a
+missing config key, a bad flag) is one line `<prog>: error: ...` on stderr, no traceback, exit 2, and nothing
+half-made on disk; help shows each default once; the plot's expert-load panel."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import qwen3_jax
+from qwen3_jax import cli as demo_cli
+from qwen3_jax.infer import cli as infer_cli
+from qwen3_jax.train import cli as train_cli
+from qwen3_jax.train import plot as plot_cli
+
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=64, torch_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{"good", "truncated" (model.safetensors cut in half), "no_key" (config.json without num_experts)} dirs, and
+    a jsonl of 4 records."""
+    root = tmp_path_factory.mktemp("cli_errors")
+    good = root / "good"
+    qwen3_jax.save_pretrained(qwen3_jax.Qwen3ForCausalLM(qwen3_jax.Qwen3Config(**TINY), rngs=nnx.Rngs(0)), good)
+    shutil.copytree(good, root / "truncated")
+    f = root / "truncated" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    shutil.copytree(good, root / "no_key")
+    cfg = json.loads((root / "no_key" / "config.json").read_text())
+    del cfg["num_experts"]
+    (root / "no_key" / "config.json").write_text(json.dumps(cfg))
+    (root / "data.jsonl").write_text("".join(json.dumps({"input_ids": [1, 2, 3, 4 + i]}) + "\n" for i in range(4)))
+    return {k: str(root / k) for k in ("good", "truncated", "no_key")} | {"data": str(root / "data.jsonl")}
+
+
+def _code(fn, argv) -> int:
+    try:
+        return fn(argv)
+    except SystemExit as e:  # qwen3-jax-infer / -chat exit through argparse
+        return e.code
+
+
+def _one_line(capsys, prog: str, *words) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    assert "Traceback" not in err[0] and all(w in err[0] for w in words), err
+    return err[0]
+
+
+@pytest.mark.parametrize("case, words", [("truncated", ("model.safetensors", "truncated")),
+                                         ("no_key", ("required key 'num_experts' is missing",))])
+def test_bad_checkpoint_is_one_line_exit_2_everywhere(models, tmp_path, capsys, case, words):
+    out = tmp_path / "run"
+    assert _code(train_cli.main, ["--model", models[case], "--data", models["data"], "--output", str(out),
+                                  "--steps", "1", "--batch-size", "2", "--seq-len", "8", "--no-progress"]) == 2
+    _one_line(capsys, "qwen3-jax-train", *words)
+    assert not out.exists()  # a failed start leaves no half-made run directory
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": 1, "prompt_token_ids": [1, 2]}) + "\n")
+    assert _code(infer_cli.main, ["--model", models[case], "--input", str(inp), "--output", str(out / "o.jsonl")]) == 2
+    _one_line(capsys, "qwen3-jax-infer", *words)
+    assert not out.exists()
+    assert _code(infer_cli.chat_main, ["--model", models[case]]) == 2
+    _one_line(capsys, "qwen3-jax-chat", *words)
+
+
+def test_missing_things_and_bad_flags_are_one_line_exit_2(models, tmp_path, capsys):
+    run = ["--data", models["data"], "--output", str(tmp_path / "run"), "--steps", "1", "--no-progress"]
+    missing = str(tmp_path / "nowhere")
+    cases = [
+        (train_cli.main, ["--model", missing, *run], "qwen3-jax-train", "not a checkpoint directory nor a preset"),
+        (train_cli.main, ["--model", models["good"], *run, "--bogus"], "qwen3-jax-train", "--bogus"),
+        (train_cli.main, ["--model", models["good"], *run, "--lr", "fast"], "qwen3-jax-train", "--lr"),
+        (train_cli.main, ["--config", missing], "qwen3-jax-train", "--config"),
+        (train_cli.main, ["--model", models["good"], "--data", missing, "--output", str(tmp_path / "run")],
+         "qwen3-jax-train", "nowhere"),
+        (train_cli.export_main, ["--checkpoint", missing, "--out", str(tmp_path / "hf")], "qwen3-jax-export",
+         "no checkpoints directory"),
+        (train_cli.export_main, ["--checkpoint", models["good"]], "qwen3-jax-export", "--out"),
+        (infer_cli.main, ["--model", missing, "--input", models["data"], "--output", str(tmp_path / "o.jsonl")],
+         "qwen3-jax-infer", "no config.json"),
+        (infer_cli.main, ["--model", models["good"], "--input", models["data"], "--output", str(tmp_path / "o.jsonl"),
+                          "--temperature"], "qwen3-jax-infer", "--temperature"),
+        (infer_cli.chat_main, ["--model", models["good"], "--top-k", "x"], "qwen3-jax-chat", "--top-k"),
+        (plot_cli.main, [missing], "qwen3-jax-plot", "no metrics.jsonl"),
+        (demo_cli.main, ["demo", "--steps", "many"], "qwen3-jax demo", "--steps"),
+    ]
+    for fn, argv, prog, why in cases:
+        assert _code(fn, argv) == 2, argv
+        _one_line(capsys, prog, why)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o.jsonl").exists() and not (tmp_path / "hf").exists()
+    # an orbax run directory without a checkpoint of the asked step
+    (tmp_path / "r" / "model").mkdir(parents=True)
+    qwen3_jax.Qwen3Config(**TINY).save_pretrained(tmp_path / "r" / "model")
+    (tmp_path / "r" / "checkpoints").mkdir()
+    assert train_cli.export_main(["--checkpoint", str(tmp_path / "r"), "--out", str(tmp_path / "hf")]) == 2
+    _one_line(capsys, "qwen3-jax-export", "no checkpoint in")
+    assert not (tmp_path / "hf").exists()
+
+
+def _parsers():
+    demo = demo_cli.parser()._subparsers._group_actions[0].choices["demo"]
+    return [train_cli.parser(), infer_cli.batch_parser(), infer_cli.chat_parser(), demo]
+
+
+def test_help_shows_each_default_once():
+    for p in _parsers():
+        text = p.format_help()
+        for bad in ("(default: None)", "(default: True)", "(default: False)", "(default: [])"):
+            assert bad not in text, (p.prog, bad)
+        fmt = p._get_formatter()
+        for action in p._actions:
+            help_text = (fmt._get_help_string(action) or "").replace("%(default)s", str(action.default))
+            assert help_text.count("default") <= 1, (p.prog, action.dest, help_text)
+    train = train_cli.parser()
+    helps = {a.dest: a.help for a in train._actions}
+    assert "sequence length" in helps["seq_len"] and "learning rate" in helps["lr"]
+    text = " ".join(train.format_help().split())
+    assert "(default: the model directory)" in text and "(default: 1024)" in text and "--coordinator HOST:PORT" in text
+
+
+def test_plot_expert_load_panel_explains_its_colours():
+    rows = [{"step": s, "loss": 3.0 - 0.1 * s, "lm_loss": 3.0 - 0.1 * s, "lbl": 1.1, "lr": 1e-3,
+             "expert_load": {"max": [0.5, 0.3, 0.26], "min": [0.0 if s < 3 else 0.1, 0.2, 0.24],
+                             "cv": [1.1 - 0.1 * s, 0.3, 0.05]}} for s in range(1, 6)]
+    fig = plot_cli.figure(rows)
+    panel = fig.axes[3]
+    ticks = [t for t in panel.get_yticks() if panel.get_ylim()[0] <= t <= panel.get_ylim()[1]]
+    assert ticks == [0, 1, 2] and panel.get_ylabel() == "MoE layer"  # integer layer ticks
+    lo, hi = panel.images[0].get_clim()
+    assert lo == 0 and hi == pytest.approx(1.0)  # CV: finite although expert loads hit 0 (no saturation)
+    assert "CV" in fig.axes[-1].get_ylabel() and "0 = balanced" in fig.axes[-1].get_ylabel()  # the colour bar
+    idle = [line for line in panel.get_lines() if line.get_label() == "an expert got no tokens"]
+    assert len(idle) == 1 and np.array_equal(idle[0].get_xdata(), [1, 2])
