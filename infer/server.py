@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import time
 import uuid
@@ -621,9 +622,15 @@ def main(argv=None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=None)
     server = uvicorn.Server(config)
+    # uvicorn handles SIGTERM / SIGINT while it serves (stop accepting, drain the requests in flight), then raises
+    # the signal again under the handlers it found: these make that a clean exit (0) instead of death by signal.
+    drained = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: None),
+               signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None)}
     try:
         server.run()
     finally:
+        for sig, handler in drained.items():
+            signal.signal(sig, handler)
         service.stop()
     return 0 if server.started else 1
 
