@@ -561,6 +561,9 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream-interval", type=int, default=8,
                    help="decode steps per engine call, so tokens per stream chunk (a new request's first token "
                         "goes out after one step)")
+    g.add_argument("--warmup-len", type=int, default=256, metavar="N",
+                   help="before serving, compile prefill for every batch bucket and prompt-length bucket up to N "
+                        "tokens (a longer prompt compiles its bucket on first use, stalling the streams meanwhile)")
     g.add_argument("--mcp", action="append", default=[], metavar="COMMAND",
                    help="start this MCP server (stdio) and offer its tools to chat requests that send no tools "
                         "(repeatable)")
@@ -588,8 +591,8 @@ def main(argv=None) -> int:
     p = serve_parser()
     args = p.parse_args(argv)
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
-                             ("--stream-interval", args.stream_interval, 1), ("--max-tool-rounds",
-                                                                             args.max_tool_rounds, 1)):
+                             ("--stream-interval", args.stream_interval, 1), ("--warmup-len", args.warmup_len, 1),
+                             ("--max-tool-rounds", args.max_tool_rounds, 1)):
         if value < low:
             p.error(f"{flag} must be >= {low}")
     if not 0 <= args.port < 65536:
@@ -611,8 +614,9 @@ def main(argv=None) -> int:
     holder["service"] = service
     t0 = time.perf_counter()
     service.start()
-    service.warmup()
-    print(f"compiled in {time.perf_counter() - t0:.1f}s; context {service.context}, {args.max_batch} rows",
+    runs = service.warmup(args.warmup_len)
+    print(f"compiled in {time.perf_counter() - t0:.1f}s ({runs} warm-up batches, prompts up to "
+          f"{min(args.warmup_len, service.context - 1)} tokens); context {service.context}, {args.max_batch} rows",
           file=sys.stderr, flush=True)
     defaults = Defaults(SamplingDefaults(args.model, args), args.enable_thinking, args.thinking_budget,
                         args.max_tool_rounds)

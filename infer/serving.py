@@ -99,13 +99,57 @@ class EngineService:
     def stop(self):
         self.scheduler.stop()
 
-    def warmup(self):
-        """Compile prefill and decode (one short greedy request) before serving."""
+    def warmup(self, max_prompt: int = 16) -> int:
+        """Compile before serving what requests would otherwise compile on the scheduler thread while every stream
+        waits: prefill for each batch bucket (1, 2, 4, ... up to --max-batch prompts at once) and prompt-length
+        bucket (16, 32, ... up to `max_prompt` tokens), the decode calls (one step, a chunk, with logprobs, the masked
+        step of a constrained row) and the release of a cancelled row. Longer prompts compile their length bucket on
+        first use. Returns the number of warm-up batches run."""
         import threading
 
-        done = threading.Event()
-        self.scheduler.submit([Sequence([0, 0], lambda ev: ev.finish_reason and done.set(), max_new_tokens=2)])
+        from .engine import pow2
+
+        lengths, t = [], 16
+        while True:
+            lengths.append(min(t, self.context - 1))
+            if t >= min(max_prompt, self.context - 1):
+                break
+            t *= 2
+        sizes, p = [], 1
+        while p < pow2(self.scheduler.max_batch):
+            sizes.append(p)
+            p *= 2
+        sizes.append(self.scheduler.max_batch)
+        runs = 0
+        for n_tok in sorted(set(lengths)):
+            for k in sizes:
+                left, done = [k], threading.Event()
+
+                def emit(ev, left=left, done=done):
+                    if ev.finish_reason:
+                        left[0] -= 1
+                        if not left[0]:
+                            done.set()
+
+                new = min(self.scheduler.chunk + 1, self.context - n_tok)
+                self.scheduler.submit([Sequence([0] * n_tok, emit, max_new_tokens=new, logprobs=(runs == 0))
+                                       for _ in range(k)])
+                done.wait()
+                runs += 1
+        done = threading.Event()  # a row cancelled while it runs (Engine.release)
+        seq = Sequence([0] * lengths[0], None, max_new_tokens=self.context - lengths[0])
+        seq.emit = lambda ev: (self.scheduler.cancel(seq) if ev.token_ids else None, ev.finish_reason and done.set())
+        self.scheduler.submit([seq])
         done.wait()
+        runs += 1
+        if self.grammars is not None:  # the masked one-token step of constrained rows
+            done = threading.Event()
+            cons = self.grammars.response_format(None, "disabled", sorted(self.eos_ids))
+            self.scheduler.submit([Sequence([0] * lengths[0], lambda ev: ev.finish_reason and done.set(),
+                                            max_new_tokens=2, constraint=cons)])
+            done.wait()
+            runs += 1
+        return runs
 
     # -- limits ----------------------------------------------------------------------------------------------
     def max_new(self, n_prompt: int, max_tokens: int | None, param: str = "max_tokens", cap: bool = False) -> int:

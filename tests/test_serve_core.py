@@ -203,6 +203,35 @@ def test_scheduler_cancel_frees_the_row_and_queue_bound(tiny):
     assert [t for ev in got["short"] for t in ev.token_ids] == generate(tiny, [[4, 5]], GREEDY, 3, [])[0].token_ids
 
 
+def test_warmup_compiles_every_prefill_and_decode_that_serving_uses(tiny):
+    """After EngineService.warmup(32), requests with prompts up to 32 tokens arriving in any grouping compile
+    nothing on the scheduler thread (a compile there stalls every stream)."""
+    from qwen3_jax.infer.serving import EngineService
+
+    service = EngineService(tiny, None, max_batch=4, max_len=64, chunk=4)
+    service.start()
+    try:
+        assert service.warmup(32) == 2 * 3 + 1  # length buckets 16, 32 x batch buckets 1, 2, 4; a cancel
+        fns = service.scheduler.engine.fns
+        sizes = (fns.prefill._cache_size(), fns.decode._cache_size(), fns.release._cache_size())
+        rng = np.random.default_rng(1)
+        left = threading.Semaphore(0)
+        groups = [[20, 31, 17], [5, 2], [32, 9, 1, 12], [3]]
+        for i, group in enumerate(groups):
+            seqs = [Sequence(rng.integers(0, 512, n).tolist(), lambda ev: ev.finish_reason and left.release(), GREEDY,
+                             int(rng.integers(1, 12)), logprobs=(i == 1)) for n in group]
+            service.scheduler.submit(seqs)
+        cancel = Sequence([1, 2, 3], None, GREEDY, 50)  # cancelled in its row
+        cancel.emit = lambda ev: (service.scheduler.cancel(cancel), ev.finish_reason and left.release())
+        service.scheduler.submit([cancel])
+        for _ in range(sum(map(len, groups)) + 1):
+            left.acquire()
+        assert (fns.prefill._cache_size(), fns.decode._cache_size(), fns.release._cache_size()) == sizes
+        assert sizes[2] == 1
+    finally:
+        service.stop()
+
+
 # ----------------------------------------------------------------------------------------------- constraints
 @pytest.fixture(scope="module")
 def grammars(tmp_path_factory):

@@ -162,10 +162,11 @@ def servers(table, rand_dir, ids_dir, weather_log, tmp_path_factory):
     logs = tmp_path_factory.mktemp("server_logs")
     mcp = f"{sys.executable} {HERE / 'mcp_weather.py'}"
     started = {
-        "table": Server(logs / "table.log", "--model", table[0], "--max-batch", 4, "--served-model-name", "table"),
+        "table": Server(logs / "table.log", "--model", table[0], "--max-batch", 4, "--served-model-name", "table",
+                        "--warmup-len", 16),
         "rand": Server(logs / "rand.log", "--model", rand_dir, "--max-batch", 8, "--stream-interval", 4,
-                       "--max-queue", 128, "--mcp", mcp, env={"WEATHER_LOG": str(weather_log)}),
-        "ids": Server(logs / "ids.log", "--model", ids_dir, "--max-batch", 1, "--api-key", KEY),
+                       "--max-queue", 128, "--warmup-len", 16, "--mcp", mcp, env={"WEATHER_LOG": str(weather_log)}),
+        "ids": Server(logs / "ids.log", "--model", ids_dir, "--max-batch", 1, "--api-key", KEY, "--warmup-len", 16),
     }
     try:
         yield {k: s.wait_ready() for k, s in started.items()}
