@@ -103,25 +103,46 @@ class MCPTools:
             return f"Error: {type(e).__name__}: {e}"
 
 
-class ChatTools:
-    """`qwen3-jax-chat --mcp`: MCP servers on a background event loop, a one-row engine service, and `turn()`,
-    which runs one user turn through the tool loop (serving.ChatRun) and prints it as it streams."""
+class BackgroundMCPTools:
+    """MCPTools on an event loop of their own (a background thread, anyio's blocking portal), started before the
+    server's loop: a command that fails is reported before anything serves, and `call` can be awaited from any
+    other event loop. `inner` is the MCPTools itself, for code that runs on `portal`'s loop."""
 
-    def __init__(self, commands: list[str], model, tokenizer, *, max_len: int, tool_choice="auto",
-                 max_tool_rounds: int = 8, chunk: int = 4):
+    def __init__(self, commands: list[str]):
         from anyio.from_thread import start_blocking_portal
 
-        from .serving import EngineService
-
-        self.tool_choice, self.max_tool_rounds = tool_choice, max_tool_rounds
         self._portal_cm = start_blocking_portal()
         self.portal = self._portal_cm.__enter__()
         try:
             self._mcp_cm = self.portal.wrap_async_context_manager(MCPTools(commands))
-            self.mcp = self._mcp_cm.__enter__()
+            self.inner = self._mcp_cm.__enter__()
         except BaseException:
             self._portal_cm.__exit__(None, None, None)
             raise
+        self.tools, self.names = self.inner.tools, self.inner.names
+
+    async def call(self, name: str, arguments) -> str:
+        import asyncio
+
+        return await asyncio.wrap_future(self.portal.start_task_soon(self.inner.call, name, arguments))
+
+    def close(self):
+        self._mcp_cm.__exit__(None, None, None)
+        self._portal_cm.__exit__(None, None, None)
+
+
+class ChatTools:
+    """`qwen3-jax-chat --mcp`: MCP servers on a background event loop, a one-row engine service, and `turn()`,
+    which runs one user turn through the tool loop (serving.ChatRun) on that loop and prints it as it streams."""
+
+    def __init__(self, commands: list[str], model, tokenizer, *, max_len: int, tool_choice="auto",
+                 max_tool_rounds: int = 8, chunk: int = 4):
+        from .serving import EngineService
+
+        self.tool_choice, self.max_tool_rounds = tool_choice, max_tool_rounds
+        self.service = None
+        self.background = BackgroundMCPTools(commands)
+        self.portal, self.mcp = self.background.portal, self.background.inner
         names = [t["function"]["name"] for t in self.mcp.tools]
         if isinstance(tool_choice, dict) and tool_choice["function"]["name"] not in names:
             self.close()
@@ -131,10 +152,9 @@ class ChatTools:
         self.service.start()
 
     def close(self):
-        if getattr(self, "service", None) is not None:
+        if self.service is not None:
             self.service.stop()
-        self._mcp_cm.__exit__(None, None, None)
-        self._portal_cm.__exit__(None, None, None)
+        self.background.close()
 
     def turn(self, messages: list[dict], printer, out, *, enable_thinking: bool, sampling, max_new_tokens: int,
              stop_token_ids, thinking_budget=None) -> list[dict]:

@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from qwen3_jax.hostmem import tune_malloc
+from qwen3_jax.launch import ArgumentParser
 
 from . import protocol as P
 from .cli import SAMPLING_FLAGS, SamplingDefaults, _add_model_args, _load_model, _load_tokenizer, _setup
@@ -210,22 +211,16 @@ def _sse(obj) -> str:
 
 
 def create_app(service: EngineService, *, served_model_name: str, model_dir: str = "", defaults: Defaults,
-               api_key: str | None = None, mcp_commands=(), start_service: bool = True):
-    """The FastAPI app. `start_service`: start the scheduler thread in the lifespan (and stop it at shutdown)."""
+               api_key: str | None = None, mcp=None, start_service: bool = True):
+    """The FastAPI app. `mcp`: the MCP tools (mcp_client.BackgroundMCPTools) for chat requests that send no tools.
+    `start_service`: start the scheduler thread in the lifespan (and stop it at shutdown)."""
     metrics = service.metrics
-    state = {"mcp": None}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if start_service and service.scheduler._thread is None:
             service.start()
-        async with contextlib.AsyncExitStack() as stack:
-            if mcp_commands:
-                from .mcp_client import MCPTools
-
-                state["mcp"] = await stack.enter_async_context(MCPTools(list(mcp_commands)))
-                log.info("MCP tools: %s", ", ".join(sorted(state["mcp"].names)) or "(none)")
-            yield
+        yield
         if start_service:
             service.stop()
 
@@ -335,7 +330,7 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
     @app.post("/v1/chat/completions")
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         plan = chat_plan(req, service, defaults)
-        run = ChatRun(service, plan, state["mcp"])
+        run = ChatRun(service, plan, mcp)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         top = plan.params.top_logprobs
         if req.stream:
@@ -544,7 +539,7 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen3-jax-serve", description="OpenAI-compatible server (see the module "
+    p = ArgumentParser(prog="qwen3-jax-serve", description="OpenAI-compatible server (see the module "
                                 "docstring of qwen3_jax.infer.server and the README's server section).")
     _add_model_args(p)
     g = p.add_argument_group("server")
@@ -555,7 +550,7 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="sequences waiting for a row; past this a request is answered 429")
     g.add_argument("--max-len", "--max-model-len", dest="max_len", type=int,
                    help="context per row (prompt + completion); default min(max_position_embeddings, 8192)")
-    g.add_argument("--served-model-name", help="the model's name in responses and /v1/models (default: --model)")
+    g.add_argument("--served-model-name", help="the model's name in responses and /v1/models; default: --model")
     g.add_argument("--api-key", default=os.environ.get("QWEN3_JAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default $QWEN3_JAX_API_KEY)")
     g.add_argument("--stream-interval", type=int, default=8,
@@ -604,6 +599,15 @@ def main(argv=None) -> int:
 
     import uvicorn
 
+    mcp = None
+    if args.mcp:  # before the model loads: a command that fails is a usage error at once
+        from .mcp_client import BackgroundMCPTools, MCPError
+
+        try:
+            mcp = BackgroundMCPTools(args.mcp)
+        except MCPError as e:
+            p.error(str(e))
+        log.info("MCP tools: %s", ", ".join(sorted(mcp.names)) or "(none)")
     tokenizer = _load_tokenizer(args)
     model = _load_model(args)
     max_len = args.max_len or min(cfg.max_position_embeddings, 8192)
@@ -622,7 +626,7 @@ def main(argv=None) -> int:
                         args.max_tool_rounds)
     app = create_app(service, served_model_name=args.served_model_name or args.model,
                      model_dir=str(Path(args.model).resolve()), defaults=defaults, api_key=args.api_key,
-                     mcp_commands=args.mcp, start_service=False)
+                     mcp=mcp, start_service=False)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=None)
     server = uvicorn.Server(config)
@@ -636,6 +640,8 @@ def main(argv=None) -> int:
         for sig, handler in drained.items():
             signal.signal(sig, handler)
         service.stop()
+        if mcp is not None:
+            mcp.close()
     return 0 if server.started else 1
 
 

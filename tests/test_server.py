@@ -484,6 +484,20 @@ def test_chat_cli_runs_mcp_tools(rand_dir, tmp_path):
     assert bad.returncode == 2 and "--tool-choice nope: no such tool" in bad.stderr
 
 
+def test_setup_errors_are_one_line(ids_dir, tmp_path):
+    """A bad checkpoint or an --mcp command that is no MCP server: `qwen3-jax-serve: error: ...`, exit 2, before
+    anything serves (the MCP servers start before the model loads)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    for args, words in (([ "--model", str(tmp_path / "nope")], "--model"),
+                        (["--model", str(ids_dir), "--mcp", f"{sys.executable} -c pass"], "--mcp"),
+                        (["--model", str(ids_dir), "--warmup-len", "0"], "--warmup-len")):
+        out = subprocess.run([str(BIN / "qwen3-jax-serve"), *args], capture_output=True, text=True, env=env,
+                             timeout=300)
+        errors = [line for line in out.stderr.splitlines() if "qwen3-jax-serve: error:" in line]
+        assert out.returncode == 2 and len(errors) == 1 and words in errors[0], out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+
+
 def test_queue_full_answers_429():
     """An app whose scheduler never runs: submitted requests stay queued, so the bound is reached exactly."""
     from qwen3_jax.infer.cli import SamplingDefaults
