@@ -227,7 +227,7 @@ def test_warmup_compiles_every_prefill_and_decode_that_serving_uses(tiny):
         for _ in range(sum(map(len, groups)) + 1):
             left.acquire()
         assert (fns.prefill._cache_size(), fns.decode._cache_size(), fns.release._cache_size()) == sizes
-        assert sizes[2] == 1
+        assert sizes[2] >= 1  # the release of a cancelled row is compiled too (the cache is shared by model)
     finally:
         service.stop()
 
