@@ -47,7 +47,8 @@ def parse_mesh(spec: str | None) -> dict:
 
 
 def build_model(args, mesh):
-    kw = dict(remat=args.remat, capacity_factor=args.capacity_factor)
+    kw = dict(remat=args.remat, capacity_factor=args.capacity_factor,
+              ep_buffer_factor=getattr(args, "ep_buffer_factor", 1.25) or None)
     if os.path.isdir(args.model):
         return qwen3_jax.from_pretrained(args.model, dtype=args.dtype, param_dtype=args.param_dtype, mesh=mesh, **kw)
     if args.model not in qwen3_jax.PRESETS:
