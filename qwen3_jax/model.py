@@ -314,13 +314,14 @@ class LayerOps:
             return None
         return lambda name, x: stacked_proj(x, self.attn_stack[name], layer, n_in=2 if name == "o_proj" else 1)
 
-    def attend(self, q, k, v, layer, kv_l, seg_bt):
+    def attend(self, q, k, v, layer, kv_c, seg_bt):
+        """kv_c: the cache stacks (k, v) [L,B,S,K,hd] before this layer's write, or None (no cache)."""
         if self.kv is None:
             return attention_kernels.attention(q, k, v, seg_bt, ks=self.ks, mesh=self.mesh)
         _, _, write_bt, old_bs, new_btt = self.kv
         if self.in_place and q.shape[1] == 1:
-            return cached_attention_kernel(q, self.kv[0], self.kv[1], layer, k, v, old_bs, new_btt)
-        return cached_attention(q, kv_l[0], kv_l[1], k, v, write_bt, old_bs, new_btt)
+            return cached_attention_kernel(q, kv_c[0], kv_c[1], layer, k, v, old_bs, new_btt)
+        return cached_attention(q, kv_c[0][layer], kv_c[1][layer], k, v, write_bt, old_bs, new_btt)
 
     def moe(self, x_btd, p, layer, valid_bt, in_stack: bool):
         """in_stack: p is layer `layer` of self.moe_stack (all-MoE stacks), which CPU kernels may read in place."""
@@ -549,9 +550,9 @@ class Qwen3ForCausalLM(nnx.Module):
 
         seg_bt: segment ids of a forward without a cache (None: plain causal); valid_bt: real tokens (None: all).
         kv: None, or (k [L,B,S,K,hd], v [L,B,S,K,hd], write slots [B,T], cached-slot mask [B,S], new-token mask
-        [B,T,T]): each layer reads its cache slice (scan input, never copied or carried) and attends over the cached
-        tokens plus its new keys/values; the new keys/values come out of the layer loop [L,B,T,K,hd] and are
-        scattered into the (donatable) cache once, after it.
+        [B,T,T]). The cache stacks are carried through the layer loop: each layer reads its slice, attends over the
+        cached tokens plus its new keys/values, and writes those into its slots in place (a donated cache is
+        updated without a copy of the stack).
         Returns (h, router logits [L_moe,B,T,E] or None, dropped token copies [L_moe] or None (one device),
         (k, v) or None).
         """
@@ -577,67 +578,71 @@ class Qwen3ForCausalLM(nnx.Module):
             return jax.lax.cond(kind, run_moe, run_dense, x)
 
         def layer_fn(kind: str):
-            """The layer body for layers of `kind` ('moe', 'dense', or 'mixed': a traced flag in xs picks)."""
-            def body(h, xs):
-                layer, a, flag, moe_l, dense_l, kv_l = xs
+            """The layer body for layers of `kind` ('moe', 'dense', or 'mixed': a traced flag in xs picks).
+            carry = (h, cache stacks or None)."""
+            def body(carry, xs):
+                h, kvc = carry
+                layer, a, flag, moe_l, dense_l = xs
                 x = rms_norm(h, a["input_layernorm"], eps)
                 q, k, v = attention_qkv(x, a, cos, sin, eps, ops.proj(layer))
-                o = ops.attend(q, k, v, layer, kv_l, seg_bt)
+                o = ops.attend(q, k, v, layer, kvc, seg_bt)
+                if kvc is not None:
+                    kvc = write_cache(kvc, layer, k, v, kv[2])
                 h = h + attention_out(o, a, ops.proj(layer))
                 x = self._shard(rms_norm(h, a["post_attention_layernorm"], eps), "btd")
                 y, rl, dropped = mlp(x, flag if kind == "mixed" else kind, moe_l, dense_l, layer)
                 h = h + self._shard(y, "btd")
-                return h, (rl, dropped, None if kv is None else (k, v))
+                return (h, kvc), (rl, dropped)
 
             if rt.remat == "none":
                 return body
             return jax.checkpoint(body, policy=remat_policy(rt.remat), prevent_cse=not rt.scan_layers)
 
-        kv_xs = None if kv is None else (kv[0], kv[1])
+        carry = (h_btd, None if kv is None else (kv[0], kv[1]))
         take = lambda tree, i: jax.tree.map(lambda w: w[i], tree)  # noqa: E731
         if rt.scan_layers:
             if mixed:
                 body = layer_fn("mixed")
-                scanned = lambda h, xs: body(h, (xs[0], xs[1], xs[3], take(moe_p, xs[4]), take(dense_p, xs[5]),  # noqa: E731
-                                                 xs[2]))
+                scanned = lambda c, xs: body(c, (xs[0], xs[1], xs[2], take(moe_p, xs[3]), take(dense_p, xs[4])))  # noqa: E731
                 extra = (jnp.asarray(is_moe), jnp.asarray(moe_idx), jnp.asarray(dense_idx))
             elif is_moe.all():
                 body = layer_fn("moe")
-                scanned = lambda h, xs: body(h, (xs[0], xs[1], None, xs[3], None, xs[2]))  # noqa: E731
+                scanned = lambda c, xs: body(c, (xs[0], xs[1], None, xs[2], None))  # noqa: E731
                 extra = (moe_p,)
             else:
                 body = layer_fn("dense")
-                scanned = lambda h, xs: body(h, (xs[0], xs[1], None, None, xs[3], xs[2]))  # noqa: E731
+                scanned = lambda c, xs: body(c, (xs[0], xs[1], None, None, xs[2]))  # noqa: E731
                 extra = (dense_p,)
-            h, (rl, dropped, new_kv) = jax.lax.scan(scanned, h_btd, (jnp.arange(n_layers), attn_p, kv_xs, *extra))
-        else:  # unrolled: static layer kinds, no cond
-            outs = []
-            h = h_btd
-            bodies = {"moe": layer_fn("moe"), "dense": layer_fn("dense")}
-            for i in range(n_layers):
-                moe_l = take(moe_p, moe_idx[i]) if is_moe[i] else None
-                dense_l = None if is_moe[i] else take(dense_p, dense_idx[i])
-                h, out = bodies["moe" if is_moe[i] else "dense"](h, (i, take(attn_p, i), None, moe_l, dense_l,
-                                                                      take(kv_xs, i)))
-                outs.append(out)
-            moe_outs = [o for o, m in zip(outs, is_moe) if m]
-            rl = jnp.stack([o[0] for o in moe_outs]) if moe_outs else None
-            dropped = jnp.stack([o[1] for o in moe_outs]) if moe_outs else None
-            new_kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *[o[2] for o in outs])
-        if rt.scan_layers:
+            (h, kv_out), (rl, dropped) = jax.lax.scan(scanned, carry, (jnp.arange(n_layers), attn_p, *extra))
             if mixed:
                 sel = jnp.asarray(np.nonzero(is_moe)[0])
                 rl, dropped = rl[sel], dropped[sel]
             elif not is_moe.any():
                 rl = dropped = None
+        else:  # unrolled: static layer kinds, no cond
+            outs = []
+            bodies = {"moe": layer_fn("moe"), "dense": layer_fn("dense")}
+            for i in range(n_layers):
+                moe_l = take(moe_p, moe_idx[i]) if is_moe[i] else None
+                dense_l = None if is_moe[i] else take(dense_p, dense_idx[i])
+                carry, out = bodies["moe" if is_moe[i] else "dense"](carry, (i, take(attn_p, i), None, moe_l, dense_l))
+                outs.append(out)
+            h, kv_out = carry
+            moe_outs = [o for o, m in zip(outs, is_moe) if m]
+            rl = jnp.stack([o[0] for o in moe_outs]) if moe_outs else None
+            dropped = jnp.stack([o[1] for o in moe_outs]) if moe_outs else None
         if dropped is not None and not self._sharded():
             dropped = None        # one device never drops
-        if kv is None:
-            return h, rl, dropped, None
-        rows = jnp.arange(h.shape[0])[:, None]
-        ck = kv[0].at[:, rows, kv[2]].set(new_kv[0].astype(kv[0].dtype), mode="drop")
-        cv = kv[1].at[:, rows, kv[2]].set(new_kv[1].astype(kv[1].dtype), mode="drop")
-        return h, rl, dropped, (ck, cv)
+        return h, rl, dropped, kv_out
+
+
+def write_cache(kv_c, layer, k_btkd, v_btkd, write_bt):
+    """Store layer `layer`'s new keys/values in slots write_bt [B,T] of the stacks (k [L,B,S,K,hd], v); slots past
+    the cache are dropped. Inside the layer loop, on the carried stacks: XLA updates them in place."""
+    rows = jnp.arange(k_btkd.shape[0])[:, None]
+    ck = kv_c[0].at[layer, rows, write_bt].set(k_btkd.astype(kv_c[0].dtype), mode="drop")
+    cv = kv_c[1].at[layer, rows, write_bt].set(v_btkd.astype(kv_c[1].dtype), mode="drop")
+    return ck, cv
 
 
 def remat_policy(name: str):
