@@ -212,8 +212,12 @@ def _load_tokenizer(args):
 def _load_model(args):
     import qwen3_jax
 
+    from qwen3_jax.sharding.rules import SERVE_PARAM_RULES
+
     t0 = time.perf_counter()
-    model = qwen3_jax.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh)
+    # the serving layout: no weight is gathered per decoded token (experts over 'expert', the rest over 'tensor')
+    rules = SERVE_PARAM_RULES if args.mesh is not None else None
+    model = qwen3_jax.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh, rules=rules)
     print(f"loaded {args.model} ({args.dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     return model
 

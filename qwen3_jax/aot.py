@@ -195,8 +195,13 @@ def compile_report(cfg: Qwen3Config, topology: str, mesh_sizes: dict, *, program
     if plan_estimate:
         from qwen3_jax.sharding.plan import plan
 
+        bf = kw.get("ep_buffer_factor", Runtime.ep_buffer_factor)
+        ks = Runtime(mesh=mesh, ep_buffer_factor=bf, capacity_factor=kw.get("capacity_factor")).kernels
+        padded = ks.ep_dispatch == "padded"          # e.g. v5e over 16 chips: the dispatch the program compiled
         est = plan(cfg, dict(rep["mesh"]), dtype, batch, seq_len, remat=remat, program=program,
-                   param_dtype=param_dtype, buffer_factor=kw.get("ep_buffer_factor", Runtime.ep_buffer_factor))
+                   param_dtype=param_dtype, buffer_factor=bf, dispatch="padded" if padded else "ragged",
+                   capacity_factor=(kw.get("capacity_factor") or ks.padded_capacity) if padded else None)
+        rep["ep_dispatch"] = ks.ep_dispatch
         rep["plan_total"] = est["total"]
     return rep
 

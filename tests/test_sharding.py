@@ -348,7 +348,7 @@ def test_plan_cli_table_and_shard_sizes(capsys):
     norms = 48 * (2 * 2048 + 2 * 128) + 2048                         # replicated
     rest = qwen3_jax.param_count(cfg)["total"] - experts - norms     # attention, router, embeddings: D over expert
     assert r["params"] == (experts // 8 + rest // 8 + norms) * 4
-    assert r["adam"] == 2 * r["params"] and r["grads"] == r["params"]
+    assert r["adam"] == 2 * r["params"] and r["grads"] == r["params"] and r["update"] == r["params"]
     assert r["logits"] == 3 * (256 // 32) * 512 * cfg.vocab_size * 4   # one CE chunk, never [B, T, V]
     assert r["total"] == sum(r[k] for k in r["items"])
     d = plan.plan(cfg, plan.parse_mesh("expert=8"), "bfloat16", 64, 4096, program="decode")
