@@ -183,7 +183,8 @@ def format_plan(name: str, cfg: Qwen3Config, mesh: dict[str, int], dtype: str, b
         f"{'per device':<60}{'GiB':>9}",
     ]
     for key in r["items"]:
-        lines.append(f"{'  ' + LABELS[key]:<60}{g(r[key])}")
+        label = "logits and sampling" if key == "logits" and program == "decode" else LABELS[key]
+        lines.append(f"{'  ' + label:<60}{g(r[key])}")
     lines += [f"{'  = total':<60}{g(r['total'])}", "",
               f"{'fits (<= ' + str(int(HEADROOM * 100)) + '% of HBM)':<22}"]
     for dev, hbm in DEVICES.items():
