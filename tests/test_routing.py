@@ -1,0 +1,177 @@
+"""Routing toolkit: interventions on every MoE path, capture counts, REAP pruning, reports, the CLIs."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import qwen3_jax
+from qwen3_jax import Qwen3ForCausalLM
+from qwen3_jax.model import KVCache
+from qwen3_jax.routing import Intervention, RoutingStats, capture, evaluate
+from qwen3_jax.sharding import make_mesh
+
+NAME = "moe_mixed_yarn_tied"     # layers 0, 2, 3 MoE (1 dense), 10 experts top-3, norm_topk_prob False
+
+
+def _ids(cfg, b, t, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (b, t)).astype(np.int32)
+
+
+def _routed(model, iv):
+    view = nnx.merge(*nnx.split(model))
+    view.runtime = view.runtime.replace(routing=iv)
+    return view
+
+
+def _np_topk(logits_ne, k, disabled=()):
+    """Reference routing in numpy: softmax over the non-disabled experts, top-k ids (descending)."""
+    x = np.asarray(logits_ne, np.float64).copy()
+    x[:, list(disabled)] = -np.inf
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.argsort(-p, axis=-1, kind="stable")[:, :k], p
+
+
+# ============================================================================ interventions
+def test_top_k_override_equals_config_top_k_on_every_path(reference):
+    _, path, model = reference(NAME)
+    cfg = model.config
+    ids = _ids(cfg, 2, 9)
+    k2 = Qwen3ForCausalLM(cfg.replace(num_experts_per_tok=2), rngs=nnx.Rngs(0))
+    nnx.update(k2, nnx.state(model, nnx.Param))
+    want = np.asarray(k2(ids).logits)
+    over = _routed(model, Intervention(top_k=2))
+    np.testing.assert_array_equal(np.asarray(over(ids).logits), want)           # layer scan
+    unrolled = _routed(model, Intervention(top_k=2))
+    unrolled.runtime = unrolled.runtime.replace(scan_layers=False)
+    np.testing.assert_allclose(np.asarray(unrolled(ids).logits), want, atol=1e-5, rtol=0)
+    assert not np.allclose(np.asarray(model(ids).logits), want, atol=1e-3)     # top-2 differs from top-3
+    # KV-cached: prefill 8 tokens, decode the 9th (the CPU decode kernels' path) == the full forward
+    cache = KVCache.init(cfg, 2, 16)
+    pre = over(ids[:, :8], cache=cache)
+    step = over(ids[:, 8:], cache=pre.cache)
+    np.testing.assert_allclose(np.asarray(step.logits[:, 0]), want[:, 8], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(pre.logits), want[:, :8], atol=1e-4, rtol=0)
+    # expert-parallel mesh (padded all-to-all on CPU), per-layer top-k with slots left empty in layer 0
+    mesh_model = qwen3_jax.from_pretrained(path, mesh=make_mesh(data=2, expert=2, devices=jax.devices()[:4]))
+    iv = Intervention(top_k={None: 2, 0: 1}, disable={3: [0, 9]}, force={2: [4]}, temperature={2: 0.7})
+    ep = _routed(mesh_model, iv)(ids)
+    one = _routed(model, iv)(ids)
+    np.testing.assert_allclose(np.asarray(ep.logits), np.asarray(one.logits), atol=1e-4, rtol=0)
+    assert int(np.sum(ep.dropped_tokens)) == 0     # empty slots are never counted as dropped
+
+
+def test_disabled_expert_receives_no_tokens_and_forced_always_does(reference):
+    _, _, model = reference(NAME)
+    cfg = model.config
+    ids = _ids(cfg, 3, 13, seed=3)
+    base = capture(model, [ids])
+    busiest = int(np.argmax(base.load[0]))
+    iv = Intervention(disable={0: [busiest, 7], None: [1]}, force={3: [5]})
+    st = capture(model, [ids], intervention=iv)
+    n = ids.size
+    assert st.load[0, busiest] == 0 and st.load[0, 7] == 0 and base.load[0, busiest] > 0
+    assert (st.load[:, 1] == 0).all() and (st.top1_load[:, 1] == 0).all()
+    assert st.load[2, 5] == n                           # forced at layer 3 (MoE index 2): every token
+    assert (st.load.sum(-1) == n * cfg.num_experts_per_tok).all()   # the next choices take the slots
+    # the routing equals the numpy reference: disabled logits masked, top-k of the rest
+    out = model(ids)
+    want, _ = _np_topk(np.asarray(out.router_logits[0]).reshape(n, -1), 3, disabled=(busiest, 7, 1))
+    np.testing.assert_array_equal(st.load[0], np.bincount(want.ravel(), minlength=cfg.num_experts))
+    with pytest.raises(ValueError, match="layer 1 is not a MoE layer"):
+        capture(model, [ids], intervention=Intervention(disable={1: [0]}))
+    with pytest.raises(ValueError, match="out of range"):
+        capture(model, [ids], intervention=Intervention(disable=[10]))
+    with pytest.raises(ValueError, match="top_k 3 > the 2 experts left"):
+        Intervention(disable=list(range(8))).check(cfg)
+
+
+# ============================================================================ capture
+def test_captured_counts_equal_counts_recomputed_from_router_logits(reference, tmp_path):
+    _, _, model = reference(NAME)
+    cfg = model.config
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    recs = [_ids(cfg, 1, n, seed=n)[0] for n in (5, 17, 9, 30, 2)]
+    doms = ["py", "de", "py", "en", "de"]
+    st = capture(model, recs, domains=doms, batch_size=2, max_len=16, trace=tmp_path / "trace.npz")
+    # reference: each record alone (pieces of <= 16 tokens, as capture runs them), routed in numpy
+    load = np.zeros((3, e), np.int64)
+    top1 = np.zeros((3, e), np.int64)
+    co = np.zeros((3, e, e), np.int64)
+    ent = np.zeros(3)
+    mass = np.zeros(3)
+    dom_load = {d: np.zeros((3, e), np.int64) for d in set(doms)}
+    tok_top1 = np.zeros((3, cfg.vocab_size, e), np.int64)
+    trace_e = []
+    for r, d in zip(recs, doms):
+        for s in range(0, len(r), 16):
+            piece = r[s:s + 16]
+            rl = np.asarray(model(piece[None]).router_logits)[:, 0]             # [L, T, E]
+            for li in range(3):
+                top, p = _np_topk(rl[li], k)
+                np.add.at(load[li], top.ravel(), 1)
+                np.add.at(dom_load[d][li], top.ravel(), 1)
+                np.add.at(top1[li], top[:, 0], 1)
+                np.add.at(tok_top1[li], (piece, top[:, 0]), 1)
+                for row in top:
+                    for a in row:
+                        for b in row:
+                            co[li, a, b] += a != b
+                ent[li] += float(-(p * np.log(p)).sum())
+                mass[li] += float(np.take_along_axis(p, top, -1).sum())
+            trace_e.append(np.stack([_np_topk(rl[li], k)[0] for li in range(3)], 1))
+    n_tok = sum(len(r) for r in recs)
+    assert st.tokens == n_tok and st.sequences == 5 + 2        # the 17- and 30-token records ran in two pieces
+    np.testing.assert_array_equal(st.load, load)
+    np.testing.assert_array_equal(st.top1_load, top1)
+    np.testing.assert_array_equal(st.coactivation, co)
+    np.testing.assert_allclose(st.entropy_sum, ent, rtol=1e-4)
+    np.testing.assert_allclose(st.topk_mass_sum, mass, rtol=1e-4)
+    for d in dom_load:
+        np.testing.assert_array_equal(st.domains[d]["load"], dom_load[d])
+    for li in range(3):
+        np.testing.assert_array_equal(st.token_counts.dense(li), tok_top1[li])
+    js = st.to_json()
+    assert [layer["layer"] for layer in js["layers"]] == [0, 2, 3]
+    assert js["layers"][1]["load"] == load[1].tolist() and sum(js["layers"][1]["load"]) == n_tok * k
+    assert js["domains"]["py"]["tokens"] == 5 + 9
+    tr = np.load(tmp_path / "trace.npz")
+    assert tr["routed_experts"].shape == (n_tok, 3, k) and tr["routed_experts"].dtype == np.int16
+    np.testing.assert_array_equal(tr["routed_experts"], np.concatenate(trace_e))
+    np.testing.assert_array_equal(tr["token_ids"], np.concatenate(recs))
+    np.testing.assert_array_equal(tr["record"], np.repeat(np.arange(5), [len(r) for r in recs]))
+    np.testing.assert_array_equal(tr["position"], np.concatenate([np.arange(len(r)) for r in recs]))
+    assert tr["routed_weights"].shape == (n_tok, 3, k)
+    # saved and read back: the same numbers
+    st.save(tmp_path / "cap")
+    back = RoutingStats.load_dir(tmp_path / "cap")
+    np.testing.assert_array_equal(back.load, st.load)
+    np.testing.assert_array_equal(back.coactivation, st.coactivation)
+    np.testing.assert_array_equal(back.token_counts.dense(1), tok_top1[1])
+    # on an expert-parallel mesh: the same counts
+    mesh_model = qwen3_jax.from_pretrained(reference(NAME)[1], mesh=make_mesh(data=2, expert=2, devices=jax.devices()[:4]))
+    st_ep = capture(mesh_model, recs, domains=doms, batch_size=2, max_len=16)
+    np.testing.assert_array_equal(st_ep.load, st.load)
+    np.testing.assert_array_equal(st_ep.coactivation, st.coactivation)
+
+
+def test_evaluate_with_and_without_intervention(reference):
+    _, _, model = reference(NAME)
+    cfg = model.config
+    recs = [_ids(cfg, 1, n, seed=n)[0] for n in (7, 12)]
+    res = evaluate(model, recs, domains=["a", "b"], batch_size=2)
+    logits = [np.asarray(model(r[None]).logits[0], np.float64) for r in recs]
+    nll = [-(lg[:-1] - np.log(np.exp(lg[:-1]).sum(-1, keepdims=True)))[np.arange(len(r) - 1), r[1:]]
+           for lg, r in zip(logits, recs)]
+    assert res["tokens"] == 6 + 11
+    np.testing.assert_allclose(res["loss"], np.concatenate(nll).mean(), rtol=1e-5)
+    np.testing.assert_allclose(res["domains"]["b"]["loss"], nll[1].mean(), rtol=1e-5)
+    off = evaluate(model, recs, intervention=Intervention(top_k=1), batch_size=2)
+    assert off["tokens"] == res["tokens"] and abs(off["loss"] - res["loss"]) > 1e-4
