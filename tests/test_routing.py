@@ -175,3 +175,52 @@ def test_evaluate_with_and_without_intervention(reference):
     np.testing.assert_allclose(res["domains"]["b"]["loss"], nll[1].mean(), rtol=1e-5)
     off = evaluate(model, recs, intervention=Intervention(top_k=1), batch_size=2)
     assert off["tokens"] == res["tokens"] and abs(off["loss"] - res["loss"]) > 1e-4
+
+
+# ============================================================================ pruning
+def test_reap_pruned_model_saves_and_loads_in_transformers_with_equal_logits(reference, tmp_path):
+    from transformers import Qwen3MoeForCausalLM
+
+    from qwen3_jax.routing import prune_experts, reap_saliency
+    from qwen3_jax.routing.prune import save_pruned
+    from tests.hf_ref import hf_forward
+
+    _, _, model = reference(NAME)
+    cfg = model.config
+    calib = [_ids(cfg, 1, n, seed=10 + n)[0] for n in (11, 20, 7)]
+    sal = reap_saliency(model, calib, batch_size=2)
+    # saliency by hand for one layer: mean over routed tokens of weight x ||expert output||
+    rl = [np.asarray(model(c[None]).router_logits)[1, 0] for c in calib]
+    routed = np.concatenate([_np_topk(x, 3)[0] for x in rl])
+    np.testing.assert_array_equal(sal["count"][1], np.bincount(routed.ravel(), minlength=cfg.num_experts))
+    assert (sal["saliency"] >= 0).all() and (sal["saliency"][sal["count"] > 0] > 0).all()
+    view = _routed(model, Intervention(moe_inputs=True))
+    x = np.concatenate([np.asarray(view(c[None]).moe_inputs)[1, 0] for c in calib], dtype=np.float64)
+    p = {n: np.asarray(getattr(model.layers.moe, n)[...])[1] for n in ("gate_proj", "up_proj", "down_proj")}
+    probs = np.concatenate([_np_topk(r, 3)[1] for r in rl])
+    for j in range(cfg.num_experts):
+        rows = np.nonzero((routed == j).any(-1))[0]
+        h = x[rows] @ p["gate_proj"][j]
+        f = (h / (1 + np.exp(-h)) * (x[rows] @ p["up_proj"][j])) @ p["down_proj"][j]
+        want = (probs[rows, j] * np.linalg.norm(f, axis=-1)).mean() if rows.size else 0.0
+        np.testing.assert_allclose(sal["saliency"][1, j], want, rtol=1e-4)
+    pruned = prune_experts(model, sal, keep=6)
+    kept = pruned.pruned_experts
+    assert pruned.config.num_experts == 6 and all(len(k) == 6 for k in kept)
+    for li, k in enumerate(kept):   # the most salient six of each layer
+        assert set(k) == set(np.argsort(-sal["saliency"][li], kind="stable")[:6].tolist())
+    out_dir = tmp_path / "pruned"
+    save_pruned(pruned, out_dir, sal)
+    assert json.loads((out_dir / "config.json").read_text())["num_experts"] == 6
+    assert json.loads((out_dir / "pruning.json").read_text())["kept_experts"] == [list(k) for k in kept]
+    hf = Qwen3MoeForCausalLM.from_pretrained(out_dir).eval()
+    ids = _ids(cfg, 2, 10, seed=5)
+    ref, ref_router = hf_forward(hf, ids)
+    out = pruned(ids)
+    np.testing.assert_allclose(np.asarray(out.logits), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.router_logits), ref_router, atol=1e-4, rtol=0)
+    # pruning == disabling the other experts in the original model
+    off = {layer: sorted(set(range(cfg.num_experts)) - set(k)) for layer, k in zip(cfg.moe_layers, kept)}
+    masked = _routed(model, Intervention(disable=off))(ids)
+    np.testing.assert_allclose(np.asarray(masked.logits), np.asarray(out.logits), atol=1e-4, rtol=0)
+    assert qwen3_jax.from_pretrained(out_dir).config.num_experts == 6
