@@ -43,6 +43,7 @@ setup(
             "qwen3-jax-plot=qwen3_jax.train.plot:main",
             "qwen3-jax-infer=qwen3_jax.infer.cli:main",
             "qwen3-jax-chat=qwen3_jax.infer.cli:chat_main",
+            "qwen3-jax-routing=qwen3_jax.routing.cli:main",
         ],
     },
 )

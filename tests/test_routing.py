@@ -224,3 +224,92 @@ def test_reap_pruned_model_saves_and_loads_in_transformers_with_equal_logits(ref
     masked = _routed(model, Intervention(disable=off))(ids)
     np.testing.assert_allclose(np.asarray(masked.logits), np.asarray(out.logits), atol=1e-4, rtol=0)
     assert qwen3_jax.from_pretrained(out_dir).config.num_experts == 6
+
+
+# ============================================================================ CLI, report, browser
+BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+PROBE = ("<script>window.addEventListener('load',()=>{const i=[...document.images];"
+         "document.title='images '+i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length;});</script>")
+
+
+def _browser_images(html_path) -> tuple[int, int]:
+    """(images loaded, images) of a page opened in a headless Chromium (installed by .ci/run from apt)."""
+    exe = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    assert exe, "no headless Chromium: apt-get install chromium-headless-shell (.ci/run does)"
+    probe = os.path.join(os.path.dirname(html_path), "_probe.html")
+    with open(html_path, encoding="utf-8") as f:
+        page = f.read()
+    with open(probe, "w", encoding="utf-8") as f:
+        f.write(page.replace("</body>", PROBE + "</body>"))
+    try:
+        dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                              "--virtual-time-budget=10000", "--dump-dom", "file://" + os.path.abspath(probe)],
+                             capture_output=True, text=True, timeout=120).stdout
+    finally:
+        os.remove(probe)
+    import re
+
+    m = re.search(r"<title>images (\d+)/(\d+)</title>", dom)
+    assert m, f"the page did not load in {exe}: {dom[:300]!r}"
+    return int(m[1]), int(m[2])
+
+
+def test_capture_report_compare_eval_cli_and_the_html_opens_in_a_browser(reference, tmp_path, capsys):
+    from qwen3_jax.routing.cli import main
+
+    _, path, model = reference(NAME)
+    cfg = model.config
+    data = tmp_path / "in.jsonl"
+    lines = [json.dumps({"input_ids": _ids(cfg, 1, n, seed=n)[0].tolist(), "domain": d})
+             for n, d in ((9, "code"), (14, "prose"), (6, "code"), (11, "math"))]
+    data.write_text("\n".join(lines[:2] + ['{"input_ids": [1, 2, 9999]}', "not json"] + lines[2:]) + "\n")
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    assert main(["capture", "--model", path, "--data", str(data), "--output", str(out_a), "--trace", "--report",
+                 "--batch-size", "2"]) == 1                      # two bad lines: reported, skipped, exit 1
+    err = capsys.readouterr().err
+    assert f"{data}:3: token ids [9999]" in err and f"{data}:4:" in err
+    stats = json.loads((out_a / "stats.json").read_text())
+    n_tok = 9 + 14 + 6 + 11
+    assert [x["layer"] for x in stats["layers"]] == cfg.moe_layers and stats["tokens"] == n_tok
+    assert all(len(x["load"]) == cfg.num_experts and sum(x["load"]) == 3 * n_tok for x in stats["layers"])
+    assert set(stats["domains"]) == {"code", "prose", "math"} and stats["domains"]["code"]["tokens"] == 15
+    # the same statistics as the Python API
+    api = capture(model, [json.loads(x)["input_ids"] for x in lines], domains=[json.loads(x)["domain"] for x in lines])
+    assert [x["load"] for x in stats["layers"]] == api.load.tolist()
+    report_dir = out_a / "report"
+    for f in ("index.html", "load_heatmap.png", "balance.png", "domain_summary.png", "vocab.png", "layers.csv",
+              "load.csv", "domains.csv", "vocab.csv", "summary.json", "domain_layer002.png",
+              "coactivation_layer003.png"):
+        assert (report_dir / f).is_file(), f
+    loaded, total = _browser_images(str(report_dir / "index.html"))
+    assert total == 4 + 2 * len(cfg.moe_layers) and loaded == total
+    # a broken image is seen as not loaded (the check can fail)
+    (report_dir / "vocab.png").unlink()
+    assert _browser_images(str(report_dir / "index.html")) == (total - 1, total)
+    # compare: the same model is saturated (overlap 1); top-2 routing overlaps 2/3 of top-3 at most
+    assert main(["capture", "--model", path, "--data", str(data), "--output", str(out_b), "--trace",
+                 "--top-k", "2", "--disable", "0,1@layer3"]) == 1
+    assert main(["compare", str(out_a), str(out_a), "--out", str(tmp_path / "same")]) == 0
+    same = json.loads((tmp_path / "same" / "compare.json").read_text())
+    assert same["overlap"] == [1.0] * 3 and same["tokens"] == n_tok
+    assert main(["compare", str(out_a), str(out_b)]) == 0
+    cmp_ = json.loads((out_b / "compare" / "compare.json").read_text())
+    assert all(o <= 2 / 3 + 1e-9 for o in cmp_["overlap"]) and cmp_["overlap"][1] > 0.5
+    b_stats = json.loads((out_b / "stats.json").read_text())
+    assert b_stats["layers"][2]["load"][0] == b_stats["layers"][2]["load"][1] == 0
+    assert b_stats["intervention"]["disable"] == {"3": [0, 1]}
+    # eval: loss with and without the intervention
+    res_path = tmp_path / "eval.json"
+    assert main(["eval", "--model", path, "--data", str(data), "--top-k", "1", "--disable", "3,7@layer2",
+                 "--output", str(res_path)]) == 1
+    res = json.loads(res_path.read_text())
+    assert res["baseline"]["tokens"] == n_tok - 4 and res["intervention"]["tokens"] == n_tok - 4
+    assert res["delta_loss"] == pytest.approx(res["intervention"]["loss"] - res["baseline"]["loss"])
+    assert set(res["baseline"]["domains"]) == {"code", "prose", "math"}
+    # usage errors: one line, exit 2
+    capsys.readouterr()
+    assert main(["eval", "--model", path, "--data", str(data), "--disable", "3@layer1"]) == 2
+    assert "layer 1 is not a MoE layer" in capsys.readouterr().err
+    assert main(["capture", "--model", path, "--data", str(data), "--output", str(tmp_path / "c"),
+                 "--top-k", "x"]) == 2
+    assert main(["compare", str(out_a), str(tmp_path)]) == 2
