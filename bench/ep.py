@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from qwen3_jax import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from qwen3_jax import Qwen3Config, Qwen3ForCausalLM, Runtime  # noqa: E402
 from qwen3_jax.sharding import ep_moe, make_mesh, shard_model  # noqa: E402
 
 BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
@@ -104,7 +104,7 @@ def main(argv=None):
     for label, cf in (("dropless (worst case)", None), ("capacity 2.0", 2.0), ("capacity 1.25", 1.25),
                       ("capacity 1.0", 1.0)):
         def layer_loss(x, p, cf=cf):
-            y, _, dropped = ep_moe(x, p, cfg, mesh, capacity_factor=cf, dispatch="padded")
+            y, _, dropped = ep_moe(x, None, p, cfg, Runtime(mesh=mesh, capacity_factor=cf, ep_dispatch="padded"))
             return jnp.sum(y.astype(jnp.float32) ** 2), dropped
 
         fn = jax.jit(jax.grad(layer_loss, argnums=(0, 1), has_aux=True))

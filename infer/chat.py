@@ -116,3 +116,158 @@ class IncrementalDetokenizer:
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return full[len(done) :]
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string (excluded, as vLLM by default). `feed` returns the text that is
+    safe to emit: a tail that could begin a stop string waits for the next delta."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in (stops or []) if s]
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self._buf = ""
+        self.hit: str | None = None
+
+    def feed(self, text: str) -> str:
+        if self.hit is not None:
+            return ""
+        if not self.stops:
+            return text
+        buf = self._buf + text
+        cut = min(((buf.find(s), s) for s in self.stops if s in buf), default=None)
+        if cut is not None:
+            self.hit, self._buf = cut[1], ""
+            return buf[: cut[0]]
+        keep = 0
+        for n in range(min(self._hold, len(buf)), 0, -1):
+            if any(s.startswith(buf[-n:]) for s in self.stops):
+                keep = n
+                break
+        self._buf = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> str:
+        out, self._buf = self._buf, ""
+        return out if self.hit is None else ""
+
+
+def _partial_tag(text: str, tags) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of one of `tags`."""
+    for n in range(min(len(text), max(len(t) for t in tags) - 1), 0, -1):
+        if any(t.startswith(text[-n:]) for t in tags):
+            return n
+    return 0
+
+
+class ChatStreamParser:
+    """Qwen3 chat output, streamed: text deltas in, typed deltas out, as `split_reasoning` then
+    `parse_tool_calls` read the whole text.
+
+    `feed(text)` / `finish()` return a list of ("reasoning", str), ("content", str) and ("tool_call", call) items
+    (call: `{"id", "type": "function", "function": {"name", "arguments"}}`). A tag split across deltas (`<think>`,
+    `</think>`, `<tool_call>`) is held back until it is whole, so no part of it reaches the content; reasoning
+    loses the newlines around it and the content the newlines that open it (the template's form); whitespace
+    before a tool call waits, and is dropped when nothing but tool calls follows. A malformed or unterminated
+    `<tool_call>` block goes to the content as text (and to `errors`). `in_reasoning`: the prompt ended inside
+    `<think>`; `tools`: parse tool calls (only when tools were offered)."""
+
+    def __init__(self, in_reasoning: bool = False, tools: bool = False):
+        self.state = "reasoning" if in_reasoning else "start"
+        self.tools = tools
+        self.errors: list[dict] = []
+        self.n_calls = 0
+        self._buf = ""             # undecided text (a possible tag, leading / trailing whitespace, a tool block)
+        self._strip = in_reasoning  # drop the newlines that open the current section
+
+    def feed(self, text: str) -> list:
+        self._buf += text
+        out: list = []
+        while True:
+            before = (self.state, len(self._buf))
+            getattr(self, f"_{self.state}")(out, final=False)
+            if (self.state, len(self._buf)) == before:
+                return out
+
+    def finish(self) -> list:
+        out = self.feed("")
+        getattr(self, f"_{self.state}")(out, final=True)
+        return out
+
+    # -- states ------------------------------------------------------------------------------------------------
+    def _start(self, out, final):
+        head = self._buf.lstrip()
+        if head.startswith(THINK_START):
+            self._buf, self.state, self._strip = head[len(THINK_START) :], "reasoning", True
+        elif final or (head and not THINK_START.startswith(head)):
+            self.state = "content"
+            self._content(out, final)
+
+    def _reasoning(self, out, final):
+        buf = self._buf
+        if self._strip:
+            buf = buf.lstrip("\n")
+            self._strip = not buf
+        if THINK_END in buf:
+            text, _, rest = buf.partition(THINK_END)
+            self._emit(out, "reasoning", text.replace(THINK_START, "").rstrip("\n"))
+            self._buf, self.state, self._strip = rest, "content", True
+            return
+        if final:
+            self._buf = ""
+            self._emit(out, "reasoning", buf.replace(THINK_START, "").rstrip("\n"))
+            return
+        keep = _partial_tag(buf, (THINK_END, THINK_START))
+        text = buf[: len(buf) - keep]
+        n_nl = len(text) - len(text.rstrip("\n"))  # trailing newlines wait: they are dropped before </think>
+        self._emit(out, "reasoning", text[: len(text) - n_nl].replace(THINK_START, ""))
+        self._buf = buf[len(text) - n_nl :]
+
+    def _content(self, out, final):
+        buf = self._buf
+        if self._strip:
+            buf = buf.lstrip("\n")
+            self._strip = not buf and not final
+        if self.tools and TOOL_CALL_START in buf:
+            text, _, rest = buf.partition(TOOL_CALL_START)
+            lead = text.rstrip()
+            self._emit(out, "content", lead)
+            self._buf, self.state = text[len(lead) :] + TOOL_CALL_START + rest, "tool"
+            return
+        if final:
+            self._buf = ""
+            self._emit(out, "content", buf if not self.n_calls else buf.rstrip())
+            return
+        keep = _partial_tag(buf, (TOOL_CALL_START,)) if self.tools else 0
+        text = buf[: len(buf) - keep]
+        lead = text.rstrip() if self.tools else text  # whitespace waits: a tool call may follow
+        self._emit(out, "content", lead)
+        self._buf = buf[len(lead) :]
+
+    def _tool(self, out, final):
+        ws, _, block = self._buf.partition(TOOL_CALL_START)
+        if TOOL_CALL_END in block:
+            body, _, rest = block.partition(TOOL_CALL_END)
+            try:
+                call = _parse_tool_call(body.strip())
+            except ValueError as e:
+                self.errors.append({"index": self.n_calls + len(self.errors),
+                                    "text": TOOL_CALL_START + body + TOOL_CALL_END, "error": str(e)})
+                self._emit(out, "content", ws + TOOL_CALL_START + body + TOOL_CALL_END)
+                ws = ""
+            else:
+                self.n_calls += 1
+                out.append(("tool_call", call))
+            self._buf, self.state = ws + rest, "content"  # whitespace before the call waits for more content
+        elif final:
+            self.errors.append({"index": self.n_calls + len(self.errors), "text": TOOL_CALL_START + block,
+                                "error": f"unterminated {TOOL_CALL_START}"})
+            self._buf = ""
+            self._emit(out, "content", (ws if not self.n_calls else "") + TOOL_CALL_START + block)
+
+    @staticmethod
+    def _emit(out, kind, text):
+        if text:
+            if out and out[-1][0] == kind and kind != "tool_call":
+                out[-1] = (kind, out[-1][1] + text)
+            else:
+                out.append((kind, text))

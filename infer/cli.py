@@ -652,7 +652,33 @@ def chat_parser() -> argparse.ArgumentParser:
     g = _add_sampling_args(p, max_new_tokens=2048)
     g.add_argument("--seed", type=int, help="seed of the first reply (the n-th reply uses SEED+n-1)")
     p.add_argument("--system", help="system message")
+    t = p.add_argument_group("tools (MCP)")
+    t.add_argument("--mcp", action="append", default=[], metavar="COMMAND",
+                   help='start this MCP server over stdio (e.g. "python tools.py"), offer its tools to the model and '
+                        "run the calls it makes (repeatable)")
+    t.add_argument("--tool-choice", default="auto", metavar="auto|required|none|NAME",
+                   help="first model turn of each reply: auto (default), required (must call a tool), none, or a "
+                        "tool name (must call it); later turns are auto")
+    t.add_argument("--max-tool-rounds", type=int, default=8, help="model turns per reply (the last one answers)")
     return p
+
+
+def _chat_tools(p, args, model, tokenizer, cfg):
+    """The MCP tool host of `--mcp` (None without it)."""
+    if not args.mcp:
+        return None
+    from .mcp_client import ChatTools, MCPError
+
+    choice = args.tool_choice
+    if choice not in ("auto", "required", "none"):
+        choice = {"type": "function", "function": {"name": choice}}
+    if args.max_tool_rounds < 1:
+        p.error("--max-tool-rounds must be >= 1")
+    try:
+        return ChatTools(args.mcp, model, tokenizer, max_len=cfg.max_position_embeddings, tool_choice=choice,
+                         max_tool_rounds=args.max_tool_rounds)
+    except MCPError as e:
+        p.error(str(e))
 
 
 def _read_line(interactive: bool) -> str | None:
@@ -679,6 +705,7 @@ def chat_main(argv=None) -> int:
         p.error(f"no tokenizer in {args.tokenizer or args.model}: the chat needs tokenizer.json (--tokenizer DIR)")
     sampling = SamplingDefaults(args.model, args)
     model = _load_model(args)
+    tools = _chat_tools(p, args, model, tokenizer, cfg)
     interactive = sys.stdin.isatty()
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -711,6 +738,16 @@ def chat_main(argv=None) -> int:
             continue
         turn += 1
         seed = {} if args.seed is None else {"seed": args.seed + turn - 1}
+        if tools is not None:
+            printer = ReasoningPrinter(sys.stdout, color)
+            try:
+                history = messages + tools.turn(messages, printer, sys.stdout, enable_thinking=thinking,
+                                                sampling=sampling(thinking, **seed), max_new_tokens=args.max_new_tokens,
+                                                stop_token_ids=args.stop_token_ids, thinking_budget=args.thinking_budget)
+            except KeyboardInterrupt:
+                print("[interrupted]", flush=True)
+            printer.close()
+            continue
         deltas = infer.stream(model, messages, sampling=sampling(thinking, **seed), tokenizer=tokenizer,
                               max_new_tokens=min(args.max_new_tokens, cfg.max_position_embeddings - n_prompt),
                               stop_token_ids=stops, enable_thinking=thinking, thinking_budget=args.thinking_budget)
@@ -726,6 +763,8 @@ def chat_main(argv=None) -> int:
         printer.close()
         _, content = infer.split_reasoning("".join(chunks))
         history = messages + [{"role": "assistant", "content": content}]
+    if tools is not None:
+        tools.close()
     return 0
 
 

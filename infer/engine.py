@@ -14,11 +14,17 @@ new token comes out of the decode loop like every other. `decode` runs up to `n_
 `lax.while_loop` (sampling, penalties, stop and thinking-budget logic inside), stopping early when no row
 is active or, with `stop_on_finish`, when some row finishes (the host then refills it). Shapes are bucketed
 (P, T powers of two; B, S, N fixed per engine): no recompilation per token or per request.
+
+`decode_ex` adds what a server needs: the log-probability of each emitted token and the TOP_LOGPROBS most
+likely tokens (log_softmax of the raw model logits, before penalties, temperature and masks: vLLM's default),
+and a per-row token bitmask (int32 [B, ceil(V / 32)], bit j of word w allows token 32 w + j: xgrammar's
+layout) that constrains one step of sampling. `release` ends rows at once (a client went away).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +34,8 @@ from flax import nnx
 from qwen3_jax.model import KVCache
 
 from .sampling import apply_penalties, sample
+
+TOP_LOGPROBS = 20  # top tokens reported per step when logprobs are asked for (OpenAI's maximum)
 
 ROW_FIELDS = ("max_new_b", "temp_b", "top_k_b", "top_p_b", "min_p_b", "rep_b", "pres_b", "freq_b", "key_b",
               "stop_bs", "budget_b", "in_think_b")
@@ -97,6 +105,40 @@ class Engine:
         out_bn, n, reason_b = jax.device_get((out_bn, n, slots["reason_b"]))
         return slots, out_bn[:, : int(n)], reason_b
 
+    def decode_ex(self, slots, n_steps: int, stop_on_finish: bool, *, n_max: int | None = None, mask_bw=None,
+                  logprobs: bool = False) -> "DecodeOut":
+        """`decode` with per-token logprobs (`logprobs=True`: logprob [B, n], top ids / logprobs [B, n, TOP_LOGPROBS])
+        and a token bitmask `mask_bw` (int32 [B, ceil(V / 32)]) applied to the sampling of the first step: with a
+        mask, n_steps must be 1 (the host computes the next mask from the token)."""
+        if mask_bw is not None and n_steps != 1:
+            raise ValueError(f"a token mask constrains one step; got n_steps={n_steps}")
+        n_max = n_max or self.chunk
+        mask = None if mask_bw is None else np.asarray(mask_bw, np.int32)
+        out = self.fns.decode(self.params, slots, np.int32(n_steps), np.bool_(stop_on_finish), mask,
+                              n_max=n_max, n_top=TOP_LOGPROBS if logprobs else 0)
+        slots, lp = out[0], (out[3] if logprobs else None)
+        out_bn, n, reason_b, lp = jax.device_get((out[1], out[2], slots["reason_b"], lp))
+        n = int(n)
+        if lp is not None:
+            lp = tuple(x[:, :n] for x in lp)
+        return DecodeOut(slots, out_bn[:, :n], reason_b, *(lp or (None, None, None)))
+
+    def release(self, slots, rows: list[int]):
+        """End `rows` now (they emit nothing more; prefill can reuse them)."""
+        b = slots["tok_b"].shape[0]
+        rows_b = np.full((b,), b, np.int32)
+        rows_b[: len(rows)] = rows
+        return self.fns.release(slots, rows_b)
+
+
+class DecodeOut(NamedTuple):
+    slots: dict
+    tokens_bn: np.ndarray             # int32 [B, n], -1 where a row emitted nothing
+    reason_b: np.ndarray              # 0 running / 1 stop / 2 length
+    logprob_bn: np.ndarray | None     # float32 [B, n]: the emitted token's logprob
+    top_ids_bnk: np.ndarray | None    # int32 [B, n, TOP_LOGPROBS], most likely first
+    top_logprobs_bnk: np.ndarray | None
+
 
 def slot_shardings(cfg, batch, max_len, n_stop, dtype, mesh):
     """Shardings of the slots by the rules: the cache by 'kv_cache' ([L, B, S, K, hd]: batch over the data axes, kv
@@ -130,7 +172,15 @@ class _Compiled:
     def __init__(self, graphdef, cfg, think_ids, forced):
         self.graphdef, self.cfg, self.think_ids, self.forced = graphdef, cfg, think_ids, forced
         self.prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
-        self.decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("n_max",))
+        self.decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("n_max", "n_top"))
+        self.release = jax.jit(self._release_fn, donate_argnums=(0,))
+
+    @staticmethod
+    def _release_fn(slots, rows_b):
+        """rows_b [B]: rows to end (B = padding, dropped)."""
+        s = dict(slots)
+        s["active_b"] = s["active_b"].at[rows_b].set(False, mode="drop")
+        return s
 
     def _prefill_fn(self, params, slots, ids_pt, n_p, rows_p, row):
         """Prompts ids_pt [P, T] (right-padded, n_p real tokens each) into rows rows_p (B = padding row, dropped)."""
@@ -158,16 +208,23 @@ class _Compiled:
         s["counts_bv"] = put("counts_bv", 0)
         return s
 
-    def _decode_fn(self, params, slots, n_steps, stop_on_finish, *, n_max: int):
+    def _decode_fn(self, params, slots, n_steps, stop_on_finish, mask_bw=None, *, n_max: int, n_top: int = 0):
+        """mask_bw: None or an int32 token bitmask [B, W] (see `Engine.decode_ex`); n_top > 0: also return
+        (logprob [B, n_max], top ids [B, n_max, n_top], top logprobs [B, n_max, n_top])."""
         model = nnx.merge(self.graphdef, params)
         b = slots["tok_b"].shape[0]
+        v = self.cfg.vocab_size
+        allowed_bv = None
+        if mask_bw is not None:
+            bits = (mask_bw[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+            allowed_bv = bits.reshape(b, -1)[:, :v].astype(bool)
         rows = jnp.arange(b)
         think_start, think_end = self.think_ids
         forced = jnp.asarray(self.forced, jnp.int32)
         n_forced = len(self.forced)
 
         def step(carry):
-            i, s, out_bn, _ = carry
+            i, s, out_bn, lp, _ = carry
             act = s["active_b"]
             o = model(s["tok_b"][:, None], attention_mask=act[:, None].astype(jnp.int32), cache=s["cache"])
             logits = o.logits[:, 0].astype(jnp.float32)
@@ -175,6 +232,8 @@ class _Compiled:
                 jnp.any(act & ((s["rep_b"] != 1) | (s["pres_b"] != 0) | (s["freq_b"] != 0))),
                 lambda l: apply_penalties(l, s["seen_bv"], s["counts_bv"], s["rep_b"], s["pres_b"], s["freq_b"]),
                 lambda l: l, logits)
+            if allowed_bv is not None:
+                penalised = jnp.where(allowed_bv, penalised, -jnp.inf)
             keys = jax.vmap(jax.random.fold_in)(s["key_b"], s["n_gen_b"])
             temp = jnp.where(act, s["temp_b"], 0.0)  # finished rows must not push an all-greedy batch off argmax
             tok = sample(penalised, keys, temp, s["top_k_b"], s["top_p_b"], s["min_p_b"])
@@ -203,16 +262,24 @@ class _Compiled:
                      counts_bv=s["counts_bv"].at[rows, tok].add(act.astype(jnp.int32)),
                      seen_bv=s["seen_bv"].at[rows, tok].max(act))
             out_bn = out_bn.at[:, i].set(jnp.where(act, tok, -1))
-            return i + 1, n, out_bn, jnp.any(done)
+            if n_top:
+                logp_bv = jax.nn.log_softmax(logits, axis=-1)
+                top_lp, top_id = jax.lax.top_k(logp_bv, n_top)
+                lp = (lp[0].at[:, i].set(jnp.take_along_axis(logp_bv, tok[:, None], 1)[:, 0]),
+                      lp[1].at[:, i].set(top_id.astype(jnp.int32)), lp[2].at[:, i].set(top_lp))
+            return i + 1, n, out_bn, lp, jnp.any(done)
 
         def cond(carry):
-            i, s, _, any_done = carry
+            i, s, _, _, any_done = carry
             return (i < jnp.minimum(n_steps, n_max)) & jnp.any(s["active_b"]) & ~(stop_on_finish & any_done)
 
-        init = (jnp.int32(0), slots, jnp.full((b, n_max), -1, jnp.int32), jnp.bool_(False))
-        n, slots, out_bn, _ = jax.lax.while_loop(cond, step, init)
-        return slots, out_bn, n
-
+        lp0 = ()
+        if n_top:
+            lp0 = (jnp.zeros((b, n_max), jnp.float32), jnp.zeros((b, n_max, n_top), jnp.int32),
+                   jnp.zeros((b, n_max, n_top), jnp.float32))
+        init = (jnp.int32(0), slots, jnp.full((b, n_max), -1, jnp.int32), lp0, jnp.bool_(False))
+        n, slots, out_bn, lp, _ = jax.lax.while_loop(cond, step, init)
+        return (slots, out_bn, n, lp) if n_top else (slots, out_bn, n)
 
 
 @functools.lru_cache(maxsize=16)

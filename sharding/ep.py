@@ -16,7 +16,9 @@ In `jax.shard_map` over the whole mesh, each device holds n tokens (the batch sp
                in a balanced batch one round).
        padded  fixed buffers [ep, C, D]: C = ceil(capacity_factor * n*k / ep) slots per (source, dest)
                pair, first choices before second choices, overflow dropped (counted); dropless = the
-               worst case C = n * min(k, E/ep). Runs everywhere (XLA:CPU, which has no ragged all-to-all).
+               worst case C = n * min(k, E/ep). Runs everywhere (XLA:CPU, which has no ragged all-to-all;
+               TPU slices with limited ICI routing, v5e over 16 chips, where a training step's C then follows
+               ep_buffer_factor and inference keeps the worst case).
        ragged_emulated  the ragged algorithm with all_gather + scatter in place of ragged_all_to_all (CPU tests).
   4. the model's grouped matmul (`moe_experts`) over the received rows and the local experts;
   5. the reverse all-to-all, then combine: y[t] = sum_j w[t, j] * out[slot(t, j)];
@@ -218,7 +220,10 @@ def ep_moe(x_btd, valid_bt, p, cfg, runtime, *, inference: bool = False, layer=N
     ep = mesh.shape["expert"]
     e_loc = n_exp // ep
     token_axes, n_pad, n_loc = token_layout(b * t, mesh)
-    cap = capacity(n_loc, k, ep, e_loc, runtime.capacity_factor)
+    cf = runtime.capacity_factor
+    if cf is None and not inference:
+        cf = ks.padded_capacity           # where the padded dispatch stands in for the ragged one
+    cap = capacity(n_loc, k, ep, e_loc, cf)
     r = receive_rows(n_loc, k, ep, e_loc, runtime.ep_buffer_factor)
 
     # compute layout of the weights: experts over 'expert', width over 'tensor' (fsdp shards gathered)

@@ -1,11 +1,19 @@
 """Per-device memory plan of a model on a mesh, from the real module's abstract shapes and the rules.
 
-    qwen3-jax-plan --preset Qwen3-30B-A3B --mesh data=4,expert=8 --dtype bfloat16 --batch 256 --seq 4096
+    qwen3-jax-plan --preset Qwen3-30B-A3B --mesh fsdp=32,expert=8 --batch 256 --seq 4096           # train step
+    qwen3-jax-plan --preset Qwen3-30B-A3B --mesh expert=8 --program decode --batch 64 --seq 4096    # decode step
 
-No devices and no allocation: shard sizes follow from the partition specs and the mesh's axis sizes.
-Activations are an estimate of what this model materialises (attention works one query chunk at a time and
-keeps only each row's log-sum-exp for the backward, see qwen3_jax.kernels.attention; the MoE buffers are the worst case
-of dropless dispatch unless --capacity-factor is given).
+No devices and no allocation: shard sizes follow from the partition specs and the mesh's axis sizes. It models
+the programs `qwen3-jax-compile` compiles (and qwen3-jax-train / the engine run):
+- train: master weights, gradients and AdamW moments in --param-dtype (fp32), sharded by the training rules;
+  each layer's weights gathered in the compute dtype for its forward and backward; with remat full (the trainer's
+  default) each layer's input kept for the backward; one layer's working set (splash / flash attention keeps
+  no score matrix, only per-row statistics; the MoE dispatch buffers: the ragged dispatch's receive buffer of
+  --ep-buffer-factor x the routed rows, or padded per-pair buffers); the cross-entropy over one --ce-chunk of
+  positions at a time (never the full [B, T, V] logits);
+- decode: the weights in the compute dtype, sharded by the serving rules (no per-token gathers), the KV cache,
+  one token's activations and its logits.
+`qwen3-jax-compile` prints this estimate beside the compiled memory_analysis figure.
 """
 
 from __future__ import annotations
@@ -17,17 +25,17 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from qwen3_jax.kernels.attention import default_chunk
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.params import param_count
 
-from .ep import capacity
+from .ep import capacity, receive_rows
 from .mesh import AXES
-from .rules import ACTIVATION_RULES, BATCH, fit_spec, param_shapes, param_specs, shard_bytes
+from .rules import ACTIVATION_RULES, BATCH, SERVE_PARAM_RULES, fit_spec, param_shapes, param_specs, shard_bytes
 
 GiB = 2**30
-DEVICES = {"TPU v5e": 16, "TPU v5p": 95, "H100": 80, "H200": 141}   # HBM, GiB
-HEADROOM = 0.9  # XLA temporaries, fragmentation, runtime: plan to use at most 90% of HBM
+DEVICES = {"TPU v5e": 16, "TPU v6e": 32, "TPU v5p": 95, "H100": 80, "H200": 141}   # HBM, GiB
+HEADROOM = 0.9  # XLA fragmentation, runtime: plan to use at most 90% of HBM
+PROGRAMS = ("train", "decode")
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -48,91 +56,135 @@ def _split(dim: int, axes, mesh: dict[str, int]) -> int:
     return dim // math.prod(mesh[a] for a in names)
 
 
-def plan(cfg: Qwen3Config, mesh: dict[str, int], dtype="bfloat16", batch=1, seq=1, *,
-         capacity_factor: float | None = None, remat: str = "full") -> dict:
-    """Bytes per device by item (see `format_plan`)."""
+def _layer_compute_elems(cfg: Qwen3Config, mesh: dict[str, int]) -> int:
+    """Elements of one decoder layer's weights as its compute reads them: FSDP shards gathered, experts split over
+    'expert' and widths over 'tensor' (the largest layer: a MoE layer when there is one)."""
+    d, hd, tp = cfg.hidden_size, cfg.head_dim, mesh["tensor"]
+    attn = d * hd * (_split(cfg.num_attention_heads, "tensor", mesh) * 2 + _split(cfg.num_key_value_heads, "tensor",
+                                                                                 mesh) * 2)
+    if cfg.is_moe:
+        e_loc = cfg.num_experts // mesh["expert"]
+        ffn = 3 * e_loc * d * _split(cfg.moe_intermediate_size, "tensor", mesh) + d * cfg.num_experts
+    else:
+        ffn = 3 * d * (cfg.intermediate_size // tp)
+    return attn + ffn
+
+
+def plan(cfg: Qwen3Config, mesh: dict[str, int], dtype="bfloat16", batch=1, seq=1, *, program: str = "train",
+         param_dtype="float32", remat: str = "full", buffer_factor: float | None = 1.25,
+         capacity_factor: float | None = None, dispatch: str = "ragged", ce_chunk: int = 512) -> dict:
+    """Bytes per device by item, and their "total" (see the module docstring).
+
+    dispatch: the EP dispatch the program uses ("ragged": a receive buffer of buffer_factor x the routed rows;
+    "padded": per-pair buffers of capacity_factor, None = the worst case).
+    """
+    if program not in PROGRAMS:
+        raise ValueError(f"program {program!r}: choose from {', '.join(PROGRAMS)}")
+    mesh = {a: int(mesh.get(a, 1)) for a in AXES}
     dt = np.dtype(jnp.dtype(dtype)).itemsize
-    shapes, specs = param_shapes(cfg), param_specs(cfg, mesh)
-    params = {p: shard_bytes(shapes[p], np.float32, specs[p], mesh) // 4 for p in shapes}  # elements
-    n_param = sum(params.values())
-    master = 4 if dt != 4 else 0
+    pt = np.dtype(jnp.dtype(param_dtype)).itemsize if program == "train" else dt
+    rules = None if program == "train" else SERVE_PARAM_RULES
+    shapes, specs = param_shapes(cfg), param_specs(cfg, mesh, rules)
+    elems = {p: shard_bytes(shapes[p], np.float32, specs[p], mesh) // 4 for p in shapes}
+    n_param = sum(elems.values())
     d, hd, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
-    tp = mesh["tensor"]
     b_loc = _split(batch, BATCH, mesh)
     h_loc = _split(cfg.num_attention_heads, "tensor", mesh)
     kv_loc = _split(cfg.num_key_value_heads, "tensor", mesh)
     v_loc = _split(cfg.vocab_size, "tensor", mesh)
     shards = math.prod(mesh[a] for a in BATCH)
-    n_loc = -(-batch * seq // shards)  # MoE token layout: padded, split over all batch axes
-
-    chunk = min(default_chunk(seq), seq)
-    attn = 4 * b_loc * h_loc * chunk * seq * 4                     # one query chunk: scores, probs, dP, dS (fp32)
-    proj = 2 * b_loc * seq * (h_loc + 2 * kv_loc) * hd * dt + 2 * b_loc * seq * d * dt
+    t = seq if program == "train" else 1                       # tokens per row in this step
+    n_loc = -(-batch * t // shards)                            # MoE token layout: padded, split over batch axes
+    ep, k = mesh["expert"], cfg.num_experts_per_tok
+    rows = 0
     if cfg.is_moe:
-        ep, k = mesh["expert"], cfg.num_experts_per_tok
         e_loc = cfg.num_experts // ep
+        if ep == 1:
+            rows = n_loc * k
+        elif dispatch == "ragged":
+            rows = receive_rows(n_loc, k, ep, e_loc, buffer_factor if program == "train" else None)
+        else:
+            rows = ep * capacity(n_loc, k, ep, e_loc, capacity_factor if program == "train" else None)
         f_loc = _split(cfg.moe_intermediate_size, "tensor", mesh)
-        rows = n_loc * k if ep == 1 else ep * capacity(n_loc, k, ep, e_loc, capacity_factor)
-        mlp = 3 * rows * d * dt + 3 * rows * f_loc * dt + n_loc * cfg.num_experts * 4  # buffers, SwiGLU, router
+        # send + receive buffers and the combined output [rows, D]; gate, up, SwiGLU [rows, F]; router logits fp32
+        moe = 3 * rows * d * dt + 3 * rows * f_loc * dt + n_loc * cfg.num_experts * 4
     else:
-        rows = 0
-        mlp = 3 * b_loc * seq * _split(cfg.intermediate_size, "tensor", mesh) * dt
-    layer = attn + proj + mlp
-    if remat == "full":
-        saved = L * b_loc * seq * d * dt           # each layer's input, recomputed in the backward pass
+        moe = 3 * b_loc * t * _split(cfg.intermediate_size, "tensor", mesh) * dt
+    qkvo = b_loc * t * (2 * h_loc + 2 * kv_loc) * hd * dt + 2 * b_loc * t * d * dt
+    kv_shape = (L, batch, seq, cfg.num_key_value_heads, hd)
+    kv_spec = fit_spec(ACTIVATION_RULES["kv_cache"], kv_shape, mesh)
+    gathered = _layer_compute_elems(cfg, mesh)
+    out = {"program": program, "b_loc": b_loc, "n_loc": n_loc, "rows": rows, "shapes": shapes, "specs": specs,
+           "param_elems": elems, "params": n_param * pt}
+    if program == "train":
+        if remat == "full":
+            saved = L * b_loc * seq * d * dt                   # each layer's input; the rest is recomputed
+        else:                                                 # none / dots: every layer's intermediates stay
+            saved = L * (qkvo + moe + 2 * b_loc * seq * h_loc * 4)
+        chunk = min(ce_chunk, seq)
+        out.update({
+            "grads": n_param * pt,
+            "adam": 2 * n_param * pt,
+            "saved": saved,
+            # one layer's weights in the compute dtype, for this layer and the next one prefetched, and the
+            # layer's weight gradient before its reduce-scatter (param dtype)
+            "weights": gathered * (2 * dt + pt),
+            "layer": 2 * (qkvo + moe),                         # its forward and backward working set
+            "logits": 3 * b_loc * chunk * v_loc * 4,           # one CE chunk: logits, softmax, their gradient (fp32)
+        })
+        keys = ("params", "grads", "adam", "saved", "weights", "layer", "logits")
     else:
-        saved = L * (proj + mlp)                     # attention keeps q, k, v, out (in proj), not its scores
-    kv_spec = fit_spec(ACTIVATION_RULES["kv_cache"], (L, batch, seq, cfg.num_key_value_heads, hd), mesh)
-    return {
-        "params": n_param * dt, "grads": n_param * dt, "adam": n_param * (8 + master),
-        "saved": saved, "layer": 2 * layer, "attn": attn, "moe": mlp if cfg.is_moe else 0,
-        "logits": 2 * b_loc * seq * v_loc * 4,
-        "kv": 2 * shard_bytes((L, batch, seq, cfg.num_key_value_heads, hd), dtype, kv_spec, mesh),
-        "b_loc": b_loc, "n_loc": n_loc, "rows": rows, "tp": tp, "shapes": shapes, "specs": specs,
-        "param_elems": params,
-    }
+        out.update({
+            "kv": 2 * shard_bytes(kv_shape, dtype, kv_spec, mesh),
+            "layer": qkvo + moe + b_loc * h_loc * seq * 4,     # one token: projections, MoE rows, scores over the cache
+            "logits": 2 * b_loc * v_loc * 4,
+        })
+        keys = ("params", "kv", "layer", "logits")
+    out["total"] = sum(out[k] for k in keys)
+    out["items"] = keys
+    return out
 
 
-def format_plan(name: str, cfg: Qwen3Config, mesh: dict[str, int], dtype: str, batch: int, seq: int,
-                capacity_factor=None, remat="full") -> str:
-    r = plan(cfg, mesh, dtype, batch, seq, capacity_factor=capacity_factor, remat=remat)
+LABELS = {
+    "params": "weights", "grads": "gradients", "adam": "AdamW m, v", "saved": "activations kept for the backward",
+    "weights": "one layer's weights gathered (x2 prefetch) + its gradient", "layer": "one layer's working set",
+    "logits": "cross-entropy logits", "kv": "KV cache",
+}
+
+
+def format_plan(name: str, cfg: Qwen3Config, mesh: dict[str, int], dtype: str, batch: int, seq: int, *,
+                program="train", param_dtype="float32", remat="full", buffer_factor=1.25, capacity_factor=None,
+                dispatch="ragged", ce_chunk=512) -> str:
+    r = plan(cfg, mesh, dtype, batch, seq, program=program, param_dtype=param_dtype, remat=remat,
+             buffer_factor=buffer_factor, capacity_factor=capacity_factor, dispatch=dispatch, ce_chunk=ce_chunk)
+    mesh = {a: int(mesh.get(a, 1)) for a in AXES}
     counts = param_count(cfg)
     n_dev = math.prod(mesh.values())
     g = lambda b: f"{b / GiB:9.2f}"  # noqa: E731
     mesh_s = " ".join(f"{a}={mesh[a]}" for a in AXES)
-    bf = dtype != "float32"
-    train = r["params"] + r["grads"] + r["adam"] + r["saved"] + r["layer"] + r["logits"]
-    serve = r["params"] + r["kv"]
-    dispatch = "dropless (worst case)" if capacity_factor is None else f"capacity factor {capacity_factor}"
+    if dispatch == "ragged":
+        moe = f"ragged dispatch, receive buffer {'worst case' if buffer_factor is None else f'{buffer_factor}x'}"
+    else:
+        moe = f"padded dispatch, {'worst case' if capacity_factor is None else f'capacity factor {capacity_factor}'}"
+    head = (f"train step: batch {batch} x seq {seq}, {dtype} compute, {param_dtype} master weights, remat {remat}, "
+            f"CE chunk {ce_chunk}" if program == "train" else
+            f"decode step: batch {batch} rows x {seq}-slot KV cache, {dtype} weights (serving layout)")
     lines = [
-        f"{name}: {counts['total'] / 1e9:.2f}B parameters ({counts['active'] / 1e9:.2f}B active), {dtype}",
-        f"mesh {mesh_s} = {n_dev} devices; batch {batch} x seq {seq} -> {r['b_loc']} sequences and "
-        f"{r['n_loc']} MoE tokens per device; remat {remat}; MoE {dispatch}",
+        f"{name}: {counts['total'] / 1e9:.2f}B parameters ({counts['active'] / 1e9:.2f}B active)",
+        f"{head}",
+        f"mesh {mesh_s} = {n_dev} devices -> {r['b_loc']} rows and {r['n_loc']} MoE tokens per device; MoE {moe} "
+        f"({r['rows']} rows)",
         "",
-        f"{'per device':<52}{'GiB':>9}",
-        f"{'  params (' + dtype + ')':<52}{g(r['params'])}",
-        f"{'  grads (' + dtype + ')':<52}{g(r['grads'])}",
-        f"{'  AdamW m, v (fp32)' + (' + fp32 master weights' if bf else ''):<52}{g(r['adam'])}",
-        f"{'  activations: layer inputs kept for remat' if remat == 'full' else '  activations: all layers saved':<52}"
-        f"{g(r['saved'])}",
-        f"{'  activations: one layer fwd+bwd working set':<52}{g(r['layer'])}",
-        f"{'    of which attention, one query chunk (fp32, x2)':<52}{g(2 * r['attn'])}",
+        f"{'per device':<60}{'GiB':>9}",
     ]
-    if cfg.is_moe:
-        lines.append(f"{'    of which MoE dispatch + expert SwiGLU (x2)':<52}{g(2 * r['moe'])}")
-    lines += [
-        f"{'  logits + their gradient (fp32)':<52}{g(r['logits'])}",
-        f"{'  = training total':<52}{g(train)}",
-        f"{'  KV cache for decoding (batch ' + str(batch) + ' x ' + str(seq) + ')':<52}{g(r['kv'])}",
-        f"{'  = serving total (params + KV cache)':<52}{g(serve)}",
-        "",
-        f"{'fits (<= ' + str(int(HEADROOM * 100)) + '% of HBM)':<22}{'training':>10}{'serving':>10}",
-    ]
+    for key in r["items"]:
+        lines.append(f"{'  ' + LABELS[key]:<60}{g(r[key])}")
+    lines += [f"{'  = total':<60}{g(r['total'])}", "",
+              f"{'fits (<= ' + str(int(HEADROOM * 100)) + '% of HBM)':<22}"]
     for dev, hbm in DEVICES.items():
-        ok = lambda b: "yes" if b <= HEADROOM * hbm * GiB else "no"  # noqa: E731
-        lines.append(f"{'  ' + dev + f' {hbm}G':<22}{ok(train):>10}{ok(serve):>10}")
+        lines.append(f"{'  ' + dev + f' {hbm}G':<22}{'yes' if r['total'] <= HEADROOM * hbm * GiB else 'no':>6}")
     lines += ["", f"{'parameter layout':<42}{'global shape':<24}{'spec':<42}{'MiB/device':>10}"]
-    itemsize = np.dtype(jnp.dtype(dtype)).itemsize
+    itemsize = np.dtype(jnp.dtype(param_dtype if program == "train" else dtype)).itemsize
     for path, shape in r["shapes"].items():
         spec = ", ".join("None" if s is None else str(s) for s in r["specs"][path])
         lines.append(f"  {'.'.join(path):<40}{str(list(shape)):<24}{spec:<42}"
@@ -144,17 +196,29 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qwen3-jax-plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="Qwen3-30B-A3B", help=f"one of {', '.join(Qwen3Config.presets())}")
     ap.add_argument("--config", help="a config.json (instead of --preset)")
-    ap.add_argument("--mesh", default="expert=8", help="axis sizes, e.g. data=4,expert=8 (fsdp, tensor too)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    ap.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
-    ap.add_argument("--seq", type=int, default=4096, help="sequence length (training and KV cache)")
-    ap.add_argument("--capacity-factor", type=float, default=None, help="MoE capacity factor (default dropless)")
-    ap.add_argument("--remat", default="full", choices=["full", "none"])
+    ap.add_argument("--mesh", default="fsdp=32,expert=8", help="axis sizes, e.g. fsdp=32,expert=8 (data, fsdp, "
+                    "expert, tensor)")
+    ap.add_argument("--program", choices=PROGRAMS, default="train", help="the train step or one decode step")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                    help="compute dtype (decode: also the weights and the KV cache)")
+    ap.add_argument("--param-dtype", default="float32", help="train: master weight and optimizer dtype")
+    ap.add_argument("--batch", type=int, default=256, help="global batch (sequences, or decode rows)")
+    ap.add_argument("--seq", type=int, default=4096, help="sequence length (train) or KV cache slots (decode)")
+    ap.add_argument("--remat", default="full", choices=["full", "dots", "none"], help="train: as qwen3-jax-train")
+    ap.add_argument("--ce-chunk", type=int, default=512, help="train: cross-entropy positions per chunk")
+    ap.add_argument("--dispatch", choices=("ragged", "padded"), default="ragged",
+                    help="EP dispatch (ragged on GPU/TPU; padded on CPU and v5e slices over 16 chips)")
+    ap.add_argument("--ep-buffer-factor", type=float, default=1.25,
+                    help="ragged dispatch receive buffer, x the mean routed rows (0: worst case)")
+    ap.add_argument("--capacity-factor", type=float, default=None,
+                    help="padded dispatch per-pair buffers, x the mean routed rows (default: the worst case)")
     a = ap.parse_args(argv)
     try:
         cfg = Qwen3Config.from_pretrained(a.config) if a.config else Qwen3Config.preset(a.preset)
         mesh = parse_mesh(a.mesh)
-        print(format_plan(a.config or a.preset, cfg, mesh, a.dtype, a.batch, a.seq, a.capacity_factor, a.remat))
+        print(format_plan(a.config or a.preset, cfg, mesh, a.dtype, a.batch, a.seq, program=a.program,
+                          param_dtype=a.param_dtype, remat=a.remat, buffer_factor=a.ep_buffer_factor or None,
+                          capacity_factor=a.capacity_factor, dispatch=a.dispatch, ce_chunk=a.ce_chunk))
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"qwen3-jax-plan: {e}", file=sys.stderr)
         return 2

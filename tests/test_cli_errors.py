@@ -105,7 +105,9 @@ def test_missing_things_and_bad_flags_are_one_line_exit_2(models, tmp_path, caps
 
 def _parsers():
     demo = demo_cli.parser()._subparsers._group_actions[0].choices["demo"]
-    return [train_cli.parser(), infer_cli.batch_parser(), infer_cli.chat_parser(), demo]
+    from qwen3_jax.infer.server import serve_parser
+
+    return [train_cli.parser(), infer_cli.batch_parser(), infer_cli.chat_parser(), serve_parser(), demo]
 
 
 def test_help_shows_each_default_once():

@@ -193,13 +193,13 @@ def test_penalties_vllm_semantics():
 
 
 # ---------------------------------------------------------------------------------------------- table models
-def table_model(table: dict[int, dict[int, float]], vocab: int):
+def table_model(table: dict[int, dict[int, float]], vocab: int, max_len: int = 256):
     """Logits at a position depend only on its token: token a -> {next token: logit}; other tokens -> all zeros."""
     keys = sorted(table)
     d = len(keys) + 1
     cfg = Qwen3Config.from_dict(dict(model_type="qwen3", vocab_size=vocab, hidden_size=d, intermediate_size=8,
                                      num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=8,
-                                     tie_word_embeddings=False, max_position_embeddings=256, eos_token_id=None))
+                                     tie_word_embeddings=False, max_position_embeddings=max_len, eos_token_id=None))
     m = Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))
     emb, head = np.zeros((vocab, d), np.float32), np.zeros((d, vocab), np.float32)
     for j, a in enumerate(keys):

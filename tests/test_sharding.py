@@ -339,16 +339,19 @@ def test_plan_cli_table_and_shard_sizes(capsys):
             "--batch", "256", "--seq", "4096"]
     assert plan.main(argv) == 0
     text = capsys.readouterr().out
-    for row in ("params (bfloat16)", "grads", "AdamW", "KV cache", "activations", "TPU v5e 16G", "H200 141G"):
+    for row in ("weights", "gradients", "AdamW", "cross-entropy logits", "activations", "TPU v5e 16G", "H200 141G"):
         assert row in text
     cfg = Qwen3Config.preset("Qwen3-30B-A3B")
     mesh = plan.parse_mesh("data=4,expert=8")
-    r = plan.plan(cfg, mesh, "bfloat16", 256, 4096)
+    r = plan.plan(cfg, mesh, "bfloat16", 256, 4096)                  # train: fp32 master weights
     experts = 3 * 48 * 128 * 2048 * 768                             # gate, up, down
     norms = 48 * (2 * 2048 + 2 * 128) + 2048                         # replicated
     rest = qwen3_jax.param_count(cfg)["total"] - experts - norms     # attention, router, embeddings: D over expert
-    assert r["params"] == (experts // 8 + rest // 8 + norms) * 2
-    assert r["adam"] == r["params"] // 2 * 12                      # m, v and master weights in fp32
-    assert r["kv"] == 48 * 2 * (256 // 32) * 4096 * 4 * 128 * 2    # batch split over data x expert
+    assert r["params"] == (experts // 8 + rest // 8 + norms) * 4
+    assert r["adam"] == 2 * r["params"] and r["grads"] == r["params"]
+    assert r["logits"] == 3 * (256 // 32) * 512 * cfg.vocab_size * 4   # one CE chunk, never [B, T, V]
+    assert r["total"] == sum(r[k] for k in r["items"])
+    d = plan.plan(cfg, plan.parse_mesh("expert=8"), "bfloat16", 64, 4096, program="decode")
+    assert d["kv"] == 48 * 2 * (64 // 8) * 4096 * 4 * 128 * 2      # batch split over expert
     assert plan.main(["--mesh", "data=4,bogus=2"]) == 2
     assert plan.main(["--preset", "Qwen3-30B-A3B", "--mesh", "expert=3"]) == 2   # 128 experts / 3

@@ -51,9 +51,13 @@ def parser() -> argparse.ArgumentParser:
       help="LBL statistics over the whole global batch, or per micro-batch")
     a("--z-loss-coef", type=float, default=0.0, help="router z-loss coefficient")
     a("--mesh", help="e.g. data=2,expert=4 (axes data, fsdp, expert, tensor; default: all devices on data)")
-    a("--remat", choices=("none", "full", "dots"), default="none",
-      help="recompute activations in the backward: none, every layer (full), or all but matmul outputs (dots)")
-    a("--capacity-factor", type=float, help="expert-parallel capacity factor (default: dropless)")
+    a("--remat", choices=("none", "full", "dots"), default="full",
+      help="recompute activations in the backward: every layer (full), all but matmul outputs (dots), or none")
+    a("--capacity-factor", type=float, help="expert parallelism: fixed per-(source, destination) buffers of this "
+      "factor x the mean routed rows (padded dispatch; default: the platform's dispatch)")
+    a("--ep-buffer-factor", type=float, default=1.25, help="expert parallelism on GPU/TPU: the ragged dispatch "
+      "receives at most this factor x the mean routed rows per device, the overflow is dropped and counted "
+      "(0: the worst case, never drops)")
     a("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
     a("--param-dtype", default="float32", help="master weight dtype")
     a("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")

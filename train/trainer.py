@@ -27,7 +27,7 @@ from qwen3_jax.sharding import activation_sharding, make_mesh, shard_model
 
 from . import data as D
 from .step import (StepConfig, flops_per_token, host_metrics, make_eval_step, make_optimizer, make_schedule,
-                   make_train_step, model_from, split_model)
+                   make_train_step, model_from, opt_state_shardings, split_model)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "generation_config.json")
@@ -47,7 +47,8 @@ def parse_mesh(spec: str | None) -> dict:
 
 
 def build_model(args, mesh):
-    kw = dict(remat=args.remat, capacity_factor=args.capacity_factor)
+    kw = dict(remat=args.remat, capacity_factor=args.capacity_factor,
+              ep_buffer_factor=getattr(args, "ep_buffer_factor", 1.25) or None)
     if os.path.isdir(args.model):
         return qwen3_jax.from_pretrained(args.model, dtype=args.dtype, param_dtype=args.param_dtype, mesh=mesh, **kw)
     if args.model not in qwen3_jax.PRESETS:
@@ -95,18 +96,8 @@ def abstract_of(tree):
 
 
 def init_opt_state(tx, params, mesh):
-    """tx.init with each moment on its parameter's sharding (matched by path suffix), scalars replicated."""
-    by_path = {tuple(str(k.key) for k in kp): x.sharding for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    shapes = {p: x.shape for p, x in zip(by_path, jax.tree.leaves(params))}
-
-    def pick(kp, leaf):
-        keys = tuple(str(k.key) for k in kp if isinstance(k, jax.tree_util.DictKey))
-        for i in range(len(keys)):
-            if keys[i:] in by_path and shapes[keys[i:]] == leaf.shape:
-                return by_path[keys[i:]]
-        return NamedSharding(mesh, P())
-
-    out = jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
+    """tx.init with each moment on its parameter's sharding (step.opt_state_shardings), scalars replicated."""
+    out = opt_state_shardings(jax.eval_shape(tx.init, params), params, mesh)
     return jax.jit(tx.init, out_shardings=out)(params)
 
 

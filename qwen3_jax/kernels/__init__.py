@@ -11,7 +11,7 @@ device: never `jax.default_backend()`, which says "cpu" while a program is compi
 | choice                      | tpu                         | gpu                              | cpu                              |
 |-----------------------------|-----------------------------|----------------------------------|----------------------------------|
 | grouped matmul (experts)    | megablox gmm / tgmm         | `jax.lax.ragged_dot`             | blocked loop per expert (`cpu`)  |
-| EP dispatch                 | `ragged_all_to_all`, bounded receive buffers | same            | padded all-to-all (XLA:CPU has no ragged all-to-all) |
+| EP dispatch                 | `ragged_all_to_all`, bounded receive buffers (v5e over 16 chips: padded, capacity = ep_buffer_factor) | same | padded all-to-all (XLA:CPU has no ragged all-to-all) |
 | attention, train / prefill  | splash (Pallas, in shard_map) | cuDNN (`jax.nn.dot_product_attention`) | chunked jnp with a flash VJP |
 | decode attention            | grouped-head einsum over the cache | same                      | FFI kernel reading the cache in place |
 | few-token experts (decode)  | sorted grouped matmul       | same                             | FFI kernel / per-row gather      |
@@ -40,6 +40,20 @@ DEFAULTS = {
     "gpu": dict(gmm="ragged_dot", attention="cudnn", ep_dispatch="ragged", decode_kernels=False),
     "cpu": dict(gmm="cpu", attention="chunked", ep_dispatch="padded", decode_kernels=True),
 }
+
+
+# Slices whose ICI routing the TPU compiler calls "limited" cannot run ragged_all_to_all (RET_CHECK
+# !HasLimitedIci in its emitter). Measured with libtpu 0.0.42.1: v5e 2x2 and 4x4 compile it, 8x8 and 16x16 do
+# not; v6e 16x16, v5p and v4 do. Device kind -> most chips of a slice that still compiles it.
+RAGGED_A2A_MAX_CHIPS = {"TPU v5 lite": 16, "TPU v5e": 16}
+
+
+def ragged_all_to_all_compiles(mesh) -> bool:
+    """Whether the compiler for the mesh's devices lowers `jax.lax.ragged_all_to_all` (see RAGGED_A2A_MAX_CHIPS)."""
+    if mesh is None:
+        return True
+    limit = RAGGED_A2A_MAX_CHIPS.get(getattr(mesh.devices.flat[0], "device_kind", ""))
+    return limit is None or mesh.devices.size <= limit
 
 
 def normalize_platform(name: str) -> str:
@@ -82,6 +96,9 @@ class Kernels:
     attention: str
     ep_dispatch: str
     decode_kernels: bool
+    # capacity factor of a training step's padded dispatch when the runtime gives none: None (the worst case) where
+    # the padded dispatch is the platform's own (CPU), ep_buffer_factor where it stands in for the ragged one
+    padded_capacity: float | None = None
 
     @property
     def interpret(self) -> bool:
@@ -110,6 +127,9 @@ def select(runtime) -> Kernels:
         choice["ep_dispatch"] = _check(runtime.ep_dispatch, EP_DISPATCH, "ep_dispatch")
     elif runtime.capacity_factor is not None:
         choice["ep_dispatch"] = "padded"          # a capacity factor asks for fixed per-pair buffers
+    elif choice["ep_dispatch"] == "ragged" and not ragged_all_to_all_compiles(runtime.mesh):
+        choice["ep_dispatch"] = "padded"          # e.g. v5e-64 and up: bounded per-pair buffers instead
+        choice["padded_capacity"] = runtime.ep_buffer_factor
     if choice["ep_dispatch"].startswith("ragged") and runtime.capacity_factor is not None:
         raise ValueError("capacity_factor is the padded dispatch's; the ragged dispatch bounds its receive "
                          "buffers with ep_buffer_factor")

@@ -1,0 +1,226 @@
+"""Continuous batching for a server: one thread owns the Engine and its cache rows.
+
+Callers `submit` `Sequence`s (a bounded waiting queue: `QueueFull` past `max_queue`) and `cancel` them from
+any thread. The thread loops: drop cancelled sequences (their rows end at once: `Engine.release`), prefill
+waiting sequences into free rows, run one decode call for all running rows, and hand each sequence its new
+tokens through its `emit` callback (called on the scheduler thread: keep it short, e.g.
+`loop.call_soon_threadsafe`). Requests arriving while others decode join at the next call, so concurrent
+requests share decode steps.
+
+A decode call runs up to `chunk` steps (the stream interval); it runs one step when a row was just filled
+(its first token goes out at once) or when a row is constrained (its next token mask depends on the token
+just sampled: `constrain.Constraint`). Per-token logprobs are computed only while some row asks for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .engine import Engine
+from .generate import _ROW_DTYPES, MAX_STOP_IDS, Request, _row_params, think_token_ids
+from .sampling import SamplingParams
+
+log = logging.getLogger("qwen3_jax.serve")
+
+REASONS = {1: "stop", 2: "length"}
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Event:
+    """New tokens of one sequence. finish_reason: None (more to come), "stop", "length", "abort" (cancelled or
+    the scheduler stopped) or "error" (`error` says why)."""
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per token: (logprob, [(id, logprob)])
+    finish_reason: str | None = None
+    error: str | None = None
+    time: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    emit: Callable[[Event], None]
+    sampling: SamplingParams = SamplingParams(temperature=0.0)
+    max_new_tokens: int = 16
+    stop_token_ids: list[int] = field(default_factory=list)
+    thinking_budget: int | None = None
+    constraint: object | None = None      # constrain.Constraint
+    logprobs: bool = False
+    submitted: float = 0.0                # perf_counter at submit
+    done: bool = False
+
+
+class Scheduler:
+    def __init__(self, model, *, tokenizer=None, max_batch: int = 8, max_len: int = 2048, max_queue: int = 256,
+                 chunk: int = 8, cache_dtype=None, grammars=None):
+        self.think_ids, forced = think_token_ids(tokenizer)
+        self.engine = Engine(model, think_ids=self.think_ids, forced_ids=forced, chunk=chunk)
+        self.max_batch, self.max_len, self.max_queue, self.chunk = max_batch, max_len, max_queue, chunk
+        self.cache_dtype = cache_dtype
+        self.grammars = grammars
+        self.vocab_size = model.config.vocab_size
+        self.slots = None
+        self._cv = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._cancelled: list[Sequence] = []
+        self._rows: list[Sequence | None] = [None] * max_batch
+        self._fresh: set[int] = set()    # rows prefilled whose first token is not out yet
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0                   # decode calls made (for tests and metrics)
+
+    # -- any thread ------------------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for r in self._rows)
+
+    def submit(self, seqs: list[Sequence]):
+        """Queue sequences (all or none): QueueFull when the waiting queue would exceed max_queue."""
+        for s in seqs:
+            if not 1 <= len(s.prompt_ids) < self.max_len:
+                raise ValueError(f"prompt of {len(s.prompt_ids)} tokens; the cache holds {self.max_len}")
+            if len(s.stop_token_ids) > MAX_STOP_IDS:
+                raise ValueError(f"at most {MAX_STOP_IDS} stop token ids")
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("the scheduler is stopped")
+            if len(self._waiting) + len(seqs) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
+            now = time.perf_counter()
+            for s in seqs:
+                s.submitted = now
+                self._waiting.append(s)
+            self._cv.notify()
+
+    def cancel(self, seq: Sequence):
+        """Stop a sequence: it emits an "abort" event (unless it already finished) and frees its row."""
+        with self._cv:
+            if not seq.done:
+                self._cancelled.append(seq)
+                self._cv.notify()
+
+    def start(self):
+        if self.slots is None:
+            self.slots = self.engine.new_slots(self.max_batch, self.max_len, MAX_STOP_IDS, self.cache_dtype)
+        self._thread = threading.Thread(target=self._run, name="qwen3-jax-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Abort what is left and end the thread."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- scheduler thread ------------------------------------------------------------------------------------
+    def _run(self):
+        while True:
+            with self._cv:
+                while not (self._stop or self._waiting or self._cancelled or any(self._rows)):
+                    self._cv.wait()
+                if self._stop:
+                    self._abort_all("abort", None)
+                    return
+                cancelled, self._cancelled = self._cancelled, []
+                for s in cancelled:
+                    if s in self._waiting:
+                        self._waiting.remove(s)
+                admit = []
+                free = [r for r in range(self.max_batch) if self._rows[r] is None]
+                while free and self._waiting:
+                    admit.append((free.pop(0), self._waiting.popleft()))
+                more_waiting = bool(self._waiting)
+            try:
+                self._step(cancelled, admit, more_waiting)
+            except Exception as e:  # noqa: BLE001  (a device error must not kill the server)
+                log.error("decode step failed:\n%s", traceback.format_exc())
+                for r, s in admit:
+                    if self._rows[r] is not s:
+                        self._finish(s, "error", f"{type(e).__name__}: {e}")
+                self._abort_all("error", f"{type(e).__name__}: {e}", waiting=False)
+                self.slots = self.engine.new_slots(self.max_batch, self.max_len, MAX_STOP_IDS, self.cache_dtype)
+
+    def _finish(self, s: Sequence, reason: str, error: str | None = None, tokens=(), logprobs=None):
+        if not s.done:
+            s.done = True
+            s.emit(Event(list(tokens), logprobs, reason, error))
+
+    def _abort_all(self, reason, error, waiting=True):
+        for r, s in enumerate(self._rows):
+            if s is not None:
+                self._finish(s, reason, error)
+                self._rows[r] = None
+        self._fresh.clear()
+        if waiting:
+            with self._cv:
+                left, self._waiting = list(self._waiting), deque()
+            for s in left:
+                self._finish(s, reason, error)
+
+    def _step(self, cancelled, admit, more_waiting):
+        gone = []
+        for s in cancelled:
+            for r, x in enumerate(self._rows):
+                if x is s:
+                    self._rows[r] = None
+                    self._fresh.discard(r)
+                    gone.append(r)
+            self._finish(s, "abort")
+        if gone:
+            self.slots = self.engine.release(self.slots, gone)
+        if admit:
+            params = [_row_params(Request(s.prompt_ids, s.sampling, s.max_new_tokens, s.stop_token_ids,
+                                          s.thinking_budget), MAX_STOP_IDS, self.think_ids) for _, s in admit]
+            row = {k: np.asarray([p[k] for p in params], _ROW_DTYPES[k]) for k in _ROW_DTYPES}
+            self.slots = self.engine.prefill(self.slots, [s.prompt_ids for _, s in admit], [r for r, _ in admit], row)
+            for r, s in admit:
+                self._rows[r] = s
+                self._fresh.add(r)
+        live = [(r, s) for r, s in enumerate(self._rows) if s is not None]
+        if not live:
+            return
+        constrained = [(r, s) for r, s in live if s.constraint is not None]
+        mask = None
+        if constrained:
+            mask = self.grammars.allocate_bitmask(self.max_batch)
+            for r, s in constrained:
+                s.constraint.fill(mask, r)
+        one = bool(constrained or self._fresh)
+        out = self.engine.decode_ex(self.slots, 1 if one else self.chunk, stop_on_finish=more_waiting,
+                                    mask_bw=mask, logprobs=any(s.logprobs for _, s in live))
+        self.slots = out.slots
+        self.steps += 1
+        self._fresh.clear()
+        for r, s in live:
+            cols = np.nonzero(out.tokens_bn[r] >= 0)[0]
+            toks = [int(t) for t in out.tokens_bn[r, cols]]
+            if s.constraint is not None:
+                for t in toks:
+                    s.constraint.accept(t)
+            lps = None
+            if s.logprobs and out.logprob_bn is not None:
+                lps = [(float(out.logprob_bn[r, c]),
+                        list(zip(out.top_ids_bnk[r, c].tolist(), out.top_logprobs_bnk[r, c].tolist()))) for c in cols]
+            reason = REASONS.get(int(out.reason_b[r]))
+            if reason is not None:
+                self._rows[r] = None
+                self._finish(s, reason, tokens=toks, logprobs=lps)
+            elif toks and not s.done:
+                s.emit(Event(toks, lps))
