@@ -313,3 +313,44 @@ def test_capture_report_compare_eval_cli_and_the_html_opens_in_a_browser(referen
     assert main(["capture", "--model", path, "--data", str(data), "--output", str(tmp_path / "c"),
                  "--top-k", "x"]) == 2
     assert main(["compare", str(out_a), str(tmp_path)]) == 2
+
+
+def test_infer_cli_top_k_and_disable_experts_change_routing_at_generation(reference, tmp_path):
+    from qwen3_jax.infer import cli as infer_cli
+
+    _, path, model = reference(NAME)
+    cfg = model.config
+    prompts = [_ids(cfg, 1, n, seed=20 + n)[0].tolist() for n in (5, 8, 3)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt_token_ids": p, "domain": "d%d" % (i % 2)}) + "\n"
+                           for i, p in enumerate(prompts)))
+    stats_dir = tmp_path / "rstats"
+    args = ["--model", path, "--input", str(inp), "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "4",
+            "--batch-size", "2", "--no-progress"]
+    assert infer_cli.main(args + ["--output", str(tmp_path / "out.jsonl"), "--routing-stats", str(stats_dir),
+                                  "--top-k", "1", "--disable-experts", "*:0,1,2", "--disable-experts", "3:5"]) == 0
+    out = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    st = json.loads((stats_dir / "stats.json").read_text())
+    n_tok = sum(len(p) + len(out[i]["token_ids"]) - 1 for i, p in enumerate(prompts))
+    assert st["tokens"] == n_tok and st["top_k"] == 1
+    assert all(sum(layer["load"]) == n_tok and layer["load"][:3] == [0, 0, 0] for layer in st["layers"])
+    assert st["layers"][2]["layer"] == 3 and st["layers"][2]["load"][5] == 0
+    assert set(st["domains"]) == {"d0", "d1"}
+    # the KV-cached generation routed as the intervention says: greedy ids == argmax of full forwards under it
+    iv_model = _routed(model, Intervention(top_k=1, disable={None: [0, 1, 2], 3: [5]}))
+    for i, p in enumerate(prompts):
+        seq = list(p)
+        for _ in range(len(out[i]["token_ids"])):
+            seq.append(int(np.argmax(np.asarray(iv_model(np.asarray([seq])).logits[0, -1]))))
+        assert out[i]["token_ids"] == seq[len(p):]
+    base = tmp_path / "base.jsonl"
+    assert infer_cli.main(args + ["--output", str(base), "--routing-stats", str(tmp_path / "base_stats")]) == 0
+    base_ids = [r["token_ids"] for r in map(json.loads, base.read_text().splitlines())]
+    assert base_ids != [out[i]["token_ids"] for i in range(3)]           # the intervention changed the text
+    st0 = json.loads((tmp_path / "base_stats" / "stats.json").read_text())
+    assert st0["top_k"] == 3 and all(sum(x["load"]) == 3 * st0["tokens"] for x in st0["layers"])
+    for bad in (["--top-k", "11"], ["--disable-experts", "1:0"], ["--disable-experts", "2:x"]):
+        with pytest.raises(SystemExit) as e:
+            infer_cli.main(args + ["--output", str(tmp_path / "never.jsonl"), *bad])
+        assert e.value.code == 2
+    assert not (tmp_path / "never.jsonl").exists()
