@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="Qwen3 / Qwen3-MoE in JAX + Flax NNX: HF checkpoint parity, expert parallelism, fine-tuning, inference",
     python_requires=">=3.10",
-    packages=["qwen3_jax", "qwen3_jax.kernels", "qwen3_jax.sharding", "qwen3_jax.train", "qwen3_jax.infer"],
+    packages=["qwen3_jax", "qwen3_jax.kernels", "qwen3_jax.routing", "qwen3_jax.sharding", "qwen3_jax.train",
+              "qwen3_jax.infer"],
     package_data={"qwen3_jax": ["csrc/*.cc"]},  # the XLA:CPU decode kernels, compiled on first use
     package_dir={
         "qwen3_jax": "qwen3_jax",
@@ -48,6 +49,7 @@ setup(
             "qwen3-jax-plot=qwen3_jax.train.plot:main",
             "qwen3-jax-infer=qwen3_jax.infer.cli:main",
             "qwen3-jax-chat=qwen3_jax.infer.cli:chat_main",
+            "qwen3-jax-routing=qwen3_jax.routing.cli:main",
             "qwen3-jax-serve=qwen3_jax.infer.server:main",
         ],
     },

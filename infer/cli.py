@@ -15,7 +15,13 @@ Per-line overrides (the OpenAI body takes the same names, with `max_tokens`/`max
 `max_new_tokens`): max_new_tokens, temperature, top_p, top_k, min_p, seed, repetition_penalty, presence_penalty,
 frequency_penalty, thinking_budget, stop_token_ids, enable_thinking, chat_template_kwargs. Sampling defaults come
 from the model's generation_config.json (Qwen3's recommendations for thinking / non-thinking), command-line flags
-override them and a line's own fields override both.
+override them and a line's own fields override both. A line may also carry a "domain" (per-domain routing statistics).
+
+MoE routing (qwen3_jax.routing), for the whole run: `--router-top-k K` (the router's experts per token; `--top-k`
+is the sampling top-k, as in vLLM), `--disable-experts LAYER:E[,E...]`, `--force-experts LAYER:E[,E...]`,
+`--router-temperature [LAYER:]T` (LAYER `*` or left out: every MoE layer), applied in the KV-cached generation
+itself; `--routing-stats DIR` writes DIR/stats.json and DIR/counts.npz (the format of `qwen3-jax-routing capture`)
+for the tokens the requests ran through the model, under those flags.
 
 Output: one line per input line, written (and fsync'ed) as each request completes:
 `{"id", "text", "token_ids", "finish_reason", "reasoning_content", "content", "tool_calls", "tool_call_errors",
@@ -77,13 +83,13 @@ def _add_model_args(p: argparse.ArgumentParser):
                    "or every device on 'tensor' when several processes run (qwen3-jax-infer's launch flags)")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int):
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, top_k_flag: str = "--top-k"):
     g = p.add_argument_group("generation (defaults: the model's generation_config.json)")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help=f"default {max_new_tokens}; capped so that prompt + new tokens fit the context")
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int, help="0 = off")
+    g.add_argument(top_k_flag, dest="top_k", type=int, help="sampling top-k (0 = off)")
     g.add_argument("--min-p", type=float)
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--presence-penalty", type=float)
@@ -261,6 +267,7 @@ class Job:
     id: str | int
     request: object  # qwen3_jax.infer.Request
     openai_model: str | None = None  # set for OpenAI batch lines: the response's "model"
+    domain: str | None = None        # the line's "domain" (per-domain routing statistics)
 
 
 def _is_int(x) -> bool:
@@ -288,7 +295,7 @@ OVERRIDES = {
     "chat_template_kwargs": (lambda v: isinstance(v, dict), "an object"),
 }
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
-LINE_FIELDS = {"id", "tools", *PROMPT_FIELDS, *OVERRIDES}
+LINE_FIELDS = {"id", "tools", "domain", *PROMPT_FIELDS, *OVERRIDES}
 OPENAI_URL = "/v1/chat/completions"
 OPENAI_BODY_FIELDS = {"messages", "tools", "tool_choice", "max_tokens", "max_completion_tokens", "model", "n",
                       "stream", "stop", "user", "metadata", "store", "parallel_tool_calls", "logprobs",
@@ -319,7 +326,9 @@ class LineParser:
         unknown = sorted(set(obj) - LINE_FIELDS)
         if unknown:
             raise LineError(f"unknown field(s) {unknown}; allowed: {sorted(LINE_FIELDS)}", id)
-        return Job(n, id, self._request(n, obj, id))
+        if obj.get("domain") is not None and not isinstance(obj["domain"], str):
+            raise LineError('"domain" must be a string', id)
+        return Job(n, id, self._request(n, obj, id), domain=obj.get("domain"))
 
     @staticmethod
     def _id(obj, key):
@@ -518,8 +527,71 @@ def batch_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, help="KV cache length per row (prompt + new tokens); default: fitted to "
                    "the requests. Prompts must be shorter than it and than max_position_embeddings")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (as qwen3-jax-train)")
+    _add_routing_args(p)
     add_launch_args(p)
     return p
+
+
+def _layer_spec(conv, what):
+    """'[LAYER:]VALUE' or qwen3-jax-routing's 'VALUE[@layerN]' -> (layer or None, value); LAYER may be * (every
+    MoE layer)."""
+    def parse(text):
+        if "@" in text and ":" not in text:
+            from qwen3_jax.routing.cli import SPEC
+
+            m = SPEC.match(text.strip())
+            layer, sep, value = (m["layer"] or "", ":", m["value"]) if m else ("-1", ":", "")
+        else:
+            layer, sep, value = text.rpartition(":") if ":" in text else ("", "", text)
+        try:
+            key = None if not sep or layer.strip() in ("*", "") else int(layer)
+            if key is not None and key < 0:
+                raise ValueError
+            return key, conv(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}") from None
+    return parse
+
+
+def _expert_ids(text):
+    ids = [int(x) for x in text.split(",") if x.strip()]
+    if not ids:
+        raise ValueError
+    return ids
+
+
+def _add_routing_args(p):
+    g = p.add_argument_group(
+        "MoE routing (qwen3_jax.routing; LAYER: a decoder layer index, * or none: every MoE layer; repeatable; "
+        "qwen3-jax-routing's VALUE@layerN form works too, e.g. --disable-experts 3,17@layer5)")
+    g.add_argument("--router-top-k", dest="routing_top_k", action="append", default=[], metavar="[LAYER:]K",
+                   type=_layer_spec(int, "K or LAYER:K"),
+                   help="experts per token (router top-k) instead of the config's num_experts_per_tok (--top-k "
+                   "is the sampling top-k)")
+    g.add_argument("--disable-experts", action="append", default=[], metavar="LAYER:E[,E...]",
+                   type=_layer_spec(_expert_ids, "LAYER:E[,E...]"),
+                   help="mask these experts' router logits (tokens go to their next choices); repeatable")
+    g.add_argument("--force-experts", action="append", default=[], metavar="LAYER:E[,E...]",
+                   type=_layer_spec(_expert_ids, "LAYER:E[,E...]"), help="always route to these experts; repeatable")
+    g.add_argument("--router-temperature", action="append", default=[], metavar="[LAYER:]T",
+                   type=_layer_spec(float, "T or LAYER:T"), help="router softmax temperature")
+    g.add_argument("--routing-stats", metavar="DIR", help="write the routing statistics of the generated requests "
+                   "(DIR/stats.json + counts.npz, as qwen3-jax-routing capture): each finished request's prompt and "
+                   "completion are run once more through the model, under the same routing flags (a resumed run counts the "
+                   "requests it runs)")
+
+
+def _routing_setup(p, args, cfg):
+    """The Intervention of the routing flags (None: none), checked against the config (usage errors exit 2)."""
+    from qwen3_jax.routing.cli import build_intervention
+
+    try:
+        iv = build_intervention(args.routing_top_k, args.disable_experts, args.force_experts, args.router_temperature)
+        if iv is not None and not cfg.is_moe:
+            p.error("the routing flags need a MoE model")
+        return None if iv is None else iv.check(cfg)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv=None) -> int:
@@ -532,6 +604,9 @@ def main(argv=None) -> int:
         p.error("--output must not be the --input file")
     launch(p, args)
     cfg = _agreed(p, lambda: _setup(p, args))
+    routing = _routing_setup(p, args, cfg)
+    if args.routing_stats and not cfg.is_moe:
+        p.error("--routing-stats: the model has no MoE layers")
 
     import jax
     from tqdm import tqdm
@@ -593,6 +668,9 @@ def main(argv=None) -> int:
             print(f"resuming: {skipped} request(s) already in {out_path}", file=sys.stderr)
         if jobs:
             model = _load_model(args)
+            if routing is not None:
+                model.runtime = model.runtime.replace(routing=routing)
+            recorder = _RoutingRecorder(model, args, parser.context) if args.routing_stats else None
             tokens, t0 = 0, time.perf_counter()
             with tqdm(total=len(jobs), unit="req", file=sys.stderr, dynamic_ncols=True,
                       disable=not (args.progress and writer)) as bar:
@@ -600,10 +678,49 @@ def main(argv=None) -> int:
                                         batch_size=args.batch_size, max_len=args.max_len)
                 for i, res in results:
                     _write(out, result_record(jobs[i], res))
+                    if recorder is not None:
+                        recorder.add(jobs[i], res)
                     tokens += res.completion_tokens
                     bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s", refresh=False)
                     bar.update(1)
+            if recorder is not None:
+                recorder.close(writer)
     return 1 if failed else 0
+
+
+class _RoutingRecorder:
+    """--routing-stats: the tokens each finished request fed through the model (its prompt and all but its last
+    new token) are captured in batches of --batch-size (qwen3_jax.routing.capture, the model's routing)."""
+
+    def __init__(self, model, args, context: int):
+        from qwen3_jax.routing import RoutingStats
+
+        self.model, self.args, self.context = model, args, context
+        self.stats = RoutingStats(model.config, model.runtime.routing, model_name=os.path.abspath(args.model))
+        self.pending: list = []
+
+    def add(self, job, res):
+        from qwen3_jax.routing.stats import Record
+
+        import numpy as np
+
+        ids = list(job.request.prompt_ids) + list(res.token_ids)[:-1]
+        self.pending.append(Record(np.asarray(ids, np.int32), job.domain, job.line))
+        if len(self.pending) >= self.args.batch_size:
+            self.flush()
+
+    def flush(self):
+        from qwen3_jax.routing import capture
+
+        if self.pending:
+            capture(self.model, self.pending, batch_size=self.args.batch_size, max_len=self.context, stats=self.stats)
+            self.pending = []
+
+    def close(self, writer: bool):
+        self.flush()
+        if writer:
+            path = self.stats.save(self.args.routing_stats)
+            print(f"routing statistics of {self.stats.tokens} tokens: {path}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------

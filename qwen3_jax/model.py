@@ -174,6 +174,15 @@ def route_topk(logits_te, top_k, norm_topk_prob):
     return w_tk, e_tk
 
 
+def router_choice(logits_te, cfg: Qwen3Config, routing=None, layer=None):
+    """The routing every MoE path runs: `route_topk` of the config, or under an intervention (runtime.routing, a
+    qwen3_jax.routing.Intervention: top-k, disabled / forced experts, temperature) its routing of decoder layer
+    `layer` (int or traced). Slots an intervention leaves empty name expert E (weight 0), as padding does."""
+    if routing is None:
+        return route_topk(logits_te, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    return routing.route_topk(logits_te, layer, cfg)
+
+
 def mask_padding(e_tk, valid_t, num_experts):
     """Padding tokens (valid_t False) route nowhere: expert id num_experts, which no grouped matmul computes
     (they take no expert capacity and their output is zero)."""
@@ -234,19 +243,21 @@ def moe_experts_gather(x_td, w_tk, e_tk, p):
     return y_t1d[:, 0]
 
 
-def moe_block(x_btd, p, cfg: Qwen3Config, ks=None, valid_bt=None, stacked=None):
+def moe_block(x_btd, p, cfg: Qwen3Config, ks=None, valid_bt=None, stacked=None, routing=None, layer=None):
     """Qwen3-MoE sparse block on one device. Returns output [B,T,D] and router logits [B,T,E] (fp32).
 
     ks: the kernel choices (qwen3_jax.kernels.Kernels; default: this process's default device). Few token copies
     (B*T*top_k <= ks.gather_rows: a CPU heuristic, KV-cached decode) take the gather path, the rest the sorted
-    grouped matmul. valid_bt: False for padding tokens, which take no expert. stacked: see moe_experts."""
+    grouped matmul. valid_bt: False for padding tokens, which take no expert. stacked: see moe_experts.
+    routing, layer: an intervention and the decoder layer (router_choice)."""
     if ks is None:
         ks = Runtime().kernels
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
-    logits, w_tk, e_tk = route(x_td, p["router"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    logits = jnp.dot(x_td.astype(jnp.float32), p["router"].astype(jnp.float32))
+    w_tk, e_tk = router_choice(logits, cfg, routing, layer)
     e_tk = mask_padding(e_tk, None if valid_bt is None else valid_bt.reshape(-1), cfg.num_experts)
-    if b * t * cfg.num_experts_per_tok <= ks.gather_rows(cfg.num_experts, stacked is not None):
+    if b * t * e_tk.shape[1] <= ks.gather_rows(cfg.num_experts, stacked is not None):
         y = moe_experts_gather(x_td, w_tk, e_tk, p)
     else:
         y = moe_experts(x_td, w_tk, e_tk, p, impl=ks.gmm, interpret=ks.interpret, stacked=stacked)
@@ -299,6 +310,8 @@ class LayerOps:
     def __init__(self, model, attn_stack, moe_stack, kv, n_rows: int):
         rt = model.runtime
         self.cfg, self.runtime, self.ks = model.config, rt, rt.kernels
+        if rt.routing is not None:
+            rt.routing.check(model.config)
         self.mesh = rt.mesh if model._sharded() else None
         self.attn_stack, self.moe_stack, self.kv = attn_stack, moe_stack, kv
         arrays = [] if kv is None else [attn_stack[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + list(kv[:2])
@@ -325,21 +338,21 @@ class LayerOps:
 
     def moe(self, x_btd, p, layer, valid_bt, in_stack: bool):
         """in_stack: p is layer `layer` of self.moe_stack (all-MoE stacks), which CPU kernels may read in place."""
-        cfg = self.cfg
+        cfg, routing = self.cfg, self.runtime.routing
         if self.mesh is not None:  # expert-parallel: all-to-all over the mesh's 'expert' axis
             from qwen3_jax.sharding.ep import ep_moe
 
-            return ep_moe(x_btd, valid_bt, p, cfg, self.runtime, inference=self.kv is not None)
+            return ep_moe(x_btd, valid_bt, p, cfg, self.runtime, inference=self.kv is not None, layer=layer)
         stacked = (self.moe_stack, layer) if in_stack else None
         b, t, d = x_btd.shape
         if self.in_place and stacked is not None and b * t * cfg.num_experts_per_tok <= 4 * cfg.num_experts:
             x_td = x_btd.reshape(b * t, d)
             logits = stacked_proj(x_td.astype(jnp.float32), self.moe_stack["router"], layer)
-            w_tk, e_tk = route_topk(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+            w_tk, e_tk = router_choice(logits, cfg, routing, layer)
             e_tk = mask_padding(e_tk, None if valid_bt is None else valid_bt.reshape(-1), cfg.num_experts)
             y = moe_experts_kernel(x_td, w_tk, e_tk, stacked)
             return y.reshape(b, t, d), logits.reshape(b, t, -1), jnp.int32(0)
-        y, logits = moe_block(x_btd, p, cfg, self.ks, valid_bt, stacked)
+        y, logits = moe_block(x_btd, p, cfg, self.ks, valid_bt, stacked, routing, layer)
         return y, logits, jnp.int32(0)
 
 
@@ -407,10 +420,12 @@ class CausalLMOutput:
     hidden_states: jax.Array | None = None  # final normed hidden [B, T, D]
     dropped_tokens: jax.Array | None = None  # [L_moe] int32 token copies dropped (expert-parallel; None on one device)
     cache: "KVCache | None" = None           # the updated KV cache when one was passed in
+    moe_inputs: jax.Array | None = None      # [L_moe, B, T, D] each MoE layer's input (runtime.routing.moe_inputs)
 
 
 jax.tree_util.register_dataclass(
-    CausalLMOutput, data_fields=["logits", "router_logits", "hidden_states", "dropped_tokens", "cache"], meta_fields=[]
+    CausalLMOutput, data_fields=["logits", "router_logits", "hidden_states", "dropped_tokens", "cache", "moe_inputs"],
+    meta_fields=[]
 )
 
 
@@ -537,12 +552,12 @@ class Qwen3ForCausalLM(nnx.Module):
             kv = (cache.k, cache.v, write_bt, old_bs, new_btt)
         cos, sin = self.rope(positions)
         h = self.embed(input_ids)
-        h, router_logits, dropped, kv_out = self.decoder(h, cos, sin, seg_bt, valid_bt, kv)
+        h, router_logits, dropped, kv_out, moe_x = self.decoder(h, cos, sin, seg_bt, valid_bt, kv)
         new_cache = None if cache is None else KVCache(kv_out[0], kv_out[1], cache.lengths + n_new)
         h = rms_norm(h, self.norm[...], self.config.rms_norm_eps)
         logits = self.unembed(h)
         return CausalLMOutput(logits=logits, router_logits=router_logits, hidden_states=h if return_hidden else None,
-                              dropped_tokens=dropped, cache=new_cache)
+                              dropped_tokens=dropped, cache=new_cache, moe_inputs=moe_x)
 
     def decoder(self, h_btd, cos, sin, seg_bt, valid_bt, kv=None):
         """Run the layer stack: one `lax.scan` (a single compiled layer body whatever the depth), or unrolled
@@ -554,7 +569,7 @@ class Qwen3ForCausalLM(nnx.Module):
         cached tokens plus its new keys/values, and writes those into its slots in place (a donated cache is
         updated without a copy of the stack).
         Returns (h, router logits [L_moe,B,T,E] or None, dropped token copies [L_moe] or None (one device),
-        (k, v) or None).
+        (k, v) or None, the MoE layers' inputs [L_moe,B,T,D] (runtime.routing.moe_inputs) or None).
         """
         cfg, rt = self.config, self.runtime
         eps = cfg.rms_norm_eps
@@ -567,6 +582,7 @@ class Qwen3ForCausalLM(nnx.Module):
         dense_idx = np.maximum(np.cumsum(~is_moe) - 1, 0).astype(np.int32)
         ops = LayerOps(self, attn_p, moe_p, kv, h_btd.shape[0] * h_btd.shape[1])
         b, t, _ = h_btd.shape
+        keep_x = rt.routing is not None and rt.routing.moe_inputs
 
         def mlp(x, kind, moe_l, dense_l, layer):
             """(y, router logits, dropped); kind 'moe' / 'dense' (static) or a traced bool (mixed stacks)."""
@@ -592,7 +608,7 @@ class Qwen3ForCausalLM(nnx.Module):
                 x = self._shard(rms_norm(h, a["post_attention_layernorm"], eps), "btd")
                 y, rl, dropped = mlp(x, flag if kind == "mixed" else kind, moe_l, dense_l, layer)
                 h = h + self._shard(y, "btd")
-                return (h, kvc), (rl, dropped)
+                return (h, kvc), (rl, dropped, x if keep_x else None)
 
             if rt.remat == "none":
                 return body
@@ -613,12 +629,13 @@ class Qwen3ForCausalLM(nnx.Module):
                 body = layer_fn("dense")
                 scanned = lambda c, xs: body(c, (xs[0], xs[1], None, None, xs[2]))  # noqa: E731
                 extra = (dense_p,)
-            (h, kv_out), (rl, dropped) = jax.lax.scan(scanned, carry, (jnp.arange(n_layers), attn_p, *extra))
+            (h, kv_out), (rl, dropped, moe_x) = jax.lax.scan(scanned, carry, (jnp.arange(n_layers), attn_p, *extra))
             if mixed:
                 sel = jnp.asarray(np.nonzero(is_moe)[0])
                 rl, dropped = rl[sel], dropped[sel]
+                moe_x = None if moe_x is None else moe_x[sel]
             elif not is_moe.any():
-                rl = dropped = None
+                rl = dropped = moe_x = None
         else:  # unrolled: static layer kinds, no cond
             outs = []
             bodies = {"moe": layer_fn("moe"), "dense": layer_fn("dense")}
@@ -631,9 +648,10 @@ class Qwen3ForCausalLM(nnx.Module):
             moe_outs = [o for o, m in zip(outs, is_moe) if m]
             rl = jnp.stack([o[0] for o in moe_outs]) if moe_outs else None
             dropped = jnp.stack([o[1] for o in moe_outs]) if moe_outs else None
+            moe_x = jnp.stack([o[2] for o in moe_outs]) if moe_outs and keep_x else None
         if dropped is not None and not self._sharded():
             dropped = None        # one device never drops
-        return h, rl, dropped, kv_out
+        return h, rl, dropped, kv_out, moe_x
 
 
 def write_cache(kv_c, layer, k_btkd, v_btkd, write_bt):

@@ -30,6 +30,7 @@ class Runtime:
     attention: str = "auto"               # auto | splash | cudnn | xla | chunked
     ep_dispatch: str = "auto"             # auto | ragged | padded | ragged_emulated
     cpu_decode_kernels: bool = True       # allow the XLA:CPU FFI decode kernels where they serve
+    routing: Any = None                   # a qwen3_jax.routing.Intervention (top-k, disabled/forced experts, temperature)
 
     def __post_init__(self):
         if self.remat not in REMAT:

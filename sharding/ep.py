@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from qwen3_jax.model import mask_padding, moe_experts, route
+from qwen3_jax.model import mask_padding, moe_experts, router_choice
 
 from .mesh import check_experts
 from .rules import BATCH, fit_spec
@@ -76,7 +76,7 @@ def padded_slots(e_nk, valid_n, ep: int, e_loc: int, cap: int):
     """
     n, k = e_nk.shape
     e_m = e_nk.T.reshape(-1)
-    valid_m = jnp.tile(valid_n, k)
+    valid_m = jnp.tile(valid_n, k) & (e_m < ep * e_loc)                # slots an intervention left empty: none
     dest_m = jnp.where(valid_m, e_m // e_loc, ep)                       # ep = padding token, goes nowhere
     pos_m = _rank_in_group(dest_m, ep + 1)
     kept = valid_m & (pos_m < cap)
@@ -173,8 +173,9 @@ def _moe_ragged(x_nd, w_nk, e_nk, valid_n, p_loc, *, ep, e_loc, r, rounds, ks, e
 
 
 # ============================================================================ the layer
-def _local_moe(x_nd, valid_n, p, *, cfg, ep, e_loc, cap, r, rounds, ks, tensor_split, token_axes):
-    logits_ne, w_nk, e_nk = route(x_nd, p["router"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
+def _local_moe(x_nd, valid_n, p, layer, *, cfg, routing, ep, e_loc, cap, r, rounds, ks, tensor_split, token_axes):
+    logits_ne = jnp.dot(x_nd.astype(jnp.float32), p["router"].astype(jnp.float32))
+    w_nk, e_nk = router_choice(logits_ne, cfg, routing, layer)
     experts = {k: p[k] for k in ("gate_proj", "up_proj", "down_proj")}
     if ep == 1:
         y_nd = moe_experts(x_nd, w_nk, mask_padding(e_nk, valid_n, e_loc), experts, num_experts=e_loc,
@@ -200,10 +201,11 @@ def token_layout(n: int, mesh):
     return token_axes, n_pad, n_pad // shards
 
 
-def ep_moe(x_btd, valid_bt, p, cfg, runtime, *, inference: bool = False):
+def ep_moe(x_btd, valid_bt, p, cfg, runtime, *, inference: bool = False, layer=None):
     """Expert-parallel MoE block on runtime.mesh. p: one layer's MoE params; valid_bt: real tokens (None: all).
     inference: KV-cached decoding / prefill, where the ragged dispatch sends overflow in further rounds instead of
-    dropping it (a while loop: not differentiable).
+    dropping it (a while loop: not differentiable). layer: the decoder layer, for runtime.routing (an intervention:
+    its top-k sets the slots per token; slots it leaves empty are sent nowhere and never counted as dropped).
 
     Returns y [B, T, D], router logits [B, T, E] fp32 and the number of (real) token copies dropped (int32, over
     the whole batch; 0 when nothing overflowed).
@@ -211,6 +213,8 @@ def ep_moe(x_btd, valid_bt, p, cfg, runtime, *, inference: bool = False):
     mesh, ks = runtime.mesh, runtime.kernels
     b, t, d = x_btd.shape
     n_exp, k = cfg.num_experts, cfg.num_experts_per_tok
+    if runtime.routing is not None:
+        k = runtime.routing.max_top_k(cfg)
     p = {name: p[name] for name in ("router", "gate_proj", "up_proj", "down_proj")}
     check_experts(n_exp, mesh.shape)
     ep = mesh.shape["expert"]
@@ -233,12 +237,12 @@ def ep_moe(x_btd, valid_bt, p, cfg, runtime, *, inference: bool = False):
     valid_n = jnp.arange(n_pad) < b * t
     if valid_bt is not None:
         valid_n = valid_n & jnp.pad(valid_bt.reshape(-1), (0, n_pad - b * t))
-    fn = functools.partial(_local_moe, cfg=cfg, ep=ep, e_loc=e_loc, cap=cap, r=r, rounds=None if inference else 1,
-                           ks=ks, tensor_split=tensor_split, token_axes=token_axes)
+    fn = functools.partial(_local_moe, cfg=cfg, routing=runtime.routing, ep=ep, e_loc=e_loc, cap=cap, r=r,
+                           rounds=None if inference else 1, ks=ks, tensor_split=tensor_split, token_axes=token_axes)
     # check_vma=False: the CPU grouped-matmul loops and the Pallas kernels carry unvarying values into varying
     # results; collectives and their transposes are checked by the tests.
     y, logits, dropped = jax.shard_map(
-        fn, mesh=mesh, in_specs=(P(token_axes or None, None), tok, specs),
+        fn, mesh=mesh, in_specs=(P(token_axes or None, None), tok, specs, P()),
         out_specs=(P(token_axes or None, None), P(token_axes or None, None), P()), check_vma=False,
-    )(x_nd, valid_n, p)
+    )(x_nd, valid_n, p, jnp.asarray(0 if layer is None else layer, jnp.int32))
     return y[: b * t].reshape(b, t, d), logits[: b * t].reshape(b, t, n_exp), dropped

@@ -167,6 +167,21 @@ def test_bad_arguments_exit_2(ids_dir, tmp_path, capsys):
         cli.main(["--model", str(tmp_path), "--input", str(inp), "--output", str(tmp_path / "o")])
 
 
+def test_routing_flags_parse_both_syntaxes(capsys):
+    parse = lambda *f: cli.batch_parser().parse_args(["--model", "m", "--input", "-", "--output", "o", *f])  # noqa: E731
+    a = parse("--router-top-k", "2", "--router-top-k", "3:1", "--router-top-k", "1@layer4", "--disable-experts", "5:3,17",
+              "--disable-experts", "3,17@layer5", "--disable-experts", "*:0", "--force-experts", "2",
+              "--router-temperature", "0:0.5", "--top-k", "20")
+    assert a.routing_top_k == [(None, 2), (3, 1), (4, 1)] and a.top_k == 20
+    assert a.disable_experts == [(5, [3, 17]), (5, [3, 17]), (None, [0])]
+    assert a.force_experts == [(None, [2])] and a.router_temperature == [(0, 0.5)]
+    for bad in (["--router-top-k", "x"], ["--disable-experts", "5:"], ["--disable-experts", "-1:3"],
+                ["--disable-experts", "3@layerx"], ["--router-temperature", "a:1"]):
+        with pytest.raises(SystemExit) as e:
+            parse(*bad)
+        assert e.value.code == 2 and bad[0] in capsys.readouterr().err, bad
+
+
 def test_output_records():
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
     res = GenerationResult(token_ids=[5, 6, 7], text="<think>\nhm\n</think>\n\n<tool_call>...</tool_call>",

@@ -50,7 +50,7 @@ def pod(tmp_path_factory):
     (root / "eval.jsonl").write_text("".join(record() + "\n" for _ in range(N_EVAL)))
     flags = ["--model", str(root / "model"), "--data", str(root / "train.jsonl"), "--eval-data", str(root / "eval.jsonl"),
              "--batch-size", "8", "--seq-len", "32", "--steps", "8", "--lr", "3e-3", "--warmup", "2",
-             "--save-every", "3", "--mesh", "data=2,expert=4", "--no-progress"]
+             "--save-every", "3", "--mesh", "data=2,expert=4", "--no-progress", "--routing-stats-every", "4"]
     return {"root": root, "model": str(root / "model"), "flags": flags}
 
 
@@ -166,6 +166,20 @@ def test_export_hf_of_two_processes_equals_one(single, killed):
     assert json.load(open(single / "hf" / "config.json")) == json.load(open(killed[0] / "hf" / "config.json"))
 
 
+def test_routing_stats_of_two_processes_equal_one(pod, single, killed):
+    """--routing-stats-every 4 (the eval set): every process captures the same batches, process 0 writes."""
+    out = killed[0]
+    n_tok = sum(len(json.loads(x)["input_ids"]) for x in (pod["root"] / "eval.jsonl").read_text().splitlines())
+    for step in (4, 8):
+        a, b = (json.load(open(d / "routing" / f"step_{step}" / "stats.json")) for d in (single, out))
+        assert a["tokens"] == b["tokens"] == n_tok and a["sequences"] == b["sequences"] == N_EVAL
+        for la, lb in zip(a["layers"], b["layers"]):
+            assert sum(la["load"]) == sum(lb["load"]) == 2 * n_tok
+            # params equal to ~1e-6 (test_export_hf_...): at most a near-tie flips
+            assert np.abs(np.subtract(la["load"], lb["load"])).sum() <= 4, (step, la["load"], lb["load"])
+    assert sorted(os.listdir(out / "routing")) == ["step_4", "step_8"]
+
+
 def test_sigkill_of_both_processes_then_rerun_resumes_exactly(pod, killed):
     out, killed_metrics, latest, _ = killed
     # held at step 6: steps 1-5 logged, the step-3 checkpoint complete, the step-6 one not begun
@@ -205,7 +219,8 @@ def test_infer_over_two_processes_writes_each_id_once(pod, tmp_path):
     out = tmp_path / "two.jsonl"
     done = [r for r in ref_records if r.get("id") in ("r1", "r4", "r7")]
     out.write_text("".join(json.dumps(r) + "\n" for r in done))
-    codes = _run2(root, "infer", "infer", [*flags, "--output", str(out)], "--read-log", str(tmp_path / "read-{}.json"))
+    codes = _run2(root, "infer", "infer", [*flags, "--output", str(out), "--routing-stats", str(tmp_path / "rs")],
+                  "--read-log", str(tmp_path / "read-{}.json"))
     assert codes == [1, 1], _logs(root, "infer")
     records = [json.loads(x) for x in out.read_text().splitlines()]
     ids = [r["id"] for r in records]
@@ -215,6 +230,11 @@ def test_infer_over_two_processes_writes_each_id_once(pod, tmp_path):
     by_id = {r["id"]: r for r in ref_records}
     for r in records:
         assert r.get("token_ids") == by_id[r["id"]].get("token_ids"), r["id"]
+    # --routing-stats: the requests this run generated (not the resumed ones), captured on both, written once
+    ran = [x for x in lines if x["id"] not in ("r1", "r4", "r7")]
+    stats = json.load(open(tmp_path / "rs" / "stats.json"))
+    assert stats["tokens"] == sum(len(x["prompt_token_ids"]) + len(by_id[x["id"]]["token_ids"]) - 1 for x in ran)
+    assert stats["sequences"] == len(ran)
     # the model is spread over both hosts (every device on 'tensor'): each read half of every expert's columns
     sizes = {k: v.nbytes for k, v in _tensors(model).items()}
     experts = [k for k in sizes if ".experts." in k]

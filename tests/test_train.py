@@ -446,3 +446,34 @@ def test_cli_help_yaml_config_and_plot(tiny, full_run, tmp_path, capsys):
     assert main(["--config", str(conf), "--bogus"]) == 2
     assert plot_main([full_run, "--out", str(tmp_path / "m.png")]) == 0
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_routing_stats_every_writes_the_capture_of_the_held_out_set(tiny, tmp_path, capsys):
+    from qwen3_jax.routing import capture
+
+    rng = np.random.default_rng(3)
+    recs = [{"input_ids": rng.integers(10, 60, int(rng.integers(5, 45))).tolist(), "domain": "ab"[i % 2]}
+            for i in range(6)]
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"input_ids": [1, 999]}\n')
+    out = tmp_path / "run"
+    assert _train(tiny, out, "--steps", "4", "--routing-stats-every", "3", "--routing-data", str(held)) == 0
+    assert f"{held}:7" in capsys.readouterr().out                      # the bad held-out line is named
+    assert sorted(os.listdir(out / "routing")) == ["step_3", "step_4"]  # every 3 steps and at the end
+    assert [r.get("routing_stats") for r in _metrics(out)] == [None, None, "routing/step_3", "routing/step_4"]
+    st = json.loads((out / "routing" / "step_4" / "stats.json").read_text())
+    n_tok = sum(len(r["input_ids"]) for r in recs)
+    assert st["tokens"] == n_tok and set(st["domains"]) == {"a", "b"}
+    assert all(sum(layer["load"]) == 2 * n_tok for layer in st["layers"])
+    assert os.path.isfile(out / "routing" / "step_4" / "counts.npz")
+    # the counts are those of the final params: a capture of the exported model, same batches (rows of seq-len 32)
+    trainer.export_checkpoint(str(out), str(tmp_path / "hf"))
+    ref = capture(qwen3_jax.from_pretrained(str(tmp_path / "hf")), [np.asarray(r["input_ids"]) for r in recs],
+                  domains=[r["domain"] for r in recs], batch_size=4, max_len=32)
+    assert [x["load"] for x in st["layers"]] == [x["load"] for x in ref["layers"]]
+    assert st["domains"]["a"]["layers"][0]["load"] == ref["domains"]["a"]["layers"][0]["load"]
+    # no held-out set, or one that is not there: a usage / setup error (exit 2) and no run directory
+    for extra in (["--routing-stats-every", "2"], ["--routing-stats-every", "2", "--routing-data", str(tmp_path / "no")],
+                  ["--routing-data", str(held)]):
+        assert _train(tiny, tmp_path / "never", *extra) == 2, extra
+    assert not (tmp_path / "never").exists()

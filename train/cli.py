@@ -35,6 +35,12 @@ def parser() -> argparse.ArgumentParser:
     a("--data", action="append", help="training jsonl (repeatable): {text} | {messages} | {input_ids, labels?}")
     a("--eval-data", action="append", help="evaluation jsonl (repeatable); eval loss at each save and at the end")
     a("--output", help="run directory: checkpoints, metrics.jsonl; an existing run there is resumed")
+    a("--routing-stats-every", type=int, default=0, metavar="N",
+      help="every N steps and at the end, write the routing statistics of the held-out set (--routing-data, else "
+      "--eval-data) to OUTPUT/routing/step_<step>/ (stats.json + counts.npz, as qwen3-jax-routing capture)")
+    a("--routing-data", action="append", metavar="JSONL", help="held-out records for --routing-stats-every "
+      "(repeatable): {text} | {prompt} | {messages} | {input_ids} | {prompt_token_ids}, each with an optional "
+      "\"domain\" (as qwen3-jax-routing capture --data)")
     a("--steps", type=int, help="optimizer steps (overrides --epochs)")
     a("--epochs", type=float, default=1.0, help="passes over the packed data when --steps is not given")
     a("--batch-size", type=int, default=8, help="global batch in sequences (rows of seq-len)")
@@ -93,7 +99,7 @@ def parse_args(argv=None, p: argparse.ArgumentParser | None = None) -> argparse.
         bad = sorted(set(conf) - known)
         if bad:
             p.error(f"{args.config}: unknown keys {bad}")
-        for k in ("data", "eval_data"):
+        for k in ("data", "eval_data", "routing_data"):
             if isinstance(conf.get(k), str):
                 conf[k] = [conf[k]]
         if "freeze" in conf:
@@ -101,12 +107,18 @@ def parse_args(argv=None, p: argparse.ArgumentParser | None = None) -> argparse.
         p.set_defaults(**conf)
         cli_args = args
         args = p.parse_args(argv)  # command-line flags override the file
-        for k in ("data", "eval_data"):  # appending flags replace the file's list instead of extending it
+        for k in ("data", "eval_data", "routing_data"):  # appending flags replace the file's list instead of extending it
             if getattr(cli_args, k):
                 setattr(args, k, getattr(cli_args, k))
     for req in ("model", "data", "output"):
         if not getattr(args, req):
             p.error(f"--{req} is required (flag or config file)")
+    if args.routing_stats_every < 0:
+        p.error("--routing-stats-every must be >= 0 (0: off)")
+    if args.routing_stats_every and not (args.routing_data or args.eval_data):
+        p.error("--routing-stats-every needs a held-out set: --routing-data JSONL (or --eval-data)")
+    if args.routing_data and not args.routing_stats_every:
+        p.error("--routing-data is read by --routing-stats-every N only")
     return args
 
 

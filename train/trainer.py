@@ -2,7 +2,8 @@
 
 `<output>/` holds: `model/config.json` (the model's config, for export), `train_args.json`,
 `checkpoints/<step>/` (orbax: params, opt_state, the data iterators' state per data shard, meta with the step
-and the skipped records), `metrics.jsonl`. On several processes (a pod slice), process 0 writes everything
+and the skipped records), `metrics.jsonl`, and with --routing-stats-every `routing/step_<step>/` (the held-out set's
+routing capture, qwen3_jax.routing). On several processes (a pod slice), process 0 writes everything
 but the checkpoints, which orbax writes from every process.
 """
 
@@ -207,6 +208,25 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def routing_records(args, cfg, tok, log) -> list:
+    """--routing-data (else --eval-data) as routing.stats.Record's; every process reads all of it (the capture
+    runs the same batches on every process). Bad lines are named (by process 0) and skipped."""
+    from qwen3_jax.routing.cli import read_records
+
+    if not cfg.is_moe:
+        raise ValueError("--routing-stats-every: the model has no MoE layers")
+    paths, flag = (args.routing_data, "--routing-data") if args.routing_data else (args.eval_data, "--eval-data")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"{flag} {path}: no such file")
+    quiet = jax.process_index() != 0
+    recs, skipped = read_records(paths, tok, cfg.vocab_size, log=lambda msg, **_: quiet or log(f"skipped {msg}"))
+    if not recs:
+        raise D.DataError(f"{flag} {', '.join(paths)}: no usable routing records" + (
+            f" ({len(skipped)} malformed, skipped)" if skipped else ""))
+    return recs
+
+
 class SetupError(ValueError):
     """The run could not start (model, data, mesh, flags, checkpoint); nothing was written."""
 
@@ -269,6 +289,8 @@ def _setup(args, log) -> dict:
     if eval_corpus is not None and not eval_steps:
         raise D.DataError("--eval-data: no usable records")
 
+    routing = _on_every_process(lambda: routing_records(args, cfg, tok, log)) if args.routing_stats_every else None
+
     graphdef, abstract_state, params = split_model(model)
     del model
     schedule = make_schedule(args.schedule, args.lr, args.warmup, steps)
@@ -282,11 +304,11 @@ def _setup(args, log) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     return dict(mesh=mesh, cfg=cfg, rows=rows, corpus=corpus, eval_corpus=eval_corpus, skipped=skipped, long=long,
                 steps=steps, eval_steps=eval_steps, graphdef=graphdef, abstract_state=abstract_state, params=params,
-                schedule=schedule, tx=tx, opt_state=opt_state, scfg=scfg)
+                schedule=schedule, tx=tx, opt_state=opt_state, scfg=scfg, routing=routing)
 
 
 def _run(args, log, *, mesh, cfg, rows, corpus, eval_corpus, skipped, long, steps, eval_steps, graphdef,
-         abstract_state, params, schedule, tx, opt_state, scfg) -> dict:
+         abstract_state, params, schedule, tx, opt_state, scfg, routing) -> dict:
     from qwen3_jax.launch import allgather_json
 
     writer = jax.process_index() == 0
@@ -331,6 +353,18 @@ def _run(args, log, *, mesh, cfg, rows, corpus, eval_corpus, skipped, long, step
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(jax.tree.leaves(opt_state)),
             data=ocp.args.JsonSave(state), meta=ocp.args.JsonSave({"step": step, "skipped_records": skipped})))
 
+    def routing_stats(step) -> str:
+        """The held-out set's routing capture under the current params (every process runs it; process 0 writes)."""
+        from qwen3_jax.routing import capture
+
+        stats = capture(model_from(graphdef, abstract_state, params), routing, batch_size=args.batch_size,
+                        max_len=args.seq_len)
+        stats.model_name = f"{os.path.abspath(args.output)} step {step}"
+        out_dir = os.path.join(args.output, "routing", f"step_{step}")
+        if writer:
+            stats.save(out_dir)
+        return os.path.relpath(out_dir, args.output)
+
     eval_fn = make_eval_step(graphdef, abstract_state) if eval_corpus else None
     active = qwen3_jax.param_count(cfg)["active"]
     fpt = flops_per_token(cfg, args.seq_len, active)
@@ -352,6 +386,8 @@ def _run(args, log, *, mesh, cfg, rows, corpus, eval_corpus, skipped, long, step
             row["skipped_records"] = skipped
             row["long_records"] = long
             row["step_time_s"] = dt
+            if routing is not None and (step + 1 == steps or (step + 1) % args.routing_stats_every == 0):
+                row["routing_stats"] = routing_stats(step + 1)   # before the save: a resumed run redoes it
             if step + 1 == steps or (args.save_every and (step + 1) % args.save_every == 0):
                 if eval_fn is not None:
                     row["eval_loss"] = evaluate(eval_fn, params, eval_corpus.shards, args, mesh, rows, eval_steps)
