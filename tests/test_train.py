@@ -23,27 +23,18 @@ from qwen3_jax.train.step import StepConfig, make_grad_fn, split_model
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
             max_position_embeddings=256, torch_dtype="float32")
-# one set of run flags for every run that trains (the persistent compilation cache then compiles the step once)
+# one set of run flags for every run that trains (the same step shapes in every run)
 RUN = ["--batch-size", "4", "--seq-len", "32", "--steps", "8", "--lr", "3e-3", "--warmup", "2", "--save-every", "2",
        "--mesh", "data=1", "--no-progress", "--weight-decay", "0.01"]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
-    """Share compiled steps between the runs of this module and its subprocesses."""
-    from jax._src import compilation_cache
-
-    d = str(tmp_path_factory.mktemp("jax_cache"))
-    old = {k: jax.config.values[k] for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                                             "jax_persistent_cache_min_entry_size_bytes")}
-    jax.config.update("jax_compilation_cache_dir", d)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.reset_cache()  # earlier modules may have settled "no cache" for this process
-    yield d
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
+    """A persistent compilation cache for this module's subprocesses (the killed run and its rerun compile the step
+    once). Not enabled in the test process itself: late in the full suite, after hundreds of programs (TPU ones
+    included), XLA:CPU aborted the process while serializing an executable for the cache (jax 0.10.2; every module
+    passes on its own, and the cause was not isolated)."""
+    return str(tmp_path_factory.mktemp("jax_cache"))
 
 
 @pytest.fixture(scope="module")
