@@ -32,3 +32,17 @@ def ref_root(tmp_path_factory):
 def reference(ref_root):
     """reference(name) -> (hf_model, checkpoint_dir, qwen3_jax model); cached for the session."""
     return lambda name: _reference(name, ref_root)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every compiled program after each test module. XLA:CPU maps memory for each executable it keeps, and
+    the whole suite in one process compiles thousands: past the kernel's vm.max_map_count (65530) an mmap fails
+    and the process aborts inside XLA (seen late in the full suite, never in a module alone)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

@@ -31,9 +31,7 @@ RUN = ["--batch-size", "4", "--seq-len", "32", "--steps", "8", "--lr", "3e-3", "
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
     """A persistent compilation cache for this module's subprocesses (the killed run and its rerun compile the step
-    once). Not enabled in the test process itself: late in the full suite, after hundreds of programs (TPU ones
-    included), XLA:CPU aborted the process while serializing an executable for the cache (jax 0.10.2; every module
-    passes on its own, and the cause was not isolated)."""
+    once). The test process itself compiles without it (its runs share nothing on disk)."""
     return str(tmp_path_factory.mktemp("jax_cache"))
 
 
