@@ -83,13 +83,13 @@ def _add_model_args(p: argparse.ArgumentParser):
                    "or every device on 'tensor' when several processes run (qwen3-jax-infer's launch flags)")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, top_k_flag: str = "--top-k"):
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int):
     g = p.add_argument_group("generation (defaults: the model's generation_config.json)")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help=f"default {max_new_tokens}; capped so that prompt + new tokens fit the context")
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--top-p", type=float)
-    g.add_argument(top_k_flag, dest="top_k", type=int, help="sampling top-k (0 = off)")
+    g.add_argument("--top-k", type=int, help="sampling top-k (0 = off)")
     g.add_argument("--min-p", type=float)
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--presence-penalty", type=float)
