@@ -17,8 +17,8 @@ frequency_penalty, thinking_budget, stop_token_ids, enable_thinking, chat_templa
 from the model's generation_config.json (Qwen3's recommendations for thinking / non-thinking), command-line flags
 override them and a line's own fields override both. A line may also carry a "domain" (per-domain routing statistics).
 
-MoE routing (qwen3_jax.routing), for the whole run: `--router-top-k K` (the router's experts per token; `--top-k`
-is the sampling top-k, as in vLLM), `--disable-experts LAYER:E[,E...]`, `--force-experts LAYER:E[,E...]`,
+MoE routing (qwen3_jax.routing), for the whole run: `--top-k [LAYER:]K` (alias `--router-top-k`: the router's experts
+per token; the sampling top-k is `--sampling-top-k K` or a line's "top_k"), `--disable-experts LAYER:E[,E...]`, `--force-experts LAYER:E[,E...]`,
 `--router-temperature [LAYER:]T` (LAYER `*` or left out: every MoE layer), applied in the KV-cached generation
 itself; `--routing-stats DIR` writes DIR/stats.json and DIR/counts.npz (the format of `qwen3-jax-routing capture`)
 for the tokens the requests ran through the model, under those flags.
@@ -83,13 +83,13 @@ def _add_model_args(p: argparse.ArgumentParser):
                    "or every device on 'tensor' when several processes run (qwen3-jax-infer's launch flags)")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int):
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, top_k_flag: str = "--top-k"):
     g = p.add_argument_group("generation (defaults: the model's generation_config.json)")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help=f"default {max_new_tokens}; capped so that prompt + new tokens fit the context")
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int, help="sampling top-k (0 = off)")
+    g.add_argument(top_k_flag, dest="top_k", type=int, help="sampling top-k (0 = off)")
     g.add_argument("--min-p", type=float)
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--presence-penalty", type=float)
@@ -328,7 +328,8 @@ class LineParser:
             raise LineError(f"unknown field(s) {unknown}; allowed: {sorted(LINE_FIELDS)}", id)
         if obj.get("domain") is not None and not isinstance(obj["domain"], str):
             raise LineError('"domain" must be a string', id)
-        return Job(n, id, self._request(n, obj, id), domain=obj.get("domain"))
+        req = dataclasses.replace(self._request(n, obj, id), domain=obj.get("domain"))
+        return Job(n, id, req, domain=obj.get("domain"))
 
     @staticmethod
     def _id(obj, key):
@@ -520,7 +521,8 @@ def batch_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="input JSONL")
     p.add_argument("--output", required=True, help="output JSONL (appended to: a rerun skips what is done)")
     _add_model_args(p)
-    g = _add_sampling_args(p, max_new_tokens=256)
+    # --top-k is the router's (issue contract: `qwen3-jax-infer --top-k K` changes routing); sampling's is renamed
+    g = _add_sampling_args(p, max_new_tokens=256, top_k_flag="--sampling-top-k")
     g.add_argument("--seed", type=int, help="the request on input line N samples with seed SEED+N-1 (unless the "
                    "line sets its own), so results do not depend on batching or resuming")
     g.add_argument("--batch-size", type=int, default=8, help="rows decoded together (continuous batching)")
@@ -564,10 +566,10 @@ def _add_routing_args(p):
     g = p.add_argument_group(
         "MoE routing (qwen3_jax.routing; LAYER: a decoder layer index, * or none: every MoE layer; repeatable; "
         "qwen3-jax-routing's VALUE@layerN form works too, e.g. --disable-experts 3,17@layer5)")
-    g.add_argument("--router-top-k", dest="routing_top_k", action="append", default=[], metavar="[LAYER:]K",
-                   type=_layer_spec(int, "K or LAYER:K"),
-                   help="experts per token (router top-k) instead of the config's num_experts_per_tok (--top-k "
-                   "is the sampling top-k)")
+    g.add_argument("--top-k", "--router-top-k", dest="routing_top_k", action="append", default=[],
+                   metavar="[LAYER:]K", type=_layer_spec(int, "K or LAYER:K"),
+                   help="experts per token (the router's top-k) instead of the config's num_experts_per_tok; the "
+                   "sampling top-k is --sampling-top-k (or a line's \"top_k\")")
     g.add_argument("--disable-experts", action="append", default=[], metavar="LAYER:E[,E...]",
                    type=_layer_spec(_expert_ids, "LAYER:E[,E...]"),
                    help="mask these experts' router logits (tokens go to their next choices); repeatable")
@@ -575,23 +577,34 @@ def _add_routing_args(p):
                    type=_layer_spec(_expert_ids, "LAYER:E[,E...]"), help="always route to these experts; repeatable")
     g.add_argument("--router-temperature", action="append", default=[], metavar="[LAYER:]T",
                    type=_layer_spec(float, "T or LAYER:T"), help="router softmax temperature")
-    g.add_argument("--routing-stats", metavar="DIR", help="write the routing statistics of the generated requests "
-                   "(DIR/stats.json + counts.npz, as qwen3-jax-routing capture): each finished request's prompt and "
-                   "completion are run once more through the model, under the same routing flags (a resumed run counts the "
-                   "requests it runs)")
+    g.add_argument("--routing-stats", metavar="DIR", help="write the routing statistics of the generation "
+                   "(DIR/stats.json + counts.npz, as qwen3-jax-routing capture): every token the requests run through "
+                   "the model (prompt, then all but the last new token), as the KV-cached prefill and decode steps "
+                   "routed them (a resumed run counts the requests it runs)")
 
 
 def _routing_setup(p, args, cfg):
     """The Intervention of the routing flags (None: none), checked against the config (usage errors exit 2)."""
     from qwen3_jax.routing.cli import build_intervention
 
+    for _, k in args.routing_top_k:
+        if cfg.is_moe and not 1 <= k <= cfg.num_experts:
+            p.error(f"--top-k {k}: the router's top-k (experts per token) must be in 1..{cfg.num_experts}; the "
+                    "sampling top-k is --sampling-top-k")
     try:
         iv = build_intervention(args.routing_top_k, args.disable_experts, args.force_experts, args.router_temperature)
         if iv is not None and not cfg.is_moe:
-            p.error("the routing flags need a MoE model")
-        return None if iv is None else iv.check(cfg)
+            p.error("the routing flags need a MoE model" + (
+                " (--top-k is the router's top-k here; the sampling top-k is --sampling-top-k)"
+                if args.routing_top_k else ""))
+        iv = None if iv is None else iv.check(cfg)
     except ValueError as e:
         p.error(str(e))
+    if args.routing_top_k:  # users of vLLM-style commands may mean sampling: say what it does
+        ks = ", ".join(f"{k} (layer {layer})" if layer is not None else str(k) for layer, k in args.routing_top_k)
+        print(f"{p.prog}: --top-k routes each token to {ks} experts (the model's num_experts_per_tok is "
+              f"{cfg.num_experts_per_tok}); the sampling top-k is --sampling-top-k", file=sys.stderr)
+    return iv
 
 
 def main(argv=None) -> int:
@@ -670,57 +683,25 @@ def main(argv=None) -> int:
             model = _load_model(args)
             if routing is not None:
                 model.runtime = model.runtime.replace(routing=routing)
-            recorder = _RoutingRecorder(model, args, parser.context) if args.routing_stats else None
+            stats = None
+            if args.routing_stats:  # collected by the generation's own forwards (prefill and decode steps)
+                from qwen3_jax.routing import RoutingStats
+
+                stats = RoutingStats(cfg, model.runtime.routing, model_name=os.path.abspath(args.model))
             tokens, t0 = 0, time.perf_counter()
             with tqdm(total=len(jobs), unit="req", file=sys.stderr, dynamic_ncols=True,
                       disable=not (args.progress and writer)) as bar:
                 results = iter_generate(model, [j.request for j in jobs], tokenizer=tokenizer,
-                                        batch_size=args.batch_size, max_len=args.max_len)
+                                        batch_size=args.batch_size, max_len=args.max_len, routing_stats=stats)
                 for i, res in results:
                     _write(out, result_record(jobs[i], res))
-                    if recorder is not None:
-                        recorder.add(jobs[i], res)
                     tokens += res.completion_tokens
                     bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s", refresh=False)
                     bar.update(1)
-            if recorder is not None:
-                recorder.close(writer)
+            if stats is not None and writer:
+                path = stats.save(args.routing_stats)
+                print(f"routing statistics of {stats.tokens} tokens: {path}", file=sys.stderr)
     return 1 if failed else 0
-
-
-class _RoutingRecorder:
-    """--routing-stats: the tokens each finished request fed through the model (its prompt and all but its last
-    new token) are captured in batches of --batch-size (qwen3_jax.routing.capture, the model's routing)."""
-
-    def __init__(self, model, args, context: int):
-        from qwen3_jax.routing import RoutingStats
-
-        self.model, self.args, self.context = model, args, context
-        self.stats = RoutingStats(model.config, model.runtime.routing, model_name=os.path.abspath(args.model))
-        self.pending: list = []
-
-    def add(self, job, res):
-        from qwen3_jax.routing.stats import Record
-
-        import numpy as np
-
-        ids = list(job.request.prompt_ids) + list(res.token_ids)[:-1]
-        self.pending.append(Record(np.asarray(ids, np.int32), job.domain, job.line))
-        if len(self.pending) >= self.args.batch_size:
-            self.flush()
-
-    def flush(self):
-        from qwen3_jax.routing import capture
-
-        if self.pending:
-            capture(self.model, self.pending, batch_size=self.args.batch_size, max_len=self.context, stats=self.stats)
-            self.pending = []
-
-    def close(self, writer: bool):
-        self.flush()
-        if writer:
-            path = self.stats.save(self.args.routing_stats)
-            print(f"routing statistics of {self.stats.tokens} tokens: {path}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ is active or, with `stop_on_finish`, when some row finishes (the host then refil
 likely tokens (log_softmax of the raw model logits, before penalties, temperature and masks: vLLM's default),
 and a per-row token bitmask (int32 [B, ceil(V / 32)], bit j of word w allows token 32 w + j: xgrammar's
 layout) that constrains one step of sampling. `release` ends rows at once (a client went away).
+
+With `routing_stats` (a qwen3_jax.routing.RoutingStats), prefill and decode also return the routing of every token
+they run through the model (the prompt in prefill, each row's input token in each decode step), computed on device
+from the router logits of that very forward (qwen3_jax.routing.stats.batch_stats, under the model's runtime.routing)
+and added to the accumulator per row, with the row's `domain`: no second forward. Without it the programs are
+unchanged (the statistics are a static variant of the compiled functions).
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ class Engine:
     `forced_ids` the tokens forced when a thinking budget runs out (ends with </think>). The jitted functions
     are shared by every Engine of the same graph (parameters are arguments): a new Engine does not recompile."""
 
-    def __init__(self, model, *, think_ids=None, forced_ids=None, chunk: int = 32):
+    def __init__(self, model, *, think_ids=None, forced_ids=None, chunk: int = 32, routing_stats=None):
         graphdef, self.params = nnx.split(model)
         self.cfg = model.config
         self.mesh = getattr(model, "mesh", None)
@@ -72,7 +78,11 @@ class Engine:
         think = tuple(int(i) for i in think_ids) if think_ids else (-1, -1)
         forced = tuple(int(i) for i in (forced_ids or ([think[1]] if think_ids else [-1])))
         self.chunk = chunk
-        self.fns = _compiled(graphdef, model.config, think, forced)
+        if routing_stats is not None and not model.config.is_moe:
+            raise ValueError("routing_stats: the model has no MoE layers")
+        self.routing_stats = routing_stats
+        self._row_domain: dict[int, str | None] = {}
+        self.fns = _compiled(graphdef, model.config, think, forced, routing_stats is not None)
 
     def new_slots(self, batch: int, max_len: int, n_stop: int, cache_dtype=None):
         dt = jnp.dtype(cache_dtype or self.cache_default)
@@ -80,8 +90,9 @@ class Engine:
         return _slots_init(self.cfg, batch, max_len, n_stop, dt, mesh)()
 
     # ------------------------------------------------------------------------------------------ host side
-    def prefill(self, slots, prompts: list[list[int]], rows: list[int], row: dict):
-        """Write `prompts` into `rows` (buckets: P and T powers of two, T <= S)."""
+    def prefill(self, slots, prompts: list[list[int]], rows: list[int], row: dict, domains: list | None = None):
+        """Write `prompts` into `rows` (buckets: P and T powers of two, T <= S); `domains`: each prompt's domain
+        for the routing statistics (with `routing_stats`)."""
         b, s_max = slots["tok_b"].shape[0], slots["cache"].max_len
         p = min(pow2(len(prompts)), pow2(b))
         t = min(pow2(max(len(x) for x in prompts), 16), s_max)
@@ -96,12 +107,32 @@ class Engine:
             arr = np.asarray(vals)
             pad = np.zeros((p - len(prompts), *arr.shape[1:]), arr.dtype)
             row_p[name] = np.concatenate([arr, pad]) if len(pad) else arr
-        return self.fns.prefill(self.params, slots, ids, n_p, rows_p, row_p)
+        out = self.fns.prefill(self.params, slots, ids, n_p, rows_p, row_p)
+        if self.routing_stats is None:
+            return out
+        slots, rs = out
+        doms = list(domains) if domains is not None else [None] * len(prompts)
+        for r, d in zip(rows, doms):
+            self._row_domain[r] = d
+        valid = np.arange(t)[None] < (n_p - 1)[:, None]       # the prompt minus its last token went through
+        self.routing_stats.add(jax.device_get(rs), ids, valid, doms + [None] * (p - len(prompts)),
+                               sequences=len(prompts))
+        return slots
+
+    def _add_decode_routing(self, rs):
+        """The routing of a decode call's steps, per row (with the row's domain)."""
+        rs = jax.device_get(rs)
+        b = rs["ids_bn"].shape[0]
+        self.routing_stats.add(rs, rs["ids_bn"], rs["valid_bn"], [self._row_domain.get(r) for r in range(b)],
+                               sequences=0)
 
     def decode(self, slots, n_steps: int, stop_on_finish: bool, n_max: int | None = None):
         """Up to n_steps tokens; returns (slots, tokens [B, n] on host, -1 where a row emitted nothing, reason [B])."""
         n_max = n_max or self.chunk
-        slots, out_bn, n = self.fns.decode(self.params, slots, np.int32(n_steps), np.bool_(stop_on_finish), n_max=n_max)
+        out = self.fns.decode(self.params, slots, np.int32(n_steps), np.bool_(stop_on_finish), n_max=n_max)
+        slots, out_bn, n = out[:3]
+        if self.routing_stats is not None:
+            self._add_decode_routing(out[-1])
         out_bn, n, reason_b = jax.device_get((out_bn, n, slots["reason_b"]))
         return slots, out_bn[:, : int(n)], reason_b
 
@@ -117,6 +148,8 @@ class Engine:
         out = self.fns.decode(self.params, slots, np.int32(n_steps), np.bool_(stop_on_finish), mask,
                               n_max=n_max, n_top=TOP_LOGPROBS if logprobs else 0)
         slots, lp = out[0], (out[3] if logprobs else None)
+        if self.routing_stats is not None:
+            self._add_decode_routing(out[-1])
         out_bn, n, reason_b, lp = jax.device_get((out[1], out[2], slots["reason_b"], lp))
         n = int(n)
         if lp is not None:
@@ -169,8 +202,9 @@ def _slots_init(cfg, batch, max_len, n_stop, dtype, mesh):
 class _Compiled:
     """The jitted device functions (prefill and the decode loop) of one model graph."""
 
-    def __init__(self, graphdef, cfg, think_ids, forced):
+    def __init__(self, graphdef, cfg, think_ids, forced, routing: bool = False):
         self.graphdef, self.cfg, self.think_ids, self.forced = graphdef, cfg, think_ids, forced
+        self.routing = routing   # also return the routing statistics of the tokens run (Engine.routing_stats)
         self.prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self.decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("n_max", "n_top"))
         self.release = jax.jit(self._release_fn, donate_argnums=(0,))
@@ -206,6 +240,8 @@ class _Compiled:
             jnp.arange(t)[None] < n_p[:, None])
         s["seen_bv"] = put("seen_bv", seen_pv)
         s["counts_bv"] = put("counts_bv", 0)
+        if self.routing:
+            return s, _routing_out(model, out.router_logits, mask_pt)
         return s
 
     def _decode_fn(self, params, slots, n_steps, stop_on_finish, mask_bw=None, *, n_max: int, n_top: int = 0):
@@ -224,9 +260,14 @@ class _Compiled:
         n_forced = len(self.forced)
 
         def step(carry):
-            i, s, out_bn, lp, _ = carry
+            i, s, out_bn, lp, _, rs = carry
             act = s["active_b"]
             o = model(s["tok_b"][:, None], attention_mask=act[:, None].astype(jnp.int32), cache=s["cache"])
+            if self.routing:  # this step's input token of each active row, routed as the model just did
+                st = _routing_out(model, o.router_logits, act[:, None])
+                rs = {**{k: rs[k] + st[k] for k in _SUMMED},
+                      "top1_ids": rs["top1_ids"].at[:, i].set(st["top1_ids"][:, 0]),
+                      "ids_bn": rs["ids_bn"].at[:, i].set(s["tok_b"]), "valid_bn": rs["valid_bn"].at[:, i].set(act)}
             logits = o.logits[:, 0].astype(jnp.float32)
             penalised = jax.lax.cond(
                 jnp.any(act & ((s["rep_b"] != 1) | (s["pres_b"] != 0) | (s["freq_b"] != 0))),
@@ -267,24 +308,53 @@ class _Compiled:
                 top_lp, top_id = jax.lax.top_k(logp_bv, n_top)
                 lp = (lp[0].at[:, i].set(jnp.take_along_axis(logp_bv, tok[:, None], 1)[:, 0]),
                       lp[1].at[:, i].set(top_id.astype(jnp.int32)), lp[2].at[:, i].set(top_lp))
-            return i + 1, n, out_bn, lp, jnp.any(done)
+            return i + 1, n, out_bn, lp, jnp.any(done), rs
 
         def cond(carry):
-            i, s, _, _, any_done = carry
+            i, s, _, _, any_done, _ = carry
             return (i < jnp.minimum(n_steps, n_max)) & jnp.any(s["active_b"]) & ~(stop_on_finish & any_done)
 
         lp0 = ()
         if n_top:
             lp0 = (jnp.zeros((b, n_max), jnp.float32), jnp.zeros((b, n_max, n_top), jnp.int32),
                    jnp.zeros((b, n_max, n_top), jnp.float32))
-        init = (jnp.int32(0), slots, jnp.full((b, n_max), -1, jnp.int32), lp0, jnp.bool_(False))
-        n, slots, out_bn, lp, _ = jax.lax.while_loop(cond, step, init)
-        return (slots, out_bn, n, lp) if n_top else (slots, out_bn, n)
+        rs0 = ()
+        if self.routing:
+            n_l, e = len(self.cfg.moe_layers), self.cfg.num_experts
+            rs0 = dict(load=jnp.zeros((b, n_l, e), jnp.int32), top1=jnp.zeros((b, n_l, e), jnp.int32),
+                       entropy=jnp.zeros((b, n_l), jnp.float32), topk_mass=jnp.zeros((b, n_l), jnp.float32),
+                       tokens=jnp.zeros((b,), jnp.int32), coactivation=jnp.zeros((n_l, e, e), jnp.int32),
+                       top1_ids=jnp.full((b, n_max, n_l), e, jnp.int32), ids_bn=jnp.zeros((b, n_max), jnp.int32),
+                       valid_bn=jnp.zeros((b, n_max), bool))
+        init = (jnp.int32(0), slots, jnp.full((b, n_max), -1, jnp.int32), lp0, jnp.bool_(False), rs0)
+        n, slots, out_bn, lp, _, rs = jax.lax.while_loop(cond, step, init)
+        out = (slots, out_bn, n, lp) if n_top else (slots, out_bn, n)
+        return out + (_replicated(model, rs),) if self.routing else out
+
+
+_SUMMED = ("load", "top1", "entropy", "topk_mass", "tokens", "coactivation")
+
+
+def _routing_out(model, router_logits_lbte, valid_bt):
+    """Routing statistics of one forward's tokens (qwen3_jax.routing.stats.batch_stats, under the model's
+    runtime.routing), replicated so that every process can read them."""
+    from qwen3_jax.routing.stats import batch_stats
+
+    return _replicated(model, batch_stats(router_logits_lbte, valid_bt, model.config, model.runtime.routing))
+
+
+def _replicated(model, tree):
+    mesh = model.runtime.mesh
+    if mesh is None or mesh.size == 1:
+        return tree
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(graphdef, cfg, think_ids, forced) -> _Compiled:
-    return _Compiled(graphdef, cfg, think_ids, forced)
+def _compiled(graphdef, cfg, think_ids, forced, routing: bool = False) -> _Compiled:
+    return _Compiled(graphdef, cfg, think_ids, forced, routing)
 
 
 def lower_decode_step(cfg, mesh, *, batch_size: int, max_len: int, dtype="bfloat16", scan_layers: bool = True,

@@ -6,6 +6,7 @@ Token ids follow vLLM: `token_ids` holds every new token including the stop toke
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class Request:
     max_new_tokens: int = 256
     stop_token_ids: list[int] | None = None    # None -> tokenizer / model config eos ids
     thinking_budget: int | None = None
+    domain: str | None = None                  # the request's domain in the routing statistics (routing_stats)
 
 
 def default_stop_ids(model, tokenizer=None) -> list[int]:
@@ -97,7 +99,7 @@ _ROW_DTYPES = dict(max_new_b=np.int32, temp_b=np.float32, top_k_b=np.int32, top_
 
 
 def _events(model, requests: Iterable[Request], *, tokenizer=None, batch_size: int = 8, max_len: int | None = None,
-            cache_dtype=None, chunk: int = 32, think_ids=None, forced_ids=None):
+            cache_dtype=None, chunk: int = 32, think_ids=None, forced_ids=None, routing_stats=None):
     """Yields ("tokens", index, new ids, finished reason or None) after every decode chunk."""
     if max_len is None or not isinstance(requests, (list, tuple)):
         requests = list(requests) if max_len is None else requests
@@ -112,7 +114,7 @@ def _events(model, requests: Iterable[Request], *, tokenizer=None, batch_size: i
     n_stop = MAX_STOP_IDS
     if think_ids is None and tokenizer is not None:
         think_ids, forced_ids = think_token_ids(tokenizer)
-    engine = Engine(model, think_ids=think_ids, forced_ids=forced_ids, chunk=chunk)
+    engine = Engine(model, think_ids=think_ids, forced_ids=forced_ids, chunk=chunk, routing_stats=routing_stats)
     slots = engine.new_slots(batch_size, max_len, n_stop, cache_dtype)
     queue = iter(enumerate(requests))
     ahead: deque = deque()
@@ -127,12 +129,12 @@ def _events(model, requests: Iterable[Request], *, tokenizer=None, batch_size: i
     rows: list = [None] * batch_size   # row -> (request index, prompt length)
     while True:
         free = [r for r in range(batch_size) if rows[r] is None]
-        new_prompts, new_rows, params = [], [], []
+        new_prompts, new_rows, params, domains = [], [], [], []
         while free and more():
             idx, req = ahead.popleft()
             if req.stop_token_ids is None:
                 default_stops = default_stops if default_stops is not None else default_stop_ids(model, tokenizer)
-                req = Request(req.prompt_ids, req.sampling, req.max_new_tokens, default_stops, req.thinking_budget)
+                req = dataclasses.replace(req, stop_token_ids=default_stops)
             n = len(req.prompt_ids)
             if n < 1 or n > max_len:
                 raise ValueError(f"request {idx}: prompt of {n} tokens; need 1..{max_len} (max_len)")
@@ -143,9 +145,10 @@ def _events(model, requests: Iterable[Request], *, tokenizer=None, batch_size: i
             new_prompts.append([int(t) for t in req.prompt_ids])
             new_rows.append(r)
             params.append(_row_params(req, n_stop, think_ids))
+            domains.append(req.domain)
         if new_prompts:
             row = {k: np.asarray([p[k] for p in params], _ROW_DTYPES[k]) for k in _ROW_DTYPES}
-            slots = engine.prefill(slots, new_prompts, new_rows, row)
+            slots = engine.prefill(slots, new_prompts, new_rows, row, domains)
         if all(r is None for r in rows):
             return
         slots, toks_bn, reason_b = engine.decode(slots, chunk, stop_on_finish=more())
@@ -160,16 +163,21 @@ def _events(model, requests: Iterable[Request], *, tokenizer=None, batch_size: i
 
 
 def iter_generate(model, requests: Iterable[Request], *, tokenizer=None, batch_size: int = 8, max_len: int | None = None,
-                  cache_dtype=None, chunk: int = 32, think_ids=None, forced_ids=None
+                  cache_dtype=None, chunk: int = 32, think_ids=None, forced_ids=None, routing_stats=None
                   ) -> Iterator[tuple[int, GenerationResult]]:
     """Continuous batching: `batch_size` cache rows, refilled from the request queue as rows finish; yields
     (request index, result) in completion order. max_len (cache slots per row) defaults to the longest
     prompt + max_new_tokens (power of two); then the requests are read up front. A prompt longer than max_len
-    raises ValueError (validate first); a row whose cache fills up ends with "length"."""
+    raises ValueError (validate first); a row whose cache fills up ends with "length".
+
+    routing_stats (a qwen3_jax.routing.RoutingStats): add to it the routing of every token the generation runs
+    through the model (each prompt, then each input token of the decode steps: all but the last new token), as
+    the KV-cached forwards routed them, per request `domain` (no second forward)."""
     acc: dict[int, list[int]] = {}
     for _, idx, n_prompt, new, reason in _events(model, requests, tokenizer=tokenizer, batch_size=batch_size,
                                                  max_len=max_len, cache_dtype=cache_dtype, chunk=chunk,
-                                                 think_ids=think_ids, forced_ids=forced_ids):
+                                                 think_ids=think_ids, forced_ids=forced_ids,
+                                                 routing_stats=routing_stats):
         acc.setdefault(idx, []).extend(new)
         if reason is not None:
             yield idx, build_result(acc.pop(idx), reason, n_prompt, tokenizer)

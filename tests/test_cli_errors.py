@@ -87,12 +87,15 @@ def test_missing_things_and_bad_flags_are_one_line_exit_2(models, tmp_path, caps
         (infer_cli.main, ["--model", models["good"], "--input", models["data"], "--output", str(tmp_path / "o.jsonl"),
                           "--temperature"], "qwen3-jax-infer", "--temperature"),
         (infer_cli.chat_main, ["--model", models["good"], "--top-k", "x"], "qwen3-jax-chat", "--top-k"),
+        # qwen3-jax-infer's --top-k is the router's: a sampling-style value says where the sampling top-k went
+        (infer_cli.main, ["--model", models["good"], "--input", models["data"], "--output", str(tmp_path / "o.jsonl"),
+                          "--top-k", "20"], "qwen3-jax-infer", "1..4", "--sampling-top-k"),
         (plot_cli.main, [missing], "qwen3-jax-plot", "no metrics.jsonl"),
         (demo_cli.main, ["demo", "--steps", "many"], "qwen3-jax demo", "--steps"),
     ]
-    for fn, argv, prog, why in cases:
+    for fn, argv, prog, *why in cases:
         assert _code(fn, argv) == 2, argv
-        _one_line(capsys, prog, why)
+        _one_line(capsys, prog, *why)
     assert not (tmp_path / "run").exists() and not (tmp_path / "o.jsonl").exists() and not (tmp_path / "hf").exists()
     # an orbax run directory without a checkpoint of the asked step
     (tmp_path / "r" / "model").mkdir(parents=True)

@@ -87,7 +87,7 @@ def test_line_parsing_overrides_and_precedence(qwen_dir):
         args = cli.batch_parser().parse_args(["--model", str(qwen_dir), "--input", "-", "--output", "-", *flags])
         return cli.LineParser(args, cfg, tok, cli.SamplingDefaults(qwen_dir, args))
 
-    parse = parser("--top-k", "7", "--seed", "100", "--max-new-tokens", "9")
+    parse = parser("--sampling-top-k", "7", "--seed", "100", "--max-new-tokens", "9")
     job = parse(3, json.dumps({"id": "a", "prompt": "Hello world"}))
     r = job.request
     assert (job.line, job.id, r.prompt_ids, r.max_new_tokens) == (3, "a", [9707, 1879], 9)
@@ -169,13 +169,14 @@ def test_bad_arguments_exit_2(ids_dir, tmp_path, capsys):
 
 def test_routing_flags_parse_both_syntaxes(capsys):
     parse = lambda *f: cli.batch_parser().parse_args(["--model", "m", "--input", "-", "--output", "o", *f])  # noqa: E731
-    a = parse("--router-top-k", "2", "--router-top-k", "3:1", "--router-top-k", "1@layer4", "--disable-experts", "5:3,17",
+    # --top-k is the router's (alias --router-top-k); the sampling top-k is --sampling-top-k
+    a = parse("--top-k", "2", "--router-top-k", "3:1", "--top-k", "1@layer4", "--disable-experts", "5:3,17",
               "--disable-experts", "3,17@layer5", "--disable-experts", "*:0", "--force-experts", "2",
-              "--router-temperature", "0:0.5", "--top-k", "20")
+              "--router-temperature", "0:0.5", "--sampling-top-k", "20")
     assert a.routing_top_k == [(None, 2), (3, 1), (4, 1)] and a.top_k == 20
     assert a.disable_experts == [(5, [3, 17]), (5, [3, 17]), (None, [0])]
     assert a.force_experts == [(None, [2])] and a.router_temperature == [(0, 0.5)]
-    for bad in (["--router-top-k", "x"], ["--disable-experts", "5:"], ["--disable-experts", "-1:3"],
+    for bad in (["--top-k", "x"], ["--router-top-k", "x"], ["--disable-experts", "5:"], ["--disable-experts", "-1:3"],
                 ["--disable-experts", "3@layerx"], ["--router-temperature", "a:1"]):
         with pytest.raises(SystemExit) as e:
             parse(*bad)

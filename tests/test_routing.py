@@ -328,7 +328,7 @@ def test_infer_cli_top_k_and_disable_experts_change_routing_at_generation(refere
     args = ["--model", path, "--input", str(inp), "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "4",
             "--batch-size", "2", "--no-progress"]
     assert infer_cli.main(args + ["--output", str(tmp_path / "out.jsonl"), "--routing-stats", str(stats_dir),
-                                  "--router-top-k", "1", "--disable-experts", "*:0,1,2", "--disable-experts", "3:5"]) == 0
+                                  "--top-k", "1", "--disable-experts", "*:0,1,2", "--disable-experts", "3:5"]) == 0
     out = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
     st = json.loads((stats_dir / "stats.json").read_text())
     n_tok = sum(len(p) + len(out[i]["token_ids"]) - 1 for i, p in enumerate(prompts))
@@ -343,13 +343,28 @@ def test_infer_cli_top_k_and_disable_experts_change_routing_at_generation(refere
         for _ in range(len(out[i]["token_ids"])):
             seq.append(int(np.argmax(np.asarray(iv_model(np.asarray([seq])).logits[0, -1]))))
         assert out[i]["token_ids"] == seq[len(p):]
+    # the statistics are the generation's own routing (prefill and decode steps), equal to a full-forward capture
+    # of the same tokens under the intervention, per domain too
+    fed = [np.asarray(p + out[i]["token_ids"][:-1]) for i, p in enumerate(prompts)]
+    ref = capture(iv_model, fed, domains=["d%d" % (i % 2) for i in range(3)])
+    np.testing.assert_array_equal([x["load"] for x in st["layers"]], ref.load)
+    np.testing.assert_array_equal([x["top1_load"] for x in st["layers"]], ref.top1_load)
+    assert st["sequences"] == 3 and st["tokens"] == ref.tokens
+    for name, dom in st["domains"].items():
+        np.testing.assert_array_equal([x["load"] for x in dom["layers"]], ref.domains[name]["load"])
+    got = RoutingStats.load_dir(stats_dir)
+    np.testing.assert_array_equal(got.coactivation, ref.coactivation)
+    for li in range(len(ref.layers)):
+        np.testing.assert_array_equal(got.token_counts.dense(li), ref.token_counts.dense(li))
+    np.testing.assert_allclose([x["entropy_mean"] for x in st["layers"]],
+                               [x["entropy_mean"] for x in ref["layers"]], rtol=1e-5)
     base = tmp_path / "base.jsonl"
     assert infer_cli.main(args + ["--output", str(base), "--routing-stats", str(tmp_path / "base_stats")]) == 0
     base_ids = [r["token_ids"] for r in map(json.loads, base.read_text().splitlines())]
     assert base_ids != [out[i]["token_ids"] for i in range(3)]           # the intervention changed the text
     st0 = json.loads((tmp_path / "base_stats" / "stats.json").read_text())
     assert st0["top_k"] == 3 and all(sum(x["load"]) == 3 * st0["tokens"] for x in st0["layers"])
-    for bad in (["--router-top-k", "11"], ["--disable-experts", "1:0"], ["--disable-experts", "2:x"]):
+    for bad in (["--top-k", "11"], ["--disable-experts", "1:0"], ["--disable-experts", "2:x"]):
         with pytest.raises(SystemExit) as e:
             infer_cli.main(args + ["--output", str(tmp_path / "never.jsonl"), *bad])
         assert e.value.code == 2

@@ -164,11 +164,12 @@ class RoutingStats:
         self.sequences = 0
 
     # -- accumulation -------------------------------------------------------------------------
-    def add(self, out: dict, input_ids_bt, valid_bt, domains: list | None = None):
-        """One batch of `batch_stats` (host numpy) with its token ids and real-token mask [B, T]."""
+    def add(self, out: dict, input_ids_bt, valid_bt, domains: list | None = None, sequences: int | None = None):
+        """One batch of `batch_stats` (host numpy) with its token ids and real-token mask [B, T]. sequences: how
+        many sequences the batch starts (default: its rows with tokens; the engine's decode steps continue theirs)."""
         valid = np.asarray(valid_bt, bool)
         rows = [r for r in range(valid.shape[0]) if valid[r].any()]
-        self.sequences += len(rows)
+        self.sequences += len(rows) if sequences is None else int(sequences)
         load, top1 = np.asarray(out["load"], np.int64), np.asarray(out["top1"], np.int64)
         ent, mass = np.asarray(out["entropy"], np.float64), np.asarray(out["topk_mass"], np.float64)
         toks = np.asarray(out["tokens"], np.int64)
