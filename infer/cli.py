@@ -83,10 +83,8 @@ def _add_model_args(p: argparse.ArgumentParser):
                    "or every device on 'tensor' when several processes run (qwen3-jax-infer's launch flags)")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, top_k_flag: str = "--top-k"):
-    g = p.add_argument_group("generation (defaults: the model's generation_config.json)")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help=f"default {max_new_tokens}; capped so that prompt + new tokens fit the context")
+def add_sampling_flags(g, top_k_flag: str = "--top-k"):
+    """The SAMPLING_FLAGS (every generation command: qwen3-jax-infer, -chat, -serve)."""
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--top-p", type=float)
     g.add_argument(top_k_flag, dest="top_k", type=int, help="sampling top-k (0 = off)")
@@ -94,6 +92,13 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, top_k_fl
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--presence-penalty", type=float)
     g.add_argument("--frequency-penalty", type=float)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, top_k_flag: str = "--top-k"):
+    g = p.add_argument_group("generation (defaults: the model's generation_config.json)")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"default {max_new_tokens}; capped so that prompt + new tokens fit the context")
+    add_sampling_flags(g, top_k_flag)
     g.add_argument("--thinking-budget", type=int, metavar="N",
                    help="after N thinking tokens without </think>, end the thinking and answer")
     g.add_argument("--stop-token-id", type=int, action="append", dest="stop_token_ids", metavar="ID",

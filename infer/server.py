@@ -36,7 +36,7 @@ from qwen3_jax.hostmem import tune_malloc
 from qwen3_jax.launch import ArgumentParser
 
 from . import protocol as P
-from .cli import SAMPLING_FLAGS, SamplingDefaults, _add_model_args, _load_model, _load_tokenizer, _setup
+from .cli import SAMPLING_FLAGS, SamplingDefaults, _add_model_args, _load_model, _load_tokenizer, _setup, add_sampling_flags
 from .scheduler import QueueFull
 from .serving import BadRequest, ChatPlan, ChatRun, ChoiceOutput, EngineService, GenParams, ToolRun
 
@@ -565,13 +565,7 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tool-rounds", type=int, default=8, help="model turns per request with MCP tools")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s = p.add_argument_group("request defaults (the model's generation_config.json, then these flags)")
-    s.add_argument("--temperature", type=float)
-    s.add_argument("--top-p", type=float)
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--min-p", type=float)
-    s.add_argument("--repetition-penalty", type=float)
-    s.add_argument("--presence-penalty", type=float)
-    s.add_argument("--frequency-penalty", type=float)
+    add_sampling_flags(s)
     s.add_argument("--thinking-budget", type=int, metavar="N", help="default thinking_token_budget")
     think = s.add_mutually_exclusive_group()
     think.add_argument("--enable-thinking", dest="enable_thinking", action="store_true", default=True,
