@@ -69,10 +69,10 @@ def _slots(cfg: Qwen3Config) -> list[Slot]:
     def attn(name, hf, shape, to_hf):
         slots.append(Slot(("layers", "attn", name), (L, *shape), lambda i: [(lay + hf).format(i)], lambda x: [to_hf(x)]))
 
-    qkv_out = lambda n: (lambda x: np.ascontiguousarray(x.transpose(1, 2, 0).reshape(n * hd, d)))  # noqa: E731
-    attn("q_proj", "self_attn.q_proj.weight", (d, h, hd), qkv_out(h))    # ours [D, H, hd] <- hub [H*hd, D]
-    attn("k_proj", "self_attn.k_proj.weight", (d, kv, hd), qkv_out(kv))
-    attn("v_proj", "self_attn.v_proj.weight", (d, kv, hd), qkv_out(kv))
+    qkv_out = lambda n: (lambda x: np.ascontiguousarray(x.reshape(n * hd, d)))  # noqa: E731
+    attn("q_proj", "self_attn.q_proj.weight", (h, hd, d), qkv_out(h))    # ours [H, hd, D] <- hub [H*hd, D]
+    attn("k_proj", "self_attn.k_proj.weight", (kv, hd, d), qkv_out(kv))
+    attn("v_proj", "self_attn.v_proj.weight", (kv, hd, d), qkv_out(kv))
     attn("o_proj", "self_attn.o_proj.weight", (h, hd, d), lambda x: T(x.reshape(h * hd, d)))  # <- hub [D, H*hd]
     attn("q_norm", "self_attn.q_norm.weight", (hd,), lambda x: x)
     attn("k_norm", "self_attn.k_norm.weight", (hd,), lambda x: x)
@@ -238,10 +238,10 @@ def _read_block(slot: Slot, cfg: Qwen3Config, reader: _Reader, i: int, idx: tupl
             return np.ascontiguousarray(w.transpose(0, 2, 1))
         ws = reader.read([(names[j], (s2, s1)) for j in range(se.start, se.stop)])  # hub [F, D] / [D, F] each
         return np.ascontiguousarray(np.stack([w.T for w in ws]))
-    if name in ("q_proj", "k_proj", "v_proj"):                        # ours [D, N, hd] <- hub [N*hd, D]
-        sd, sn, sh = idx
+    if name in ("q_proj", "k_proj", "v_proj"):                        # ours [N, hd, D] <- hub [N*hd, D]
+        sn, sh, sd = idx
         (w,) = reader.read([(names[0], (slice(sn.start * hd, sn.stop * hd), sd))])
-        return np.ascontiguousarray(w.reshape(-1, hd, w.shape[1]).transpose(2, 0, 1)[:, :, sh])
+        return np.ascontiguousarray(w.reshape(-1, hd, w.shape[1])[:, sh, :])
     if name == "o_proj":                                              # ours [H, hd, D] <- hub [D, H*hd]
         sn, sh, sd = idx
         (w,) = reader.read([(names[0], (sd, slice(sn.start * hd, sn.stop * hd)))])

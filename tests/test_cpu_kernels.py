@@ -92,6 +92,23 @@ def test_moe_gather_swiglu_equals_xla_gather(dtype, t, d, f, e, k):
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b, m, k, n", [(1, 1, 256, 256), (3, 5, 40, 37), (2, 4, 130, 300), (1, 9, 15, 8)])
+def test_stacked_matmul_nt_equals_einsum(dtype, b, m, k, n):
+    """x @ W[l]^T for output-major weights [L, N, K] (the q/k/v projections): K not a multiple of the 16 lanes,
+    row counts past the 4-row blocks."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(b, m, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, n, k)), dtype)
+    fn = jax.jit(cpu_kernels.stacked_matmul_nt)
+    for layer in range(3):
+        ref = jnp.einsum("bmk,nk->bmn", x, w[layer].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        out = fn(x, w, layer)
+        assert out.dtype == jnp.float32 and out.shape == (b, m, n)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
 @pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_with_kernels_equals_xla_decode(reference, cache_dtype):
     """Model level: prefill then single-token steps over the cache, kernels on (default) vs off: same logits, and
@@ -116,7 +133,8 @@ def test_decode_with_kernels_equals_xla_decode(reference, cache_dtype):
 
     with_k, jaxpr_k = run(True)
     without, jaxpr_x = run(False)
-    assert all(f"qwen3_{name}" in jaxpr_k for name in ("stacked_matmul", "moe_gather_swiglu", "decode_attention"))
+    assert all(f"qwen3_{name}" in jaxpr_k for name in ("stacked_matmul", "stacked_matmul_nt", "moe_gather_swiglu",
+                                                                    "decode_attention"))
     assert "qwen3_" not in jaxpr_x
     np.testing.assert_allclose(with_k, without, rtol=1e-4, atol=2e-4 if cache_dtype == jnp.float32 else 2e-2)
 

@@ -96,9 +96,9 @@ def test_gradients_match_torch_autograd(reference):
     g_down = np.asarray(grads.layers.moe.down_proj[...])[2]
     t_down = hf.model.layers[2].mlp.experts.down_proj.grad.numpy().transpose(0, 2, 1)
     np.testing.assert_allclose(g_down, t_down, atol=2e-4, rtol=1e-3)
-    g_q = np.asarray(grads.layers.attn.q_proj[...])[0]                # [D, H, hd]
+    g_q = np.asarray(grads.layers.attn.q_proj[...])[0]                # [H, hd, D]
     t_q = hf.model.layers[0].self_attn.q_proj.weight.grad.numpy()     # [H*hd, D]
-    np.testing.assert_allclose(g_q.reshape(g_q.shape[0], -1).T, t_q, atol=2e-4, rtol=1e-3)
+    np.testing.assert_allclose(g_q.reshape(-1, g_q.shape[-1]), t_q, atol=2e-4, rtol=1e-3)
     g_emb = np.asarray(grads.embed_tokens[...])
     np.testing.assert_allclose(g_emb, hf.model.embed_tokens.weight.grad.numpy(), atol=2e-4, rtol=1e-3)
 

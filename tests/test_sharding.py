@@ -113,8 +113,8 @@ def test_rules_degrade_gracefully_when_not_divisible():
     assert fit_spec((("data", "fsdp", "expert"), None), (4, 3), sizes) == P(("data", "fsdp"), None)
     assert fit_spec((("data", "fsdp", "expert"), None), (1, 3), sizes) == P(None, None)
     specs = param_specs(CFG.replace(num_key_value_heads=1, num_attention_heads=3), {"tensor": 2, "expert": 8})
-    assert specs[("layers", "attn", "k_proj")] == P(None, "expert", None, None)   # 1 kv head: not split
-    assert specs[("layers", "attn", "q_proj")] == P(None, "expert", None, None)   # 3 heads: not split
+    assert specs[("layers", "attn", "k_proj")] == P(None, None, None, "expert")   # 1 kv head: not split
+    assert specs[("layers", "attn", "q_proj")] == P(None, None, None, "expert")   # 3 heads: not split
     assert specs[("layers", "moe", "gate_proj")] == P(None, "expert", None, "tensor")
     full = param_specs(CFG, {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
     assert full[("layers", "moe", "down_proj")] == P(None, "expert", "tensor", "fsdp")

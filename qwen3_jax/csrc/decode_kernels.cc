@@ -2,8 +2,8 @@
 // (a layer scan's dynamic slice, or a gather, is a copy as large as the read). Built on first use by
 // qwen3_jax/cpu_kernels.py.
 //
-// 1. Qwen3MoeGatherSwiglu*: SwiGLU experts of a few tokens; 2. Qwen3StackedMatmul*: x @ W[l] (projections, the
-// router); 3. Qwen3DecodeAttention*: attention of one new token per row over its cache row.
+// 1. Qwen3MoeGatherSwiglu*: SwiGLU experts of a few tokens; 2. Qwen3StackedMatmul*: x @ W[l] (the output
+// projection, the router), 2b. Qwen3StackedMatmulNT*: x @ W[l]^T (the q/k/v projections, stored [N, K]); 3. Qwen3DecodeAttention*: attention of one new token per row over its cache row.
 //
 // 1. Qwen3MoeGatherSwiglu*:
 //   y[t] = sum_j w[t, j] * down[l, e] @ (silu(x[t] @ gate[l, e]) * (x[t] @ up[l, e])),  e = e_tk[t, j]
@@ -25,6 +25,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -292,6 +293,17 @@ void matmul_tile(const float* x, int64_t k, const W* w, int64_t n, int64_t j0, i
   for (int r = 0; r < NR; ++r) std::copy(acc[r], acc[r] + nj, y + r * n + j0);
 }
 
+// fn(std::integral_constant<int, NR>) for the row count nr (1..kRows): a register block of NR rows, NR static.
+template <typename Fn>
+void with_rows(int64_t nr, Fn&& fn) {
+  switch (nr) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    default: fn(std::integral_constant<int, 4>{}); break;
+  }
+}
+
 // Columns [n0, n1) of y [M, N] = x [M, K] @ w [K, N], in tiles of kRows rows x kTileN columns.
 template <typename W>
 void matmul_cols(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1) {
@@ -301,12 +313,7 @@ void matmul_cols(const float* x, const W* w, float* y, int64_t m, int64_t k, int
       const int64_t nj = std::min<int64_t>(kTileN, n1 - j0);
       const float* xr = x + r0 * k;
       float* yr = y + r0 * n;
-      switch (nr) {
-        case 1: matmul_tile<1, W>(xr, k, w, n, j0, nj, yr); break;
-        case 2: matmul_tile<2, W>(xr, k, w, n, j0, nj, yr); break;
-        case 3: matmul_tile<3, W>(xr, k, w, n, j0, nj, yr); break;
-        default: matmul_tile<4, W>(xr, k, w, n, j0, nj, yr); break;
-      }
+      with_rows(nr, [&](auto rows) { matmul_tile<decltype(rows)::value, W>(xr, k, w, n, j0, nj, yr); });
     }
   }
 }
@@ -332,6 +339,62 @@ ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
     const int64_t bi = c / cols, ci = c % cols;
     const int64_t n0 = (n * ci / cols) & ~int64_t{7}, n1 = ci + 1 == cols ? n : (n * (ci + 1) / cols) & ~int64_t{7};
     matmul_cols<W>(x0 + bi * m * k, w0 + (bw == 1 ? 0 : bi) * k * n, y0 + bi * m * n, m, k, n, n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
+// 2b. Qwen3StackedMatmulNT*: y[b, m, n] = sum_k x[b, m, k] * W[l, n, k]
+//    x [B, M, K] f32, layer [] s32, W [L, N, K] (the weight stored output-major, as the q/k/v projections
+//    [L, H, hd, D] are) -> y [B, M, N] f32. Rows of W are contiguous in k: each output is a dot product, kept in
+//    kLanes partial sums per row (a fixed-width vector loop, no reassociation) for NR rows of x at a time.
+constexpr int kLanes = 16;
+
+template <int NR, typename W>
+void matmul_nt_rows(const float* x, int64_t k, const W* __restrict__ wr, float* out, int64_t stride) {
+  float acc[NR][kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= k; c += kLanes) {
+    float wv[kLanes];
+    for (int jj = 0; jj < kLanes; ++jj) wv[jj] = to_f32(wr[c + jj]);
+    for (int r = 0; r < NR; ++r) {
+      const float* __restrict__ xr = x + r * k + c;
+      for (int jj = 0; jj < kLanes; ++jj) acc[r][jj] += xr[jj] * wv[jj];
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    float sum = 0.f;
+    for (int jj = 0; jj < kLanes; ++jj) sum += acc[r][jj];
+    for (int64_t cc = c; cc < k; ++cc) sum += x[r * k + cc] * to_f32(wr[cc]);
+    out[r * stride] = sum;
+  }
+}
+
+template <ffi::DataType DT, typename W>
+ffi::Error StackedMatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                           ffi::Buffer<DT> w, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 3 || wd.size() != 3)
+    return ffi::Error::InvalidArgument("stacked_matmul_nt: x must be [B, M, K] and w [L, N, K]");
+  const int64_t b = xd[0], m = xd[1], k = xd[2], n_layers = wd[0], n = wd[1];
+  if (wd[2] != k) return ffi::Error::InvalidArgument("stacked_matmul_nt: w [L, N, K] does not match x [B, M, K]");
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, n_layers - 1);
+  const W* w0 = reinterpret_cast<const W*>(w.typed_data()) + l * n * k;
+  const int64_t rows = b * m;  // every row shares W
+  const float* x0 = x.typed_data();
+  float* y0 = y->typed_data();
+  const int64_t per_row = std::max<int64_t>(1, std::min<int64_t>(n / 32, (k * n) / 16384));
+  const int64_t cols = std::max<int64_t>(1, std::min<int64_t>(per_row, 4 * threads(pool)));
+  parallel_chunks(pool, cols, [&](int64_t ci) {
+    const int64_t n0 = n * ci / cols, n1 = n * (ci + 1) / cols;
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      const int64_t nr = std::min<int64_t>(kRows, rows - r0);
+      const float* xr = x0 + r0 * k;
+      for (int64_t j = n0; j < n1; ++j) {
+        const W* wr = w0 + j * k;
+        float* out = y0 + r0 * n + j;
+        with_rows(nr, [&](auto rows_nr) { matmul_nt_rows<decltype(rows_nr)::value, W>(xr, k, wr, out, n); });
+      }
+    }
   });
   return ffi::Error::Success();
 }
@@ -441,6 +504,9 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen3StackedMatmulF32, (StackedMatmul<ffi::F32, float>), QWEN3_MATMUL_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen3StackedMatmulBF16, (StackedMatmul<ffi::BF16, uint16_t>), QWEN3_MATMUL_BIND(ffi::BF16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen3StackedMatmulNTF32, (StackedMatmulNT<ffi::F32, float>), QWEN3_MATMUL_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen3StackedMatmulNTBF16, (StackedMatmulNT<ffi::BF16, uint16_t>),
+                              QWEN3_MATMUL_BIND(ffi::BF16));
 
 #define QWEN3_ATTN_BIND(DT)                               \
   ffi::Ffi::Bind()                                        \

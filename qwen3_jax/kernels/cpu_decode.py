@@ -7,7 +7,8 @@ intra-op threads and compute in fp32 (f32 or bf16 weights and cache):
 
 - `moe_gather_swiglu(x_td, w_tk, e_tk, stack, layer)`: the SwiGLU experts of a few tokens, each distinct
   expert's weights ([L, E, D, F] / [L, E, F, D]) streamed once for all of its tokens;
-- `stacked_matmul(x_bmk, w_stack, layer)`: x @ W[layer] (projections, the router);
+- `stacked_matmul(x_bmk, w_stack, layer)`: x @ W[layer] (the output projection, the router);
+- `stacked_matmul_nt(x_bmk, w_stack, layer)`: x @ W[layer]^T (the q/k/v projections, stored [L, N*hd, D]);
 - `decode_attention(q, kn, vn, old_bs, new_b, k_stack, v_stack, layer)`: one new query per row over its cache
   row, reading only the occupied slots.
 
@@ -39,9 +40,11 @@ SRC = Path(__file__).parent.parent / "csrc" / "decode_kernels.cc"
 TARGETS = {
     jnp.dtype(jnp.float32): {"moe": ("qwen3_moe_gather_swiglu_f32", "Qwen3MoeGatherSwigluF32"),
                              "matmul": ("qwen3_stacked_matmul_f32", "Qwen3StackedMatmulF32"),
+                             "matmul_nt": ("qwen3_stacked_matmul_nt_f32", "Qwen3StackedMatmulNTF32"),
                              "attention": ("qwen3_decode_attention_f32", "Qwen3DecodeAttentionF32")},
     jnp.dtype(jnp.bfloat16): {"moe": ("qwen3_moe_gather_swiglu_bf16", "Qwen3MoeGatherSwigluBF16"),
                               "matmul": ("qwen3_stacked_matmul_bf16", "Qwen3StackedMatmulBF16"),
+                              "matmul_nt": ("qwen3_stacked_matmul_nt_bf16", "Qwen3StackedMatmulNTBF16"),
                               "attention": ("qwen3_decode_attention_bf16", "Qwen3DecodeAttentionBF16")},
 }
 
@@ -133,6 +136,13 @@ def stacked_matmul(x_bmk, w_stack, layer):
     """y [B, M, N] fp32 = x_bmk[b] @ W[layer, b], read in place from w_stack [L, Bw, K, N]; Bw = 1 (one matrix
     for every b) or B."""
     call = _ffi("matmul", w_stack.dtype, (*x_bmk.shape[:2], w_stack.shape[3]))
+    return call(x_bmk.astype(jnp.float32), jnp.asarray(layer, jnp.int32), w_stack)
+
+
+def stacked_matmul_nt(x_bmk, w_stack, layer):
+    """y [B, M, N] fp32 = x_bmk[b] @ W[layer]^T, read in place from w_stack [L, N, K] (output-major: the q/k/v
+    projections)."""
+    call = _ffi("matmul_nt", w_stack.dtype, (*x_bmk.shape[:2], w_stack.shape[1]))
     return call(x_bmk.astype(jnp.float32), jnp.asarray(layer, jnp.int32), w_stack)
 
 
