@@ -18,10 +18,11 @@ from the model's generation_config.json (Qwen3's recommendations for thinking / 
 override them and a line's own fields override both. A line may also carry a "domain" (per-domain routing statistics).
 
 MoE routing (qwen3_jax.routing), for the whole run: `--top-k [LAYER:]K` (alias `--router-top-k`: the router's experts
-per token; the sampling top-k is `--sampling-top-k K` or a line's "top_k"), `--disable-experts LAYER:E[,E...]`, `--force-experts LAYER:E[,E...]`,
-`--router-temperature [LAYER:]T` (LAYER `*` or left out: every MoE layer), applied in the KV-cached generation
-itself; `--routing-stats DIR` writes DIR/stats.json and DIR/counts.npz (the format of `qwen3-jax-routing capture`)
-for the tokens the requests ran through the model, under those flags.
+per token; the sampling top-k is `--sampling-top-k K` or a line's "top_k"), `--disable-experts LAYER:E[,E...]`,
+`--force-experts LAYER:E[,E...]`, `--router-temperature [LAYER:]T` (LAYER `*` or left out: every MoE layer), applied
+in the KV-cached generation itself; `--routing-stats DIR` writes DIR/stats.json and DIR/counts.npz (the format of
+`qwen3-jax-routing capture`) for the tokens the requests ran through the model, as the prefill and decode steps
+routed them.
 
 Output: one line per input line, written (and fsync'ed) as each request completes:
 `{"id", "text", "token_ids", "finish_reason", "reasoning_content", "content", "tool_calls", "tool_call_errors",
