@@ -120,8 +120,7 @@ class Engine:
         return slots
 
     def _add_decode_routing(self, rs):
-        """The routing of a decode call's steps, per row (with the row's domain)."""
-        rs = jax.device_get(rs)
+        """The routing of a decode call's steps (host arrays), per row (with the row's domain)."""
         b = rs["ids_bn"].shape[0]
         self.routing_stats.add(rs, rs["ids_bn"], rs["valid_bn"], [self._row_domain.get(r) for r in range(b)],
                                sequences=0)
@@ -131,9 +130,10 @@ class Engine:
         n_max = n_max or self.chunk
         out = self.fns.decode(self.params, slots, np.int32(n_steps), np.bool_(stop_on_finish), n_max=n_max)
         slots, out_bn, n = out[:3]
-        if self.routing_stats is not None:
-            self._add_decode_routing(out[-1])
-        out_bn, n, reason_b = jax.device_get((out_bn, n, slots["reason_b"]))
+        rs = out[-1] if self.routing_stats is not None else None
+        out_bn, n, reason_b, rs = jax.device_get((out_bn, n, slots["reason_b"], rs))
+        if rs is not None:
+            self._add_decode_routing(rs)
         return slots, out_bn[:, : int(n)], reason_b
 
     def decode_ex(self, slots, n_steps: int, stop_on_finish: bool, *, n_max: int | None = None, mask_bw=None,
@@ -148,9 +148,10 @@ class Engine:
         out = self.fns.decode(self.params, slots, np.int32(n_steps), np.bool_(stop_on_finish), mask,
                               n_max=n_max, n_top=TOP_LOGPROBS if logprobs else 0)
         slots, lp = out[0], (out[3] if logprobs else None)
-        if self.routing_stats is not None:
-            self._add_decode_routing(out[-1])
-        out_bn, n, reason_b, lp = jax.device_get((out[1], out[2], slots["reason_b"], lp))
+        rs = out[-1] if self.routing_stats is not None else None
+        out_bn, n, reason_b, lp, rs = jax.device_get((out[1], out[2], slots["reason_b"], lp, rs))
+        if rs is not None:
+            self._add_decode_routing(rs)
         n = int(n)
         if lp is not None:
             lp = tuple(x[:, :n] for x in lp)
@@ -241,7 +242,7 @@ class _Compiled:
         s["seen_bv"] = put("seen_bv", seen_pv)
         s["counts_bv"] = put("counts_bv", 0)
         if self.routing:
-            return s, _routing_out(model, out.router_logits, mask_pt)
+            return s, _replicated(model, _routing_out(model, out.router_logits, mask_pt))
         return s
 
     def _decode_fn(self, params, slots, n_steps, stop_on_finish, mask_bw=None, *, n_max: int, n_top: int = 0):
@@ -337,13 +338,14 @@ _SUMMED = ("load", "top1", "entropy", "topk_mass", "tokens", "coactivation")
 
 def _routing_out(model, router_logits_lbte, valid_bt):
     """Routing statistics of one forward's tokens (qwen3_jax.routing.stats.batch_stats, under the model's
-    runtime.routing), replicated so that every process can read them."""
+    runtime.routing)."""
     from qwen3_jax.routing.stats import batch_stats
 
-    return _replicated(model, batch_stats(router_logits_lbte, valid_bt, model.config, model.runtime.routing))
+    return batch_stats(router_logits_lbte, valid_bt, model.config, model.runtime.routing)
 
 
 def _replicated(model, tree):
+    """The statistics a program returns, replicated so that every process can read them."""
     mesh = model.runtime.mesh
     if mesh is None or mesh.size == 1:
         return tree
