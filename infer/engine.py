@@ -360,18 +360,18 @@ def _compiled(graphdef, cfg, think_ids, forced, routing: bool = False) -> _Compi
 
 
 def lower_decode_step(cfg, mesh, *, batch_size: int, max_len: int, dtype="bfloat16", scan_layers: bool = True,
-                      n_stop: int = 16, ep_buffer_factor="default"):
+                      n_stop: int = 16, ep_buffer_factor="default", gmm: str = "auto"):
     """One decode step of the engine (one token per row: the model over the cache, sampling, stop and thinking-budget
     bookkeeping; the engine's decode loop with at most one step) for `batch_size` rows of a `max_len`-slot cache,
     lowered for `mesh` (e.g. abstract TPU chips, see qwen3_jax.aot) with abstract parameters in `dtype`, placed by
     the serving rules (no per-token weight gathers), and the slots donated. Returns a jax.stages.Lowered.
-    scan_layers=False unrolls the layers."""
+    scan_layers=False unrolls the layers; gmm overrides the platform's grouped matmul (qwen3_jax.kernels)."""
     from qwen3_jax.aot import abstract_model
     from qwen3_jax.runtime import Runtime
     from qwen3_jax.sharding.rules import SERVE_PARAM_RULES
 
     rt_kw = {} if ep_buffer_factor == "default" else {"ep_buffer_factor": ep_buffer_factor}
-    runtime = Runtime(mesh=mesh, scan_layers=scan_layers, **rt_kw)
+    runtime = Runtime(mesh=mesh, scan_layers=scan_layers, gmm=gmm, **rt_kw)
     graphdef, abstract_state, params = abstract_model(cfg, runtime, dtype=dtype, param_dtype=dtype,
                                                       rules=SERVE_PARAM_RULES)
     state = jax.tree.map(lambda x: x, abstract_state)

@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from .config import Qwen3Config
+from .kernels import GMM as GMM_CHOICES
 from .runtime import Runtime
 
 GiB = 2**30
@@ -194,7 +195,7 @@ def gpu_kernels(hlo_text: str) -> list[dict]:
             continue
         if target not in ("mosaic_gpu_v2", "mosaic_gpu", "__gpu$xla.gpu.triton"):
             continue
-        if "RaggedDot" not in line and "ragged_dot" not in line:
+        if not re.search("ragged", line, re.IGNORECASE):    # tokamax names its kernels after ragged (contracting) dots
             out.append({"kind": "other", "flops": 0})
             continue
         result = _dims(line.split(" custom-call(")[0].split("=", 1)[1])
@@ -278,7 +279,8 @@ def compile_report(cfg: Qwen3Config, topology: str, mesh_sizes: dict, *, program
            "mesh": {k: int(v) for k, v in mesh.shape.items()}, "batch": batch, "seq_len": seq_len, "dtype": dtype,
            "param_dtype": param_dtype if program == "train" else dtype, "remat": remat if program == "train" else None,
            "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2), "memory": memory(compiled, devices[0]),
-           "collectives": collectives(text), "kernels": kernels_in(text)}
+           "collectives": collectives(text), "kernels": kernels_in(text),
+           "gmm": Runtime(mesh=mesh, gmm=kw.get("gmm", "auto")).kernels.gmm}
     math_f = model_flops(cfg, program, batch, seq_len)
     rep["model_flops_per_chip"] = {k: v / chips for k, v in math_f.items()}
     if count_flops:
@@ -296,7 +298,8 @@ def compile_report(cfg: Qwen3Config, topology: str, mesh_sizes: dict, *, program
         from qwen3_jax.sharding.plan import plan
 
         bf = kw.get("ep_buffer_factor", Runtime.ep_buffer_factor)
-        ks = Runtime(mesh=mesh, ep_buffer_factor=bf, capacity_factor=kw.get("capacity_factor")).kernels
+        ks = Runtime(mesh=mesh, ep_buffer_factor=bf, capacity_factor=kw.get("capacity_factor"),
+                     gmm=kw.get("gmm", "auto")).kernels
         padded = ks.ep_dispatch == "padded"          # e.g. v5e over 16 chips: the dispatch the program compiled
         est = plan(cfg, dict(rep["mesh"]), dtype, batch, seq_len, remat=remat, program=program,
                    param_dtype=param_dtype, buffer_factor=bf, dispatch="padded" if padded else "ragged",
@@ -355,7 +358,7 @@ def format_report(r: dict) -> str:
     coll = ", ".join(f"{k} x{v}" for k, v in r["collectives"].items()) or "none"
     lines.append(f"  collectives: {coll}")
     ker = ", ".join(f"{k} x{v}" for k, v in r["kernels"].items() if v) or "none"
-    lines.append(f"  kernels: {ker}")
+    lines.append(f"  kernels: {ker} (grouped matmul: {r['gmm']})")
     return "\n".join(lines)
 
 
@@ -383,6 +386,8 @@ def main(argv=None) -> int:
     ap.add_argument("--param-dtype", default="float32", help="train: master weight dtype")
     ap.add_argument("--ep-buffer-factor", type=float, default=Runtime.ep_buffer_factor,
                     help="ragged EP dispatch receive buffer, x the mean routed rows (0: worst case, never drops)")
+    ap.add_argument("--gmm", default="auto", choices=("auto",) + GMM_CHOICES,
+                    help="the experts' grouped matmul (auto: the platform's, see qwen3_jax.kernels)")
     ap.add_argument("--no-flops", action="store_true", help="skip the two unrolled programs that count FLOPs")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     a = ap.parse_args(argv)
@@ -394,7 +399,7 @@ def main(argv=None) -> int:
         jax.config.update("jax_platforms", "cpu")
     try:
         cfg = Qwen3Config.from_pretrained(a.config) if a.config else Qwen3Config.preset(a.preset)
-        kw = {"ep_buffer_factor": a.ep_buffer_factor or None}
+        kw = {"ep_buffer_factor": a.ep_buffer_factor or None, "gmm": a.gmm}
         rep = compile_report(cfg, a.topology, parse_mesh(a.mesh), program=a.program, batch=a.batch,
                              seq_len=a.seq_len, dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat,
                              count_flops=not a.no_flops, **kw)
