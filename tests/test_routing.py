@@ -105,6 +105,7 @@ def test_captured_counts_equal_counts_recomputed_from_router_logits(reference, t
     load = np.zeros((3, e), np.int64)
     top1 = np.zeros((3, e), np.int64)
     co = np.zeros((3, e, e), np.int64)
+    adj = np.zeros((3, e, e), np.int64)
     ent = np.zeros(3)
     mass = np.zeros(3)
     dom_load = {d: np.zeros((3, e), np.int64) for d in set(doms)}
@@ -124,6 +125,9 @@ def test_captured_counts_equal_counts_recomputed_from_router_logits(reference, t
                     for a in row:
                         for b in row:
                             co[li, a, b] += a != b
+                    for a, b in zip(row, row[1:]):                 # rank-adjacent pairs, both orders
+                        adj[li, a, b] += 1
+                        adj[li, b, a] += 1
                 ent[li] += float(-(p * np.log(p)).sum())
                 mass[li] += float(np.take_along_axis(p, top, -1).sum())
             trace_e.append(np.stack([_np_topk(rl[li], k)[0] for li in range(3)], 1))
@@ -132,6 +136,7 @@ def test_captured_counts_equal_counts_recomputed_from_router_logits(reference, t
     np.testing.assert_array_equal(st.load, load)
     np.testing.assert_array_equal(st.top1_load, top1)
     np.testing.assert_array_equal(st.coactivation, co)
+    np.testing.assert_array_equal(st.coactivation_adjacent, adj)
     np.testing.assert_allclose(st.entropy_sum, ent, rtol=1e-4)
     np.testing.assert_allclose(st.topk_mass_sum, mass, rtol=1e-4)
     for d in dom_load:
@@ -154,12 +159,15 @@ def test_captured_counts_equal_counts_recomputed_from_router_logits(reference, t
     back = RoutingStats.load_dir(tmp_path / "cap")
     np.testing.assert_array_equal(back.load, st.load)
     np.testing.assert_array_equal(back.coactivation, st.coactivation)
+    np.testing.assert_array_equal(back.coactivation_adjacent, adj)
+    np.testing.assert_array_equal(back.token_counts.first, st.token_counts.first)
     np.testing.assert_array_equal(back.token_counts.dense(1), tok_top1[1])
     # on an expert-parallel mesh: the same counts
     mesh_model = qwen3_jax.from_pretrained(reference(NAME)[1], mesh=make_mesh(data=2, expert=2, devices=jax.devices()[:4]))
     st_ep = capture(mesh_model, recs, domains=doms, batch_size=2, max_len=16)
     np.testing.assert_array_equal(st_ep.load, st.load)
     np.testing.assert_array_equal(st_ep.coactivation, st.coactivation)
+    np.testing.assert_array_equal(st_ep.coactivation_adjacent, adj)
 
 
 def test_evaluate_with_and_without_intervention(reference):

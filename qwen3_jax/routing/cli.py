@@ -301,20 +301,30 @@ def cmd_eval(p, args) -> int:
     if iv is not None:
         rows["intervention"] = evaluate(model, recs, intervention=iv, **kw)
     out = {"model": os.path.abspath(args.model), "intervention": None if iv is None else iv.to_json(), **rows}
-    if iv is not None:
-        out["delta_loss"] = rows["intervention"]["loss"] - base["loss"]
+    if iv is not None:       # None when there is no target token (every record one token long)
+        li, lb = rows["intervention"]["loss"], base["loss"]
+        out["delta_loss"] = None if li is None or lb is None else li - lb
+
     print(f"{'':<14} {'loss':>9} {'ppl':>10} {'tokens':>9}")
     for name, r in rows.items():
-        print(f"{name:<14} {r['loss']:>9.4f} {r['ppl']:>10.3f} {r['tokens']:>9}")
+        print(f"{name:<14} {_num(r['loss'], 9, 4)} {_num(r['ppl'], 10, 3)} {r['tokens']:>9}")
         for d, rd in sorted(r["domains"].items()):
-            print(f"  {d:<12} {rd['loss']:>9.4f} {rd['ppl']:>10.3f} {rd['tokens']:>9}")
-    if iv is not None:
-        print(f"intervention {iv}: loss {out['delta_loss']:+.4f}, ppl x{math.exp(out['delta_loss']):.4f}")
+            print(f"  {d:<12} {_num(rd['loss'], 9, 4)} {_num(rd['ppl'], 10, 3)} {rd['tokens']:>9}")
+    if base["loss"] is None:
+        print("no target tokens: every record is one token long (loss needs a next token)", file=sys.stderr)
+    if iv is not None and out["delta_loss"] is not None:
+        d = out["delta_loss"]
+        print(f"intervention {iv}: loss {d:+.4f}, ppl x{math.exp(d) if d < 700 else math.inf:.4f}")
     if args.output:
+        from .stats import write_json
+
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(os.fspath(args.output), out)
     return 1 if skipped else 0
+
+
+def _num(x, width: int, digits: int) -> str:
+    return f"{'n/a':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
 
 
 def cmd_prune(p, args) -> int:
