@@ -325,6 +325,7 @@ class _Compiled:
             rs0 = dict(load=jnp.zeros((b, n_l, e), jnp.int32), top1=jnp.zeros((b, n_l, e), jnp.int32),
                        entropy=jnp.zeros((b, n_l), jnp.float32), topk_mass=jnp.zeros((b, n_l), jnp.float32),
                        tokens=jnp.zeros((b,), jnp.int32), coactivation=jnp.zeros((n_l, e, e), jnp.int32),
+                       coactivation_adjacent=jnp.zeros((n_l, e, e), jnp.int32),
                        top1_ids=jnp.full((b, n_max, n_l), e, jnp.int32), ids_bn=jnp.zeros((b, n_max), jnp.int32),
                        valid_bn=jnp.zeros((b, n_max), bool))
         init = (jnp.int32(0), slots, jnp.full((b, n_max), -1, jnp.int32), lp0, jnp.bool_(False), rs0)
@@ -333,7 +334,7 @@ class _Compiled:
         return out + (_replicated(model, rs),) if self.routing else out
 
 
-_SUMMED = ("load", "top1", "entropy", "topk_mass", "tokens", "coactivation")
+_SUMMED = ("load", "top1", "entropy", "topk_mass", "tokens", "coactivation", "coactivation_adjacent")
 
 
 def _routing_out(model, router_logits_lbte, valid_bt):
