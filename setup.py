@@ -34,8 +34,11 @@ setup(
     extras_require={
         # qwen3-jax-serve and qwen3-jax-chat --mcp: HTTP server, metrics, MCP client, constrained decoding
         "serve": SERVE,
-        # jax[tpu] brings libtpu: the tests compile the TPU programs ahead of time for abstract chips (no TPU needed);
-        # the server's tests also drive it with the openai client (and npm's `ai`, installed by tests/node)
+        # TPU VMs, and qwen3-jax-compile anywhere: libtpu holds the TPU compiler (no TPU needed to compile)
+        "tpu": ["jax[tpu]"],
+        # contributors: the tests check parity against transformers (torch CPU), compile the TPU programs ahead of
+        # time for abstract chips (libtpu), and drive the server with the openai client (and npm's `ai`: see
+        # scripts/setup-test-machine.sh)
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "psutil", "jax[tpu]", *SERVE, "openai>=1.40",
                  "httpx>=0.27"],
     },
