@@ -56,6 +56,8 @@ def check_bounds(p: argparse.ArgumentParser, args, **bounds):
         if v is None or isinstance(v, bool):
             continue
         flag = flags.get(dest, dest)
+        if not isinstance(v, (int, float)):  # e.g. a list from a --config file
+            p.error(f"{flag} {v}: expected a number")
         if low is not None and (v < low if inclusive else v <= low):
             p.error(f"{flag} {v}: must be {'>=' if inclusive else '>'} {low}")
         if high is not None and v > high:
