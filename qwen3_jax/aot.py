@@ -41,7 +41,7 @@ COLLECTIVES = ("ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter"
 
 
 def topology_devices(topology: str):
-    """Abstract devices of a TPU topology such as "v5e:16x16" or "v5p:2x2x2" (needs libtpu: the `jax[tpu]` extra;
+    """Abstract devices of a TPU topology such as "v5e:16x16" or "v5p:2x2x2" (needs libtpu: the `tpu` extra;
     no TPU). Set ALLOW_MULTIPLE_LIBTPU_LOAD=1 when several processes load libtpu."""
     from jax.experimental import topologies
 
@@ -56,8 +56,11 @@ def topology_devices(topology: str):
     try:
         return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
     except Exception as e:  # noqa: BLE001 -- libtpu missing or an unknown name: say which
-        raise ValueError(f"TPU topology {topology!r}: {e} (needs libtpu: pip install 'jax[tpu]=={jax.__version__}'; "
-                         "names like v5e:16x16, v5p:4x4x4, v6e:8x8, v4:2x2x2)") from None
+        import importlib.util
+
+        hint = ("names like v5e:16x16, v5p:4x4x4, v6e:8x8, v4:2x2x2" if importlib.util.find_spec("libtpu") else
+                f"needs libtpu: the tpu extra, pip install -e .[tpu], or pip install jax[tpu]=={jax.__version__}")
+        raise ValueError(f"TPU topology {topology}: {e} ({hint})") from None
 
 
 def hbm_bytes(device) -> int | None:
