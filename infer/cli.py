@@ -53,7 +53,7 @@ import uuid
 from pathlib import Path
 
 from qwen3_jax.hostmem import tune_malloc
-from qwen3_jax.launch import ArgumentParser, add_launch_args, allgather_json, first_error, launch
+from qwen3_jax.launch import ArgumentParser, add_launch_args, allgather_json, default_platform, first_error, launch
 
 from .chat import THINK_END, THINK_START
 
@@ -617,6 +617,7 @@ def main(argv=None) -> int:
     tune_malloc()
     p = batch_parser()
     args = p.parse_args(argv)
+    default_platform()
     if not Path(args.input).is_file():
         p.error(f"--input {args.input}: no such file")
     if Path(args.output).resolve() == Path(args.input).resolve():
@@ -804,6 +805,7 @@ def chat_main(argv=None) -> int:
     tune_malloc()
     p = chat_parser()
     args = p.parse_args(argv)
+    default_platform()
     cfg = _setup(p, args)
 
     from qwen3_jax import infer

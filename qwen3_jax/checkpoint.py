@@ -413,6 +413,7 @@ def save_pretrained(model: Qwen3ForCausalLM, path, max_shard_size="5GB") -> None
             weight_map[name] = fn
         if writer:
             save_file(tensors, os.path.join(path, fn), metadata={"format": "pt"})
+            _readable(os.path.join(path, fn))
         del tensors
     cache.clear()
     if not writer:
@@ -423,6 +424,13 @@ def save_pretrained(model: Qwen3ForCausalLM, path, max_shard_size="5GB") -> None
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     torch_dtype = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}.get(dtype.name, dtype.name)
     cfg.replace(torch_dtype=torch_dtype).save_pretrained(path)
+
+
+def _readable(path: str):
+    """The mode an ordinary file gets (0644 under umask 022): safetensors writes its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _layer_of(name: str) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """Per-device memory plan of a model on a mesh, from the real module's abstract shapes and the rules.
 
-    qwen3-jax-plan --preset Qwen3-30B-A3B --mesh fsdp=32,expert=8 --batch 256 --seq 4096           # train step
-    qwen3-jax-plan --preset Qwen3-30B-A3B --mesh expert=8 --program decode --batch 64 --seq 4096    # decode step
+    qwen3-jax-plan --preset Qwen3-30B-A3B --mesh fsdp=32,expert=8 --batch-size 256 --seq-len 4096    # train step
+    qwen3-jax-plan --preset Qwen3-30B-A3B --mesh expert=8 --program decode --batch-size 64 --seq-len 4096  # decode
 
 No devices and no allocation: shard sizes follow from the partition specs and the mesh's axis sizes. It models
 the programs `qwen3-jax-compile` compiles (and qwen3-jax-train / the engine run):
@@ -19,7 +19,6 @@ the programs `qwen3-jax-compile` compiles (and qwen3-jax-train / the engine run)
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -45,7 +44,7 @@ def parse_mesh(text: str) -> dict[str, int]:
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in sizes or not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"--mesh {text!r}: expected e.g. data=4,expert=8 with axes {AXES} and sizes >= 1")
+            raise ValueError(f"--mesh {text}: expected e.g. data=4,expert=8 with axes {', '.join(AXES)} and sizes >= 1")
         sizes[name] = int(value)
     return sizes
 
@@ -198,18 +197,23 @@ def format_plan(name: str, cfg: Qwen3Config, mesh: dict[str, int], dtype: str, b
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qwen3-jax-plan", description=__doc__.split("\n\n")[0])
+def parser():
+    from qwen3_jax.launch import ArgumentParser
+
+    ap = ArgumentParser(prog="qwen3-jax-plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="Qwen3-30B-A3B", help=f"one of {', '.join(Qwen3Config.presets())}")
-    ap.add_argument("--config", help="a config.json (instead of --preset)")
+    ap.add_argument("--config", help="a config.json or checkpoint directory (instead of --preset)")
     ap.add_argument("--mesh", default="fsdp=32,expert=8", help="axis sizes, e.g. fsdp=32,expert=8 (data, fsdp, "
                     "expert, tensor)")
     ap.add_argument("--program", choices=PROGRAMS, default="train", help="the train step or one decode step")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                     help="compute dtype (decode: also the weights and the KV cache)")
-    ap.add_argument("--param-dtype", default="float32", help="train: master weight and optimizer dtype")
-    ap.add_argument("--batch", type=int, default=256, help="global batch (sequences, or decode rows)")
-    ap.add_argument("--seq", type=int, default=4096, help="sequence length (train) or KV cache slots (decode)")
+    ap.add_argument("--param-dtype", default="float32", choices=["bfloat16", "float32", "float16"],
+                    help="train: master weight and optimizer dtype")
+    ap.add_argument("--batch-size", "--batch", dest="batch", type=int, default=256, metavar="N",
+                    help="global batch (sequences, or decode rows)")
+    ap.add_argument("--seq-len", "--seq", dest="seq", type=int, default=4096, metavar="N",
+                    help="sequence length (train) or KV cache slots (decode)")
     ap.add_argument("--remat", default="full", choices=["full", "dots", "none"], help="train: as qwen3-jax-train")
     ap.add_argument("--ce-chunk", type=int, default=512, help="train: cross-entropy positions per chunk")
     ap.add_argument("--dispatch", choices=("ragged", "padded"), default="ragged",
@@ -218,16 +222,29 @@ def main(argv=None) -> int:
                     help="ragged dispatch receive buffer, x the mean routed rows (0: worst case)")
     ap.add_argument("--capacity-factor", type=float, default=None,
                     help="padded dispatch per-pair buffers, x the mean routed rows (default: the worst case)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    from qwen3_jax.launch import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_bounds, default_platform, fail
+
+    ap = parser()
+    try:
+        a = ap.parse_args(argv)
+        check_bounds(ap, a, batch=AT_LEAST_1, seq=AT_LEAST_1, ce_chunk=AT_LEAST_1, ep_buffer_factor=AT_LEAST_0,
+                     capacity_factor=POSITIVE)
+    except SystemExit as e:  # --help, --version (0) or a usage error (2, its one line already printed)
+        return int(e.code or 0)
+    default_platform()
     try:
         cfg = Qwen3Config.from_pretrained(a.config) if a.config else Qwen3Config.preset(a.preset)
         mesh = parse_mesh(a.mesh)
-        print(format_plan(a.config or a.preset, cfg, mesh, a.dtype, a.batch, a.seq, program=a.program,
-                          param_dtype=a.param_dtype, remat=a.remat, buffer_factor=a.ep_buffer_factor or None,
-                          capacity_factor=a.capacity_factor, dispatch=a.dispatch, ce_chunk=a.ce_chunk))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"qwen3-jax-plan: {e}", file=sys.stderr)
-        return 2
+        text = format_plan(a.config or a.preset, cfg, mesh, a.dtype, a.batch, a.seq, program=a.program,
+                           param_dtype=a.param_dtype, remat=a.remat, buffer_factor=a.ep_buffer_factor or None,
+                           capacity_factor=a.capacity_factor, dispatch=a.dispatch, ce_chunk=a.ce_chunk)
+    except (ValueError, KeyError, OSError) as e:
+        return fail(ap.prog, e, 2)
+    print(text)
     return 0
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 
 from qwen3_jax.hostmem import tune_malloc
-from qwen3_jax.launch import ArgumentParser, add_launch_args, fail, launch
+from qwen3_jax.launch import (AT_LEAST_0, AT_LEAST_1, POSITIVE, ArgumentParser, add_launch_args, check_bounds,
+                              default_platform, fail, launch)
 
 from .step import FREEZE_GROUPS, SCHEDULES
 
@@ -43,8 +44,8 @@ def parser() -> argparse.ArgumentParser:
       "\"domain\" (as qwen3-jax-routing capture --data)")
     a("--steps", type=int, help="optimizer steps (overrides --epochs)")
     a("--epochs", type=float, default=1.0, help="passes over the packed data when --steps is not given")
-    a("--batch-size", type=int, default=8, help="global batch in sequences (rows of seq-len)")
-    a("--seq-len", type=int, default=1024,
+    a("--batch-size", "--batch", type=int, default=8, help="global batch in sequences (rows of seq-len)")
+    a("--seq-len", "--seq", type=int, default=1024,
       help="tokens per training row (sequence length): records are packed into rows of this length")
     a("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
     a("--lr", type=float, default=1e-5, help="peak learning rate (AdamW), reached after --warmup steps")
@@ -115,6 +116,12 @@ def parse_args(argv=None, p: argparse.ArgumentParser | None = None) -> argparse.
             p.error(f"--{req} is required (flag or config file)")
     if args.routing_stats_every < 0:
         p.error("--routing-stats-every must be >= 0 (0: off)")
+    check_bounds(p, args, steps=AT_LEAST_1, epochs=POSITIVE, batch_size=AT_LEAST_1, seq_len=AT_LEAST_1,
+                 grad_accum=AT_LEAST_1, lr=POSITIVE, warmup=AT_LEAST_0, weight_decay=AT_LEAST_0, clip=AT_LEAST_0,
+                 lbl_coef=AT_LEAST_0, z_loss_coef=AT_LEAST_0, capacity_factor=POSITIVE, ep_buffer_factor=AT_LEAST_0,
+                 save_every=AT_LEAST_0, stop_after_steps=AT_LEAST_1, keep=AT_LEAST_1, peak_flops=POSITIVE)
+    if args.batch_size % args.grad_accum:
+        p.error(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     if args.routing_stats_every and not (args.routing_data or args.eval_data):
         p.error("--routing-stats-every needs a held-out set: --routing-data JSONL (or --eval-data)")
     if args.routing_data and not args.routing_stats_every:
@@ -127,6 +134,7 @@ def main(argv=None) -> int:
     p = parser()
     try:
         args = parse_args(argv, p)
+        default_platform()
         launch(p, args)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, its one line already printed)
         return int(e.code or 0)
@@ -157,6 +165,7 @@ def export_main(argv=None) -> int:
     add_launch_args(p)
     try:
         args = p.parse_args(argv)
+        default_platform()
         launch(p, args)
     except SystemExit as e:
         return int(e.code or 0)

@@ -190,12 +190,16 @@ def _global_max(value: int) -> int:
 
 
 def summary(rows: list[dict]) -> str:
-    """A readable per-step table (at most ~20 rows) of loss, lbl and expert load."""
+    """A readable per-step table (about 20 rows, and every step with an eval loss) of loss, eval loss, lbl and
+    expert load."""
     if not rows:
         return "no steps run"
-    pick = rows if len(rows) <= 20 else [rows[i] for i in sorted({*range(0, len(rows), math.ceil(len(rows) / 19)), len(rows) - 1})]
-    lines = [f"{'step':>6} {'loss':>9} {'lm_loss':>9} {'lbl':>7} {'grad_norm':>9} {'lr':>9} {'tok/s':>9} "
-             f"{'load max/min (worst layer)':>27} {'cv':>6}"]
+    evals = {i for i, r in enumerate(rows) if r.get("eval_loss") is not None}
+    every = 1 if len(rows) <= 20 else math.ceil(len(rows) / 19)
+    pick = [rows[i] for i in sorted({*range(0, len(rows), every), len(rows) - 1, *evals})]
+    ev = bool(evals)
+    lines = [f"{'step':>6} {'loss':>9} {'lm_loss':>9}" + (f" {'eval_loss':>9}" if ev else "")
+             + f" {'lbl':>7} {'grad_norm':>9} {'lr':>9} {'tok/s':>9} {'load max/min (worst layer)':>27} {'cv':>6}"]
     for r in pick:
         load = r.get("expert_load")
         ld = ""
@@ -203,8 +207,11 @@ def summary(rows: list[dict]) -> str:
         if load:
             i = int(np.argmax(load["cv"]))
             ld, cv = f"{load['max'][i]:.3f}/{load['min'][i]:.3f} (L{i})", f"{load['cv'][i]:.3f}"
-        lines.append(f"{r['step']:>6} {r['loss']:>9.4f} {r['lm_loss']:>9.4f} {r['lbl']:>7.4f} {r['grad_norm']:>9.3f} "
-                     f"{r['lr']:>9.2e} {r['tokens_per_s']:>9.0f} {ld:>27} {cv:>6}")
+        e = r.get("eval_loss")
+        lines.append(f"{r['step']:>6} {r['loss']:>9.4f} {r['lm_loss']:>9.4f}"
+                     + ((f" {e:>9.4f}" if e is not None else f" {'':>9}") if ev else "")
+                     + f" {r['lbl']:>7.4f} {r['grad_norm']:>9.3f} {r['lr']:>9.2e} {r['tokens_per_s']:>9.0f} "
+                     f"{ld:>27} {cv:>6}")
     return "\n".join(lines)
 
 
