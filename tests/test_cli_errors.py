@@ -182,9 +182,10 @@ def test_every_cli_has_version(capsys):
 def test_routing_compare_prints_where_it_wrote(tmp_path, capsys):
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
-        (tmp_path / d / "stats.json").write_text(json.dumps({"num_experts": 4}))
+        (tmp_path / d / "stats.json").write_text(json.dumps({"num_experts": 4, "layers": [{"top_k": 2}]}))
         np.savez(tmp_path / d / "trace.npz", layers=np.array([0]), token_ids=np.arange(3),
-                 routed_experts=np.array([[[0, 1]], [[2, 3]], [[1, 2]]], np.int16))
+                 routed_experts=np.array([[[0, 1]], [[2, 3]], [[1, 2]]], np.int16), record=np.zeros(3, np.int32),
+                 position=np.arange(3, dtype=np.int32))
     assert routing_cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     where = tmp_path / "b" / "compare"
