@@ -36,8 +36,9 @@ setup(
         "serve": SERVE,
         # jax[tpu] brings libtpu: the tests compile the TPU programs ahead of time for abstract chips (no TPU needed);
         # the server's tests also drive it with the openai client (and npm's `ai`, installed by tests/node)
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "psutil", "jax[tpu]", *SERVE, "openai>=1.40",
-                 "httpx>=0.27"],
+        # peft: the LoRA adapters round trip against transformers + peft
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "peft>=0.17", "psutil", "jax[tpu]", *SERVE,
+                 "openai>=1.40", "httpx>=0.27"],
     },
     entry_points={
         "console_scripts": [
