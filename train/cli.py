@@ -67,8 +67,8 @@ def parser() -> argparse.ArgumentParser:
       "receives at most this factor x the mean routed rows per device, the overflow is dropped and counted "
       "(0: the worst case, never drops)")
     a("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
-    a("--param-dtype", help="master weight dtype (default float32); with --lora-rank the frozen base's dtype "
-      "(default bfloat16; the adapters are float32)")
+    a("--param-dtype", help="master weight dtype: float32 unless given; with --lora-rank the frozen base's dtype, "
+      "bfloat16 unless given (the adapters are float32)")
     a("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     a("--stop-after-steps", type=int, help="end this invocation (with a checkpoint) after N steps; rerun to resume")
     a("--keep", type=int, default=3, help="checkpoints to keep")
