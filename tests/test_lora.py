@@ -303,6 +303,8 @@ def test_infer_with_adapter_equals_the_merged_model(reference, tmp_path, capsys)
     got = {r["id"]: r["token_ids"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
     assert got == {i: list(r.token_ids) for i, r in enumerate(ref)}
     capsys.readouterr()
-    assert cli.main([*argv, "--output", str(tmp_path / "o2.jsonl"), "--adapter", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as e:     # qwen3-jax-infer's usage errors: one line, exit 2
+        cli.main([*argv, "--output", str(tmp_path / "o2.jsonl"), "--adapter", str(tmp_path)])
     err = capsys.readouterr().err
+    assert e.value.code == 2 and not (tmp_path / "o2.jsonl").exists()
     assert err.startswith("qwen3-jax-infer: error: --adapter:") and "adapter_config.json" in err
