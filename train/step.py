@@ -244,11 +244,13 @@ def model_from(graphdef, abstract_state, params):
     return nnx.merge(graphdef, state)
 
 
-def flops_per_token(cfg, seq_len: int, active_params: int) -> float:
+def flops_per_token(cfg, seq_len: int, active_params: int, adapter_params: int | None = None) -> float:
     """Training FLOPs per token: 6 x active matmul parameters (embedding lookup excluded) + causal attention
-    6 x L x H x hd x T (half of the full 12 L H hd T)."""
+    6 x L x H x hd x T (half of the full 12 L H hd T). LoRA (adapter_params: the adapters' parameter count): the
+    frozen weights 4 x (forward and input gradient, no weight gradient) and the adapters 6 x."""
     matmul = active_params - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
-    return 6.0 * matmul + 6.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+    weights = 6.0 * matmul if adapter_params is None else 4.0 * matmul + 6.0 * adapter_params
+    return weights + 6.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
 
 
 def host_metrics(m) -> dict:

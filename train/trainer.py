@@ -417,7 +417,8 @@ def _run(args, log, *, mesh, cfg, rows, corpus, eval_corpus, skipped, long, step
     if eval_fn is not None and base is not None:
         eval_fn = (lambda fn: lambda p, batch: fn(p, batch, base))(eval_fn)
     active = qwen3_jax.param_count(cfg)["active"]
-    fpt = flops_per_token(cfg, args.seq_len, active)
+    fpt = flops_per_token(cfg, args.seq_len, active,
+                          None if lcfg is None else sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
     out_rows = []
     bar = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, disable=not (args.progress and writer))
     mf = open(metrics_path, "a") if writer else None
