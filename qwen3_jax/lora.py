@@ -110,7 +110,8 @@ class LoRAConfig:
         """adapter_config.json: PEFT's LoraConfig fields (peft and vLLM read it)."""
         return {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-            "r": int(self.rank), "lora_alpha": int(self.lora_alpha) if self.lora_alpha.is_integer() else self.lora_alpha, "lora_dropout": float(self.dropout),
+            "r": int(self.rank), "lora_dropout": float(self.dropout),
+            "lora_alpha": int(self.lora_alpha) if self.lora_alpha.is_integer() else self.lora_alpha,
             "target_modules": list(self.targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": self.rslora,
             "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
             "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True,
