@@ -1,6 +1,10 @@
 from setuptools import setup
 
 SERVE = ["fastapi>=0.110", "uvicorn>=0.30", "prometheus-client>=0.20", "mcp>=2", "xgrammar>=0.2.8"]
+# jax for CUDA 12 and the GPU grouped matmul (tokamax: Mosaic GPU on Hopper and up, Triton before; it declares the
+# jax it needs: 0.0.12 is the last release for jax 0.10, later ones need jax >= 0.11). Also what compiles the GPU
+# programs ahead of time on a machine without a GPU (qwen3-jax-compile --topology h100:2x8).
+GPU = ["jax[cuda12]", "tokamax>=0.0.12"]
 
 setup(
     name="qwen3-jax",
@@ -9,7 +13,8 @@ setup(
     python_requires=">=3.10",
     packages=["qwen3_jax", "qwen3_jax.kernels", "qwen3_jax.routing", "qwen3_jax.sharding", "qwen3_jax.train",
               "qwen3_jax.infer"],
-    package_data={"qwen3_jax": ["csrc/*.cc"]},  # the XLA:CPU decode kernels, compiled on first use
+    # the XLA:CPU decode kernels (compiled on first use); the GPU target specs of qwen3-jax-compile
+    package_data={"qwen3_jax": ["csrc/*.cc", "gpu_specs/*.txtpb"]},
     package_dir={
         "qwen3_jax": "qwen3_jax",
         "qwen3_jax.sharding": "sharding",
@@ -34,10 +39,11 @@ setup(
     extras_require={
         # qwen3-jax-serve and qwen3-jax-chat --mcp: HTTP server, metrics, MCP client, constrained decoding
         "serve": SERVE,
-        # jax[tpu] brings libtpu: the tests compile the TPU programs ahead of time for abstract chips (no TPU needed);
-        # the server's tests also drive it with the openai client (and npm's `ai`, installed by tests/node)
-        # peft: the LoRA adapters round trip against transformers + peft
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "peft>=0.17", "psutil", "jax[tpu]", *SERVE,
+        "gpu": GPU,
+        # jax[tpu] brings libtpu and the gpu extra the CUDA plugin: the tests compile the TPU and GPU programs ahead
+        # of time for abstract chips (no TPU or GPU needed); the server's tests also drive it with the openai client
+        # (and npm's `ai`, installed by tests/node); peft: the LoRA adapters round trip against transformers + peft
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "peft>=0.17", "psutil", "jax[tpu]", *GPU, *SERVE,
                  "openai>=1.40", "httpx>=0.27"],
     },
     entry_points={

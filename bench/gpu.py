@@ -1,8 +1,13 @@
 """GPU benchmark: Qwen3-30B-A3B (random bf16 weights) on one GPU, against the chip's own ceilings, in one run.
 
     python bench/gpu.py                    # on the GPU machine (one H100/H200): the figures below, JSON to --out
+    python bench/gpu.py --only check       # the numerics alone (seconds)
     python bench/gpu.py --smoke            # a tiny config on whatever device there is (CPU): every path runs
 
+0. check: the grouped SwiGLU of each GPU grouped matmul (tokamax Mosaic GPU, the default; tokamax Triton; XLA's
+   ragged_dot) against a per-group fp32 reference, values and gradients (x, w_gate, w_up, w_down), bf16, with
+   empty experts and unrouted rows, at the 30B-A3B expert shapes; and the whole model's logits with the default
+   kernels against ragged_dot's. Fails (exit 1) past the tolerance.
 1. decode: greedy tokens/s of the engine (prefill, then the on-device decode loop over the KV cache) at batch 1 and
    64, a 4096-slot cache, against the HBM ceiling: the bytes one decode step must read (the attention, router,
    norms and lm_head weights; the experts the batch's tokens pick, expected distinct count E (1 - (1 - k/E)^b) per
@@ -62,6 +67,83 @@ def decode_bytes(cfg, batch: int, max_len: int, itemsize: int = 2) -> float:
     per_layer = attn + d * e + distinct * 3 * d * f
     cache = batch * max_len * 2 * cfg.num_key_value_heads * cfg.head_dim
     return itemsize * (cfg.num_hidden_layers * (per_layer + cache) + d * cfg.vocab_size + batch * d)
+
+
+def _swiglu_reference(x, ws, sizes):
+    """Per-group fp32 SwiGLU: group g's rows through expert g; rows past the groups zero."""
+    ends = np.cumsum(np.asarray(sizes))
+    x32 = x.astype(jnp.float32)
+    out = jnp.zeros((x.shape[0], ws[2].shape[-1]), jnp.float32)
+    start = 0
+    for g, end in enumerate(ends):
+        if end > start:
+            xg = x32[start:end]
+            h = jax.nn.silu(xg @ ws[0][g].astype(jnp.float32)) * (xg @ ws[1][g].astype(jnp.float32))
+            out = out.at[start:end].set(h @ ws[2][g].astype(jnp.float32))
+        start = end
+    return out
+
+
+def check_kernels(cfg, impls=("tokamax", "tokamax_triton", "ragged_dot"), rows=(4096, 512), tol=2e-2):
+    """Section 0 of the module docstring. Returns {impl: {rows: relative errors}} and whether all passed."""
+    from qwen3_jax.kernels.gmm import grouped_swiglu
+
+    d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    rng = np.random.default_rng(0)
+    out, ok = {}, True
+    for m in rows:
+        p = rng.dirichlet(np.full(e, 0.5))
+        p[: e // 16] = 0                                         # some experts get no rows
+        sizes_np = rng.multinomial(m - m // 64, p / p.sum())      # and m // 64 rows are routed nowhere
+        sizes = jnp.asarray(sizes_np, jnp.int32)
+        x = jnp.asarray(rng.normal(size=(m, d)), jnp.bfloat16)
+        ws = [jnp.asarray(rng.normal(size=s) / np.sqrt(s[1]), jnp.bfloat16) for s in [(e, d, f), (e, d, f), (e, f, d)]]
+        proj = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
+
+        def loss(fn):
+            return lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * proj)
+
+        ref_fn = lambda x, *w: _swiglu_reference(x, w, sizes_np)  # noqa: E731
+        want = [ref_fn(x, *ws)] + list(jax.grad(loss(ref_fn), (0, 1, 2, 3))(x, *ws))
+        for impl in impls:
+            fn = jax.jit(lambda x, *w, impl=impl: grouped_swiglu(x, *w, sizes, impl=impl))
+            try:
+                got = [fn(x, *ws)] + list(jax.jit(jax.grad(loss(fn), (0, 1, 2, 3)))(x, *ws))
+            except Exception as err:  # noqa: BLE001 -- a kernel this GPU lacks (e.g. Mosaic GPU before Hopper)
+                print(f"[check] {impl:15s} rows {m:5d}: not available here: {str(err).splitlines()[0][:160]}")
+                out.setdefault(impl, {})[m] = None
+                if impl == Runtime().kernels.gmm:
+                    ok = False
+                continue
+            errs = {name: float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / (float(jnp.max(jnp.abs(w))) or 1.0))
+                    for name, g, w in zip(("y", "dx", "dw_gate", "dw_up", "dw_down"), got, want)}
+            unrouted_zero = bool(jnp.all(got[0][m - m // 64:] == 0))
+            passed = max(errs.values()) <= tol and unrouted_zero
+            ok &= passed
+            out.setdefault(impl, {})[m] = dict(errs, unrouted_zero=unrouted_zero, passed=passed)
+            print(f"[check] {impl:15s} rows {m:5d}: max relative error " +
+                  " ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f" -> {'ok' if passed else 'FAIL'}", flush=True)
+    return out, ok
+
+
+def check_model(tol=3e-2):
+    """A small MoE's logits with this device's default kernels against the same model with gmm=ragged_dot and XLA
+    attention (bf16)."""
+    cfg = Qwen3Config.from_dict(dict(SMOKE, hidden_size=256, moe_intermediate_size=128, head_dim=64, num_experts=16,
+                                     num_experts_per_tok=4))
+    model = random_model(cfg, jnp.bfloat16, jnp.bfloat16)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 128)), jnp.int32)
+    fwd = nnx.jit(lambda m, ids: m(ids).logits.astype(jnp.float32))
+    got = fwd(model, ids)
+    model.runtime = model.runtime.replace(gmm="ragged_dot", attention="xla")
+    want = fwd(model, ids)
+    # mean, not max: in bf16 a near-tie in the router can send a token to another expert in one of the two runs
+    err = float(jnp.mean(jnp.abs(got - want)) / jnp.mean(jnp.abs(want)))
+    agree = float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(want, -1)))
+    passed = err <= tol and agree >= 0.95
+    print(f"[check] model logits, default kernels vs ragged_dot + XLA attention: mean relative error {err:.1e}, "
+          f"argmax agrees on {agree:.1%} of tokens -> {'ok' if passed else 'FAIL'}")
+    return {"logits_mean_rel_err": err, "argmax_agree": agree, "passed": passed}
 
 
 def bench_decode(cfg, dtype, batches, max_len, prompt_len, steps, peaks):
@@ -126,7 +208,7 @@ def bench_train(cfg, batch, seq, steps, peaks):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="a tiny config (CPU): check that every path runs")
-    ap.add_argument("--only", choices=("decode", "train"))
+    ap.add_argument("--only", choices=("check", "decode", "train"))
     ap.add_argument("--batches", default="1,64", help="decode batch sizes")
     ap.add_argument("--max-len", type=int, default=4096, help="decode cache slots")
     ap.add_argument("--train-layers", type=int, default=4)
@@ -150,6 +232,12 @@ def main(argv=None):
                        "ep_dispatch": ks.ep_dispatch}, "peaks": peaks}
     print(f"jax {jax.__version__} on {dev.device_kind} ({dev.platform}); kernels {res['kernels']}; "
           f"peaks (HBM B/s, bf16 FLOP/s) {peaks}")
+    ok = True
+    if a.only in (None, "check"):
+        impls = ("tokamax", "tokamax_triton", "ragged_dot") if ks.platform == "gpu" else (ks.gmm, "ragged_dot")
+        res["check"], ok = check_kernels(cfg, impls=impls, rows=(256,) if a.smoke else (4096, 512))
+        res["check"]["model"] = check_model()
+        ok &= res["check"]["model"]["passed"]
     if a.only in (None, "decode"):
         res["decode"] = bench_decode(cfg, jnp.bfloat16, batches, a.max_len, prompt_len, steps, peaks)
     if a.only in (None, "train"):
@@ -159,8 +247,8 @@ def main(argv=None):
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "gpu.json"), "w") as f:
             json.dump(res, f, indent=1)
-    return res
+    return res, ok
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()[1] else 1)

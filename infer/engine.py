@@ -325,6 +325,7 @@ class _Compiled:
             rs0 = dict(load=jnp.zeros((b, n_l, e), jnp.int32), top1=jnp.zeros((b, n_l, e), jnp.int32),
                        entropy=jnp.zeros((b, n_l), jnp.float32), topk_mass=jnp.zeros((b, n_l), jnp.float32),
                        tokens=jnp.zeros((b,), jnp.int32), coactivation=jnp.zeros((n_l, e, e), jnp.int32),
+                       coactivation_adjacent=jnp.zeros((n_l, e, e), jnp.int32),
                        top1_ids=jnp.full((b, n_max, n_l), e, jnp.int32), ids_bn=jnp.zeros((b, n_max), jnp.int32),
                        valid_bn=jnp.zeros((b, n_max), bool))
         init = (jnp.int32(0), slots, jnp.full((b, n_max), -1, jnp.int32), lp0, jnp.bool_(False), rs0)
@@ -333,7 +334,7 @@ class _Compiled:
         return out + (_replicated(model, rs),) if self.routing else out
 
 
-_SUMMED = ("load", "top1", "entropy", "topk_mass", "tokens", "coactivation")
+_SUMMED = ("load", "top1", "entropy", "topk_mass", "tokens", "coactivation", "coactivation_adjacent")
 
 
 def _routing_out(model, router_logits_lbte, valid_bt):
@@ -360,18 +361,18 @@ def _compiled(graphdef, cfg, think_ids, forced, routing: bool = False) -> _Compi
 
 
 def lower_decode_step(cfg, mesh, *, batch_size: int, max_len: int, dtype="bfloat16", scan_layers: bool = True,
-                      n_stop: int = 16, ep_buffer_factor="default"):
+                      n_stop: int = 16, ep_buffer_factor="default", gmm: str = "auto"):
     """One decode step of the engine (one token per row: the model over the cache, sampling, stop and thinking-budget
     bookkeeping; the engine's decode loop with at most one step) for `batch_size` rows of a `max_len`-slot cache,
     lowered for `mesh` (e.g. abstract TPU chips, see qwen3_jax.aot) with abstract parameters in `dtype`, placed by
     the serving rules (no per-token weight gathers), and the slots donated. Returns a jax.stages.Lowered.
-    scan_layers=False unrolls the layers."""
+    scan_layers=False unrolls the layers; gmm overrides the platform's grouped matmul (qwen3_jax.kernels)."""
     from qwen3_jax.aot import abstract_model
     from qwen3_jax.runtime import Runtime
     from qwen3_jax.sharding.rules import SERVE_PARAM_RULES
 
     rt_kw = {} if ep_buffer_factor == "default" else {"ep_buffer_factor": ep_buffer_factor}
-    runtime = Runtime(mesh=mesh, scan_layers=scan_layers, **rt_kw)
+    runtime = Runtime(mesh=mesh, scan_layers=scan_layers, gmm=gmm, **rt_kw)
     graphdef, abstract_state, params = abstract_model(cfg, runtime, dtype=dtype, param_dtype=dtype,
                                                       rules=SERVE_PARAM_RULES)
     state = jax.tree.map(lambda x: x, abstract_state)

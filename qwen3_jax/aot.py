@@ -1,19 +1,26 @@
 """Ahead-of-time compilation for accelerators this machine does not have: the real train and decode programs of
-any config on any TPU topology and mesh, with abstract (unallocated) parameters, and what they cost per chip.
+any config on any TPU topology or GPU nodes and mesh, with abstract (unallocated) parameters, and what they cost
+per chip.
 
     from qwen3_jax.aot import topology_devices, compile_report
     devices = topology_devices("v5e:16x16")                              # 256 abstract TPU v5e chips
+    devices = topology_devices("h100:2x8")                               # 2 nodes x 8 abstract H100s
     mesh = make_mesh(fsdp=32, expert=8, devices=devices)
     lowered = qwen3_jax.train.lower_train_step(cfg, mesh, batch_size=256, seq_len=4096)
-    compiled = lowered.compile()                                          # the real TPU compiler, on this CPU
+    compiled = lowered.compile()                                          # the real TPU / GPU compiler, on this CPU
     report = compile_report(cfg, "v5e:16x16", {"fsdp": 32, "expert": 8}, program="train", batch=256, seq_len=4096)
 
 `qwen3-jax-compile` prints the report: HBM per chip from memory_analysis (arguments, outputs, temporaries, total;
-whether it fits in 90% of the chip), FLOPs per chip against the model's arithmetic, the collectives, the compile
-time, and `qwen3-jax-plan`'s estimate beside the compiled figure. FLOPs come from programs with the layers
-unrolled (cost_analysis counts a loop body once): per layer = FLOPs(2 layers) - FLOPs(1 layer); a Pallas kernel
-counts through its cost estimate (megablox: 2 m k n over its padded rows; splash attention reports none, so the
-train program's attention FLOPs are absent from the compiled figure and listed apart).
+whether it fits in 90% of the chip), FLOPs per chip against the model's arithmetic, the collectives and kernels,
+the compile time, and `qwen3-jax-plan`'s estimate beside the compiled figure. FLOPs come from programs with the
+layers unrolled (cost analysis counts a loop body once): per layer = FLOPs(2 layers) - FLOPs(1 layer).
+- TPU: `cost_analysis()`; a Pallas kernel counts through its cost estimate (megablox: 2 m k n over its padded rows;
+  splash attention reports none, so the train program's attention FLOPs are absent and it is compared against
+  the matmuls).
+- GPU: executables have no cost_analysis(); the HLO module's cost analysis runs on this host. It cannot see custom
+  calls: the grouped-matmul kernels (tokamax, Mosaic GPU or Triton) are added from their shapes (`gpu_kernels`,
+  2 m k n over their buffer rows) and reported apart, and cuDNN attention, like splash, is left out of the train
+  comparison.
 """
 
 from __future__ import annotations
@@ -31,27 +38,58 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from .config import Qwen3Config
+from .kernels import GMM as GMM_CHOICES
 from .runtime import Runtime
 
 GiB = 2**30
 HEADROOM = 0.9
-# HBM per chip (bytes) by device kind
+# HBM per chip (bytes) by device kind; GPUs: from their target spec (GPU_SPECS)
 HBM = {"TPU v5 lite": 16 * GiB, "TPU v5e": 16 * GiB, "TPU v5": 95 * GiB, "TPU v5p": 95 * GiB, "TPU v6 lite": 32 * GiB,
-       "TPU v6e": 32 * GiB, "TPU v4": 32 * GiB, "NVIDIA H100 80GB HBM3": 80 * GiB, "NVIDIA H200": 141 * GiB}
+       "TPU v6e": 32 * GiB, "TPU v4": 32 * GiB}
 COLLECTIVES = ("ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+# GPU name -> XLA target spec shipped in qwen3_jax/gpu_specs (compiling for GPUs that are not there)
+GPU_SPECS = {"h100": "h100_sxm.txtpb", "h200": "h200_sxm.txtpb"}
+_GPU_TOPOLOGY = re.compile(r"^(?P<gpu>[a-uw-z][a-z0-9]*):(?P<nodes>[0-9]+)x(?P<gpus>[0-9]+)$")  # TPUs are v*
+
+
+def gpu_spec(name: str) -> str:
+    """The text of the XLA target spec of GPU `name` (h100, h200), as get_topology_desc takes it."""
+    if name not in GPU_SPECS:
+        raise ValueError(f"GPU {name!r}: choose from {', '.join(GPU_SPECS)}")
+    with open(os.path.join(os.path.dirname(__file__), "gpu_specs", GPU_SPECS[name])) as f:
+        text = f.read()
+    kind = re.search(r'device_description_str: "([^"]+)"', text).group(1)
+    HBM.setdefault(kind, int(re.search(r"device_memory_size: ([0-9]+)", text).group(1)))
+    return text
 
 
 def topology_devices(topology: str):
-    """Abstract devices of a TPU topology such as "v5e:16x16" or "v5p:2x2x2" (needs libtpu: the `jax[tpu]` extra;
-    no TPU). Set ALLOW_MULTIPLE_LIBTPU_LOAD=1 when several processes load libtpu."""
+    """Abstract devices of a topology, nothing allocated:
+    - TPU slices such as "v5e:16x16" or "v5p:2x2x2" (needs libtpu: the `jax[tpu]` extra; no TPU). Set
+      ALLOW_MULTIPLE_LIBTPU_LOAD=1 when several processes load libtpu.
+    - GPU nodes "h100:NODESxGPUS" such as "h100:2x8" (2 nodes of 8 H100 SXM), "h200:1x8" (needs the CUDA plugin:
+      the `gpu` extra; no GPU)."""
     from jax.experimental import topologies
 
+    gpu = _GPU_TOPOLOGY.match(topology.strip().lower())
+    if gpu:
+        spec = gpu_spec(gpu["gpu"])
+        nodes, per_node = int(gpu["nodes"]), int(gpu["gpus"])
+        if nodes < 1 or per_node < 1:
+            raise ValueError(f"GPU topology {topology!r}: NODESxGPUS must be at least 1x1")
+        try:
+            return topologies.get_topology_desc(platform="cuda", target_config=spec,
+                                                topology=f"1x{nodes}x{per_node}").devices
+        except Exception as e:  # noqa: BLE001 -- the CUDA plugin missing: say how to get it
+            raise ValueError(f"GPU topology {topology!r}: {str(e).strip().splitlines()[0]} (needs the CUDA plugin: "
+                             f"pip install 'jax[cuda12]=={jax.__version__}', or the qwen3-jax `gpu` extra)") from None
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
     except Exception as e:  # noqa: BLE001 -- libtpu missing or an unknown name: say which
         raise ValueError(f"TPU topology {topology!r}: {e} (needs libtpu: pip install 'jax[tpu]=={jax.__version__}'; "
-                         "names like v5e:16x16, v5p:4x4x4, v6e:8x8, v4:2x2x2)") from None
+                         "names like v5e:16x16, v5p:4x4x4, v6e:8x8, v4:2x2x2; GPU nodes: "
+                         f"{', '.join(n + ':2x8' for n in GPU_SPECS)})") from None
 
 
 def hbm_bytes(device) -> int | None:
@@ -120,10 +158,69 @@ def memory(compiled, device) -> dict:
     return out
 
 
-def flops(compiled) -> float:
+def flops(compiled) -> dict:
+    """FLOPs of a compiled program: "xla", what XLA's cost analysis sees (TPU: `cost_analysis()`, which counts a
+    Pallas kernel through its cost estimate; GPU executables have none, so the HLO module's cost analysis on this
+    host), "kernels", the GPU grouped-matmul kernels' FLOPs from their shapes (custom calls XLA cannot see; see
+    `gpu_kernel_flops`), and "total"."""
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return float(ca.get("flops", 0.0))
+    if ca is None:
+        from jax._src.lib import _jax
+
+        module = compiled.runtime_executable().hlo_modules()[0]
+        ca = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+    seen = float(ca.get("flops", 0.0))
+    hidden = sum(k["flops"] for k in gpu_kernels(compiled.as_text()) if k["kind"] in ("gmm", "tgmm"))
+    return {"xla": seen, "kernels": float(hidden), "total": seen + hidden}
+
+
+_SHAPE = re.compile(r"\b(?:bf16|f16|f32|f8e4m3fn|f8e5m2|s8)\[([0-9,]*)\]")
+
+
+def _dims(text: str) -> list[tuple[int, ...]]:
+    return [tuple(int(d) for d in m.group(1).split(",") if d) for m in _SHAPE.finditer(text)]
+
+
+def gpu_kernels(hlo_text: str) -> list[dict]:
+    """GPU custom-call kernels of a compiled module, with the FLOPs their shapes imply (XLA's cost analysis counts
+    none of them):
+    - "gmm": a grouped matmul x [M, K] by one of G matrices ([G, K, N]) into [M, N] (forward, d(x)): 2 M K N;
+    - "tgmm": the transposed one, x^T [K, M] by dy [M, N] into per-group [G, K, N] (d(w)): 2 M K N;
+    - "cudnn_attention": cuDNN's fused attention (forward or backward; FLOPs not counted).
+    M is the rows of the kernel's buffer (routed rows plus the dispatch's slack), as megablox's cost estimate
+    counts its padded rows on TPU. Triton and Mosaic GPU kernels other than tokamax's grouped matmul are "other"."""
+    out = []
+    for line in hlo_text.splitlines():
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        if target is None or " custom-call(" not in line:
+            continue
+        target = target.group(1)
+        if target.startswith("__cudnn$fmha"):
+            out.append({"kind": "cudnn_attention", "flops": 0})
+            continue
+        if target not in ("mosaic_gpu_v2", "mosaic_gpu", "__gpu$xla.gpu.triton"):
+            continue
+        if not re.search("ragged", line, re.IGNORECASE):    # tokamax names its kernels after ragged (contracting) dots
+            out.append({"kind": "other", "flops": 0})
+            continue
+        result = _dims(line.split(" custom-call(")[0].split("=", 1)[1])
+        ops = re.search(r"operand_layout_constraints=\{(.*?)\}\}", line)
+        operands = [d for d in _dims(ops.group(1) if ops else line.split(" custom-call(")[1]) if len(d) in (2, 3)]
+        res = next((d for d in result if len(d) in (2, 3)), None)
+        mats = [d for d in operands if len(d) == 2]
+        if res is None or not mats:
+            out.append({"kind": "other", "flops": 0})
+        elif len(res) == 2:           # [M, N] from x [M, K] (x's K matched by the group matrices): 2 M K N
+            out.append({"kind": "gmm", "flops": 2 * mats[0][0] * mats[0][1] * res[1]})
+        else:                         # [G, K, N] from [K, M] and [M, N] (either order): M = sqrt(|a| |b| / (K N))
+            k, n = res[1], res[2]
+            size = 1
+            for d in mats[:2]:
+                size *= d[0] * d[1]
+            m = round((size / (k * n)) ** 0.5) if len(mats) >= 2 else mats[0][0] * mats[0][1] // k
+            out.append({"kind": "tgmm", "flops": 2 * m * k * n})
+    return out
 
 
 def collectives(hlo_text: str) -> dict:
@@ -137,8 +234,9 @@ def collectives(hlo_text: str) -> dict:
 
 
 def kernels_in(hlo_text: str) -> dict:
-    """Pallas (Mosaic) kernels of a compiled TPU module by kind: megablox gmm / tgmm, splash attention."""
-    out = {"gmm": 0, "tgmm": 0, "splash": 0, "other": 0}
+    """Kernels of a compiled module by kind: on TPU the Pallas (Mosaic) kernels, megablox gmm / tgmm and splash
+    attention; on GPU tokamax's grouped matmul (gmm: forward and d(x), tgmm: d(w)) and cuDNN attention."""
+    out = {"gmm": 0, "tgmm": 0, "splash": 0, "cudnn_attention": 0, "other": 0}
     for line in hlo_text.splitlines():
         if 'custom_call_target="tpu_custom_call"' not in line:
             continue
@@ -146,6 +244,8 @@ def kernels_in(hlo_text: str) -> dict:
         name = name.group(1) if name else ""
         kind = ("splash" if "splash" in line else "tgmm" if "tgmm" in name else "gmm" if "gmm" in name else "other")
         out[kind] += 1
+    for k in gpu_kernels(hlo_text):
+        out[k["kind"]] += 1
     return out
 
 
@@ -191,7 +291,8 @@ def compile_report(cfg: Qwen3Config, topology: str, mesh_sizes: dict, *, program
            "mesh": {k: int(v) for k, v in mesh.shape.items()}, "batch": batch, "seq_len": seq_len, "dtype": dtype,
            "param_dtype": param_dtype if program == "train" else dtype, "remat": remat if program == "train" else None,
            "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2), "memory": memory(compiled, devices[0]),
-           "collectives": collectives(text), "kernels": kernels_in(text)}
+           "collectives": collectives(text), "kernels": kernels_in(text),
+           "gmm": Runtime(mesh=mesh, gmm=kw.get("gmm", "auto")).kernels.gmm}
     if lora_rank:
         rep["lora_rank"] = lora_rank
     math_f = model_flops(cfg, program, batch, seq_len, lora_rank)
@@ -199,18 +300,20 @@ def compile_report(cfg: Qwen3Config, topology: str, mesh_sizes: dict, *, program
     if count_flops:
         rep["flops"] = layer_flops(cfg, mesh, program, batch=batch, seq_len=seq_len, dtype=dtype,
                                    param_dtype=param_dtype, **kw)
-        per_layer = rep["flops"]["per_layer"]
+        f = rep["flops"]
         want = math_f["layer"] / chips
-        if program == "train" and rep["kernels"]["splash"]:
-            want = math_f["layer_matmul"] / chips     # splash reports no cost: compare against the matmuls alone
-            rep["flops"]["attention_uncounted"] = True
-        rep["flops"]["per_layer_model"] = want
-        rep["flops"]["per_layer_ratio"] = per_layer / want if want else None
+        if program == "train" and (rep["kernels"]["splash"] or rep["kernels"]["cudnn_attention"]):
+            want = math_f["layer_matmul"] / chips     # the attention kernel reports no cost: the matmuls alone
+            f["attention_uncounted"] = True
+        f["per_layer_model"] = want
+        f["per_layer_ratio"] = f["per_layer"] / want if want else None
+        f["per_layer_xla_ratio"] = f["per_layer_xla"] / want if want else None
     if plan_estimate:
         from qwen3_jax.sharding.plan import plan
 
         bf = kw.get("ep_buffer_factor", Runtime.ep_buffer_factor)
-        ks = Runtime(mesh=mesh, ep_buffer_factor=bf, capacity_factor=kw.get("capacity_factor")).kernels
+        ks = Runtime(mesh=mesh, ep_buffer_factor=bf, capacity_factor=kw.get("capacity_factor"),
+                     gmm=kw.get("gmm", "auto")).kernels
         padded = ks.ep_dispatch == "padded"          # e.g. v5e over 16 chips: the dispatch the program compiled
         est = plan(cfg, dict(rep["mesh"]), dtype, batch, seq_len, remat=remat, program=program,
                    param_dtype=param_dtype, buffer_factor=bf, dispatch="padded" if padded else "ragged",
@@ -234,9 +337,10 @@ def layer_flops(cfg, mesh, program, *, batch, seq_len, dtype, param_dtype, **kw)
         c = lower(small, mesh, program, batch=batch, seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,
                   scan_layers=False, **extra).compile()
         out[n] = flops(c)
-    per_layer = out[2] - out[1]
-    return {"one_layer": out[1], "two_layers": out[2], "per_layer": per_layer,
-            "total": out[1] + (cfg.num_hidden_layers - 1) * per_layer}
+    per_layer = out[2]["total"] - out[1]["total"]
+    return {"one_layer": out[1]["total"], "two_layers": out[2]["total"], "per_layer": per_layer,
+            "per_layer_xla": out[2]["xla"] - out[1]["xla"], "per_layer_kernels": out[2]["kernels"] - out[1]["kernels"],
+            "total": out[1]["total"] + (cfg.num_hidden_layers - 1) * per_layer}
 
 
 def format_report(r: dict) -> str:
@@ -259,15 +363,18 @@ def format_report(r: dict) -> str:
                      "the compiled total)")
     if "flops" in r:
         f = r["flops"]
-        note = " (matmuls; splash attention reports no FLOPs)" if f.get("attention_uncounted") else ""
+        note = " (matmuls; the attention kernel reports no FLOPs)" if f.get("attention_uncounted") else ""
         lines += ["  FLOPs per chip (layers unrolled: 2 layers - 1 layer):",
                   f"    per layer {f['per_layer']:.4g}   model {f['per_layer_model']:.4g}{note}   "
-                  f"ratio {f['per_layer_ratio']:.3f}",
-                  f"    step      {f['total']:.4g}   model {r['model_flops_per_chip']['total']:.4g}"]
+                  f"ratio {f['per_layer_ratio']:.3f}"]
+        if f.get("per_layer_kernels"):
+            lines.append(f"      of which XLA's cost analysis {f['per_layer_xla']:.4g} (ratio {f['per_layer_xla_ratio']:.3f})"
+                         f" + grouped-matmul kernels {f['per_layer_kernels']:.4g}, counted from their shapes")
+        lines.append(f"    step      {f['total']:.4g}   model {r['model_flops_per_chip']['total']:.4g}")
     coll = ", ".join(f"{k} x{v}" for k, v in r["collectives"].items()) or "none"
     lines.append(f"  collectives: {coll}")
     ker = ", ".join(f"{k} x{v}" for k, v in r["kernels"].items() if v) or "none"
-    lines.append(f"  Pallas kernels: {ker}")
+    lines.append(f"  kernels: {ker} (grouped matmul: {r['gmm']})")
     return "\n".join(lines)
 
 
@@ -279,10 +386,12 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qwen3-jax-compile", description="Compile the train or decode step for a TPU "
-                                 "topology ahead of time (no TPU needed) and print HBM, FLOPs and collectives per chip.")
+                                 "topology or GPU nodes ahead of time (no TPU or GPU needed) and print HBM, FLOPs, "
+                                 "collectives and kernels per chip.")
     ap.add_argument("--preset", default="Qwen3-30B-A3B", help=f"one of {', '.join(Qwen3Config.presets())}")
     ap.add_argument("--config", help="a config.json or checkpoint directory (instead of --preset)")
-    ap.add_argument("--topology", default="v5e:16x16", help="TPU topology, e.g. v5e:16x16, v5p:4x4x4, v6e:8x8")
+    ap.add_argument("--topology", default="v5e:16x16", help="TPU topology, e.g. v5e:16x16, v5p:4x4x4, v6e:8x8; or GPU nodes "
+                    "NODESxGPUS: h100:2x8, h200:1x8")
     ap.add_argument("--mesh", default="fsdp=32,expert=8", help="axis sizes, e.g. fsdp=32,expert=8 (data, fsdp, expert, "
                     "tensor); their product is the topology's chip count")
     ap.add_argument("--program", choices=("train", "decode"), default="train")
@@ -294,15 +403,23 @@ def main(argv=None) -> int:
                     "frozen base's, bfloat16 unless given")
     ap.add_argument("--ep-buffer-factor", type=float, default=Runtime.ep_buffer_factor,
                     help="ragged EP dispatch receive buffer, x the mean routed rows (0: worst case, never drops)")
+    ap.add_argument("--gmm", default="auto", choices=("auto",) + GMM_CHOICES,
+                    help="the experts' grouped matmul (auto: the platform's, see qwen3_jax.kernels)")
     ap.add_argument("--lora-rank", type=int, metavar="R", help="train: LoRA adapters of rank R on the frozen model "
                     "(lower_train_step(lora_rank=R), as qwen3-jax-train --lora-rank)")
     ap.add_argument("--lora-targets", metavar="q_proj,k_proj,v_proj,o_proj", help="train: the adapted projections")
     ap.add_argument("--no-flops", action="store_true", help="skip the two unrolled programs that count FLOPs")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     a = ap.parse_args(argv)
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        # nothing runs on a device here: the host's CPU backend compiles for the abstract chips (on a GPU or TPU
+        # host too, where starting the accelerator backend would only cost time, or fail on a busy chip)
+        jax.config.update("jax_platforms", "cpu")
     try:
         cfg = Qwen3Config.from_pretrained(a.config) if a.config else Qwen3Config.preset(a.preset)
-        kw = {"ep_buffer_factor": a.ep_buffer_factor or None}
+        kw = {"ep_buffer_factor": a.ep_buffer_factor or None, "gmm": a.gmm}
         if a.lora_rank is not None or a.lora_targets:
             if a.program != "train" or not a.lora_rank or a.lora_rank < 1:
                 raise ValueError("--lora-rank R (>= 1) applies to --program train" + (

@@ -251,11 +251,12 @@ def mask_padding(e_tk, valid_t, num_experts):
     return jnp.where(valid_t[:, None], e_tk, num_experts)
 
 
-def moe_experts(x_td, w_tk, e_tk, p, *, impl: str, interpret: bool = False, num_experts=None, stacked=None):
+def moe_experts(x_td, w_tk, e_tk, p, *, ks, num_experts=None, stacked=None):
     """Dropless expert computation: sort (token, slot) pairs by expert, grouped SwiGLU, unsort, combine.
 
     `e_tk` may name experts outside [0, num_experts) (padding, or expert-parallel rows that are not this shard's):
-    those slots sort last, are not computed and contribute zero. impl: the grouped matmul (qwen3_jax.kernels.gmm).
+    those slots sort last, are not computed and contribute zero. ks: the kernel choices (qwen3_jax.kernels.Kernels:
+    the grouped matmul, and whether it runs in its own platform's program).
     stacked: (the MoE parameters stacked over layers, layer index) of which p is one layer (impl "cpu" reads the
     experts' weights from the stack in place)."""
     t, d = x_td.shape
@@ -269,8 +270,9 @@ def moe_experts(x_td, w_tk, e_tk, p, *, impl: str, interpret: bool = False, num_
     names = ("gate_proj", "up_proj", "down_proj")
     if stacked is not None:
         stacked = (tuple(stacked[0][n] for n in names), stacked[1])
-    y_md = grouped_swiglu(x_md, *(p[n].astype(dt) for n in names), sizes_e, impl=impl, interpret=interpret,
-                          stacked=stacked if impl == "cpu" else None)   # [M, D], rows past the groups zero
+    y_md = grouped_swiglu(x_md, *(p[n].astype(dt) for n in names), sizes_e, impl=ks.gmm,
+                          interpret=ks.off_platform(ks.gmm), stacked=stacked if ks.gmm == "cpu" else None,
+                          device=ks.device)   # [M, D], rows past the groups zero
     unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))  # inverse perm.
     y_tkd = y_md[unsort].reshape(t, k, d)                       # back to (token, slot) order
     return jnp.einsum("tkd,tk->td", y_tkd, w_tk.astype(dt))
@@ -320,7 +322,7 @@ def moe_block(x_btd, p, cfg: Qwen3Config, ks=None, valid_bt=None, stacked=None, 
     if b * t * e_tk.shape[1] <= ks.gather_rows(cfg.num_experts, stacked is not None):
         y = moe_experts_gather(x_td, w_tk, e_tk, p)
     else:
-        y = moe_experts(x_td, w_tk, e_tk, p, impl=ks.gmm, interpret=ks.interpret, stacked=stacked)
+        y = moe_experts(x_td, w_tk, e_tk, p, ks=ks, stacked=stacked)
     return y.reshape(b, t, d), logits.reshape(b, t, -1)
 
 

@@ -88,7 +88,7 @@ def padded_slots(e_nk, valid_n, ep: int, e_loc: int, cap: int):
 def _experts(x_rd, id_r, p_loc, e_loc, ks):
     """The model's grouped SwiGLU over received rows; ids >= e_loc are empty rows (output 0)."""
     ones = jnp.ones((x_rd.shape[0], 1), x_rd.dtype)
-    return moe_experts(x_rd, ones, id_r[:, None], p_loc, num_experts=e_loc, impl=ks.gmm, interpret=ks.interpret)
+    return moe_experts(x_rd, ones, id_r[:, None], p_loc, num_experts=e_loc, ks=ks)
 
 
 def _moe_padded(x_nd, w_nk, e_nk, valid_n, p_loc, *, ep, e_loc, cap, ks):
@@ -178,8 +178,7 @@ def _local_moe(x_nd, valid_n, p, layer, *, cfg, routing, ep, e_loc, cap, r, roun
     w_nk, e_nk = router_choice(logits_ne, cfg, routing, layer)
     experts = {k: p[k] for k in ("gate_proj", "up_proj", "down_proj")}
     if ep == 1:
-        y_nd = moe_experts(x_nd, w_nk, mask_padding(e_nk, valid_n, e_loc), experts, num_experts=e_loc,
-                           impl=ks.gmm, interpret=ks.interpret)
+        y_nd = moe_experts(x_nd, w_nk, mask_padding(e_nk, valid_n, e_loc), experts, num_experts=e_loc, ks=ks)
         dropped = jnp.int32(0)
     elif ks.ep_dispatch == "padded":
         y_nd, dropped = _moe_padded(x_nd, w_nk, e_nk, valid_n, experts, ep=ep, e_loc=e_loc, cap=cap, ks=ks)

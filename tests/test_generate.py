@@ -14,7 +14,7 @@ import pytest
 import torch
 from flax import nnx
 
-from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
+from qwen3_jax import Qwen3Config, Qwen3ForCausalLM, Runtime
 from qwen3_jax.infer import Request, SamplingParams, Tokenizer, generate, iter_generate, stream
 from qwen3_jax.infer.sampling import apply_penalties, filter_logits, sample
 from qwen3_jax.model import moe_experts, moe_experts_gather, route
@@ -35,7 +35,7 @@ def test_gather_moe_equals_sorted_grouped_matmul():
          [("router", (d, e)), ("gate_proj", (e, d, f)), ("up_proj", (e, d, f)), ("down_proj", (e, f, d))]}
     x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
     _, w_tk, e_tk = route(x, p["router"], k, True)
-    np.testing.assert_allclose(moe_experts_gather(x, w_tk, e_tk, p), moe_experts(x, w_tk, e_tk, p, impl="cpu"),
+    np.testing.assert_allclose(moe_experts_gather(x, w_tk, e_tk, p), moe_experts(x, w_tk, e_tk, p, ks=Runtime().kernels),
                                rtol=1e-5, atol=1e-4)
 
 

@@ -144,11 +144,12 @@ def _swiglu_reference(x, ws, sizes):
 
 
 @pytest.mark.parametrize("impl,tile", [("cpu", 16), ("cpu", 32), ("cpu", 128), ("megablox", None),
-                                       ("ragged_dot", None)])
+                                       ("tokamax", None), ("tokamax_triton", None), ("ragged_dot", None)])
 def test_grouped_swiglu_implementations_equal_the_reference(impl, tile):
     """Every grouped matmul of qwen3_jax.kernels (the CPU loop with its full + quarter tail tiles, megablox in
-    interpret mode, ragged_dot): values and gradients equal a row-by-row reference; rows past the groups give
-    zeros and receive no gradient."""
+    interpret mode, tokamax's API and backward with its portable implementation, ragged_dot): values and gradients
+    equal a row-by-row reference; rows past the groups give zeros and receive no gradient. (The GPU kernels
+    themselves: bench/gpu.py --check on a GPU.)"""
     rng = np.random.default_rng(tile or 7)
     m, d, f, e = 203, 24, 16, 7
     sizes = rng.multinomial(m - 5, [0.4, 0.05, 0.0, 0.2, 0.05, 0.1, 0.2])  # one empty group, 5 unrouted rows

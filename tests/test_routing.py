@@ -105,6 +105,7 @@ def test_captured_counts_equal_counts_recomputed_from_router_logits(reference, t
     load = np.zeros((3, e), np.int64)
     top1 = np.zeros((3, e), np.int64)
     co = np.zeros((3, e, e), np.int64)
+    adj = np.zeros((3, e, e), np.int64)
     ent = np.zeros(3)
     mass = np.zeros(3)
     dom_load = {d: np.zeros((3, e), np.int64) for d in set(doms)}
@@ -124,6 +125,9 @@ def test_captured_counts_equal_counts_recomputed_from_router_logits(reference, t
                     for a in row:
                         for b in row:
                             co[li, a, b] += a != b
+                    for a, b in zip(row, row[1:]):                 # rank-adjacent pairs, both orders
+                        adj[li, a, b] += 1
+                        adj[li, b, a] += 1
                 ent[li] += float(-(p * np.log(p)).sum())
                 mass[li] += float(np.take_along_axis(p, top, -1).sum())
             trace_e.append(np.stack([_np_topk(rl[li], k)[0] for li in range(3)], 1))
@@ -132,6 +136,7 @@ def test_captured_counts_equal_counts_recomputed_from_router_logits(reference, t
     np.testing.assert_array_equal(st.load, load)
     np.testing.assert_array_equal(st.top1_load, top1)
     np.testing.assert_array_equal(st.coactivation, co)
+    np.testing.assert_array_equal(st.coactivation_adjacent, adj)
     np.testing.assert_allclose(st.entropy_sum, ent, rtol=1e-4)
     np.testing.assert_allclose(st.topk_mass_sum, mass, rtol=1e-4)
     for d in dom_load:
@@ -154,12 +159,15 @@ def test_captured_counts_equal_counts_recomputed_from_router_logits(reference, t
     back = RoutingStats.load_dir(tmp_path / "cap")
     np.testing.assert_array_equal(back.load, st.load)
     np.testing.assert_array_equal(back.coactivation, st.coactivation)
+    np.testing.assert_array_equal(back.coactivation_adjacent, adj)
+    np.testing.assert_array_equal(back.token_counts.first, st.token_counts.first)
     np.testing.assert_array_equal(back.token_counts.dense(1), tok_top1[1])
     # on an expert-parallel mesh: the same counts
     mesh_model = qwen3_jax.from_pretrained(reference(NAME)[1], mesh=make_mesh(data=2, expert=2, devices=jax.devices()[:4]))
     st_ep = capture(mesh_model, recs, domains=doms, batch_size=2, max_len=16)
     np.testing.assert_array_equal(st_ep.load, st.load)
     np.testing.assert_array_equal(st_ep.coactivation, st.coactivation)
+    np.testing.assert_array_equal(st_ep.coactivation_adjacent, adj)
 
 
 def test_evaluate_with_and_without_intervention(reference):
@@ -286,7 +294,7 @@ def test_capture_report_compare_eval_cli_and_the_html_opens_in_a_browser(referen
     # a broken image is seen as not loaded (the check can fail)
     (report_dir / "vocab.png").unlink()
     assert _browser_images(str(report_dir / "index.html")) == (total - 1, total)
-    # compare: the same model is saturated (overlap 1); top-2 routing overlaps 2/3 of top-3 at most
+    # compare: the same model is saturated (overlap 1); top-2 vs top-3 compares the first two experts of each
     assert main(["capture", "--model", path, "--data", str(data), "--output", str(out_b), "--trace",
                  "--top-k", "2", "--disable", "0,1@layer3"]) == 1
     assert main(["compare", str(out_a), str(out_a), "--out", str(tmp_path / "same")]) == 0
@@ -294,7 +302,9 @@ def test_capture_report_compare_eval_cli_and_the_html_opens_in_a_browser(referen
     assert same["overlap"] == [1.0] * 3 and same["tokens"] == n_tok
     assert main(["compare", str(out_a), str(out_b)]) == 0
     cmp_ = json.loads((out_b / "compare" / "compare.json").read_text())
-    assert all(o <= 2 / 3 + 1e-9 for o in cmp_["overlap"]) and cmp_["overlap"][1] > 0.5
+    assert cmp_["top_k"] == {"a": [3, 3, 3], "b": [2, 2, 2], "compared": [2, 2, 2]} and "min(k)" in cmp_["note"]
+    assert cmp_["overlap"][0] == cmp_["top1_agreement"][0] == 1.0     # layer 0: the same router, its top-2
+    assert 0.5 < cmp_["overlap"][1] <= 1 and cmp_["overlap"][2] < 1  # layer 3: experts 0 and 1 disabled in B
     b_stats = json.loads((out_b / "stats.json").read_text())
     assert b_stats["layers"][2]["load"][0] == b_stats["layers"][2]["load"][1] == 0
     assert b_stats["intervention"]["disable"] == {"3": [0, 1]}
@@ -364,8 +374,240 @@ def test_infer_cli_top_k_and_disable_experts_change_routing_at_generation(refere
     assert base_ids != [out[i]["token_ids"] for i in range(3)]           # the intervention changed the text
     st0 = json.loads((tmp_path / "base_stats" / "stats.json").read_text())
     assert st0["top_k"] == 3 and all(sum(x["load"]) == 3 * st0["tokens"] for x in st0["layers"])
+    # top-3: the rank-adjacent co-activation of the generation's prefill and decode steps == a full-forward capture
+    ref0 = capture(model, [np.asarray(p + base_ids[i][:-1]) for i, p in enumerate(prompts)])
+    got0 = RoutingStats.load_dir(tmp_path / "base_stats")
+    assert got0.coactivation_adjacent.sum() > 0
+    np.testing.assert_array_equal(got0.coactivation_adjacent, ref0.coactivation_adjacent)
+    np.testing.assert_array_equal(got0.coactivation, ref0.coactivation)
     for bad in (["--top-k", "11"], ["--disable-experts", "1:0"], ["--disable-experts", "2:x"]):
         with pytest.raises(SystemExit) as e:
             infer_cli.main(args + ["--output", str(tmp_path / "never.jsonl"), *bad])
         assert e.value.code == 2
     assert not (tmp_path / "never.jsonl").exists()
+
+
+# ============================================================================ OLMoE's definitions
+def _olmoe_reference(trace, recs, doms, top_k_layers, num_experts, min_occ):
+    """OLMoE's definitions, written again from the trace with Python loops and Counters as the OLMoE scripts do
+    (run_routing_analysis.py, run_moe_analysis.py, plot_routing_analysis_v2.ipynb); independent of
+    qwen3_jax.routing.olmoe."""
+    from collections import Counter, defaultdict
+
+    ex = trace["routed_experts"].tolist()                          # [N][L][k]
+    n_l = len(top_k_layers)
+    rows, start = [], 0                                            # the trace's rows of each record
+    for r in recs:
+        rows.append(range(start, start + len(r)))
+        start += len(r)
+    out = {"domain_pct": {}, "domain_top1_pct": {}, "vocab_current": [], "vocab_next": [], "top_current": [],
+           "adjacent": []}
+    for d in sorted(set(doms)):
+        pct, pct1 = [], []
+        for li in range(n_l):
+            k = top_k_layers[li]
+            topk, top1 = Counter(), Counter()
+            for r, rd in zip(rows, doms):
+                if rd == d:
+                    for t in r:
+                        topk.update(ex[t][li][:k])
+                        top1[ex[t][li][0]] += 1
+            tot, tot1 = sum(topk.values()), sum(top1.values())
+            pct.append([topk[j] / tot * 100 * k for j in range(num_experts)])       # the notebook: x k
+            pct1.append([top1[j] / tot1 * 100 for j in range(num_experts)])
+        out["domain_pct"][d], out["domain_top1_pct"][d] = pct, pct1
+
+    def print_avg(id_to_exp):                                      # run_moe_analysis.py do_token_analysis
+        probs, top = [], {}
+        for _id, exp_ids in id_to_exp.items():
+            most_freq_id, val = sorted(Counter(exp_ids).items(), key=lambda x: -x[1])[0]
+            if len(exp_ids) >= min_occ:
+                probs.append(val / len(exp_ids))
+                top[_id] = most_freq_id
+        return 100 * float(np.mean(probs)), top
+
+    for li in range(n_l):
+        cur, nxt = defaultdict(list), defaultdict(list)
+        for r, rec in zip(rows, recs):
+            exp_ids = [ex[t][li][0] for t in r]
+            for _id, e in zip(rec.tolist(), exp_ids):
+                cur[_id].append(e)
+            for _id, e in zip(rec.tolist()[1:], exp_ids):
+                nxt[_id].append(e)
+        mean_cur, top_cur = print_avg(cur)
+        out["vocab_current"].append(mean_cur)
+        out["top_current"].append(top_cur)
+        out["vocab_next"].append(print_avg(nxt)[0])
+        pair, single = Counter(), Counter()                        # do_coactivation_analysis
+        for t in range(len(ex)):
+            indices = [e for e in ex[t][li] if e < num_experts]
+            for i in indices:
+                single[i] += 1
+            for a, b in zip(indices, indices[1:]):
+                pair[(a, b)] += 1
+                pair[(b, a)] += 1
+        out["adjacent"].append([[pair[(a, b)] / single[a] if single[a] else 0.0 for b in range(num_experts)]
+                                for a in range(num_experts)])
+    return out
+
+
+def _strict_json(path):
+    def no_constant(name):
+        raise AssertionError(f"{path}: {name} is not JSON")
+    with open(path) as f:
+        return json.loads(f.read(), parse_constant=no_constant)
+
+
+def _csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_olmoe_definitions_equal_an_independent_implementation(reference, tmp_path, capsys):
+    from qwen3_jax.routing.cli import main
+
+    _, _, model = reference(NAME)
+    cfg = model.config
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    rng = np.random.default_rng(7)
+    ranges = {"code": (0, 12), "math": (10, 25), "prose": (20, cfg.vocab_size)}
+    doms = ["code", "math", "prose", "math", "code", "prose", "code", "prose", "math"]
+    lens = [13, 30, 9, 1, 21, 17, 5, 11, 26]                       # 30, 21, 17, 26: two pieces of <= 16 tokens
+    recs = [rng.integers(*ranges[d], n).astype(np.int32) for d, n in zip(doms, lens)]
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    capture(model, recs, domains=doms, batch_size=2, max_len=16, trace=a_dir / "trace.npz").save(a_dir)
+    iv = Intervention(top_k=2, disable={3: [0, 1]})
+    capture(model, recs, domains=doms, intervention=iv, batch_size=3, max_len=16,
+            trace=b_dir / "trace.npz").save(b_dir)
+    assert main(["report", str(a_dir), "--olmoe", "--saturation-reference", str(b_dir), "--top-tokens", "1000"]) == 0
+    rep = a_dir / "report"
+    summ = _strict_json(rep / "summary.json")
+    ol = summ["olmoe"]
+    assert ol["definitions"] == "olmoe" and set(summ["definitions"]) == {"qwen3-jax", "olmoe"}
+    trace = dict(np.load(a_dir / "trace.npz"))
+    want = _olmoe_reference(trace, recs, doms, [k] * 3, e, min_occ=1)
+
+    # domain specialization in percent, its uniform line 100 k / E
+    assert ol["domain_uniform_pct"] == [pytest.approx(100 * k / e)] * 3 and ol["domain_uniform_top1_pct"] == 10.0
+    for d in ranges:
+        np.testing.assert_allclose(ol["domain_specialization_pct"][d], want["domain_pct"][d], rtol=1e-12)
+        np.testing.assert_allclose(ol["domain_specialization_top1_pct"][d], want["domain_top1_pct"][d], rtol=1e-12)
+    csv_dom = {(r["domain"], int(r["layer"]), int(r["expert"])): float(r["domain_specialization_pct"])
+               for r in _csv(rep / "olmoe_domains.csv")}
+    assert csv_dom[("prose", 3, 4)] == pytest.approx(want["domain_pct"]["prose"][2][4], abs=1e-5)
+    # ours is left as it was: E/k-scaled (uniform = 1) = OLMoE's percent x E / (100 k)
+    ours = _strict_json(a_dir / "stats.json")["domains"]["math"]["layers"][1]["specialization"]
+    np.testing.assert_allclose(ours, np.asarray(want["domain_pct"]["math"][1]) * e / (100 * k), rtol=1e-9)
+
+    # vocabulary specialization: unweighted mean over token ids, top-1, current and next token
+    np.testing.assert_allclose(ol["vocab_specialization_current_pct"], want["vocab_current"], rtol=1e-12)
+    np.testing.assert_allclose(ol["vocab_specialization_next_pct"], want["vocab_next"], rtol=1e-12)
+    assert ol["vocab_token_ids_current"][0] == len({t for r in recs for t in r.tolist()})
+    vocab_rows = [r for r in _csv(rep / "olmoe_vocab.csv") if r["position"] == "current"]
+    got_top = {(int(r["layer"]), int(r["token_id"])): int(r["top_expert"]) for r in vocab_rows}
+    ties_not_lowest = 0
+    for li, layer in enumerate(cfg.moe_layers):
+        for tok, top in want["top_current"][li].items():
+            assert got_top[(layer, tok)] == top, (layer, tok)      # ties: the first seen, as OLMoE's Counter
+        for tok in want["top_current"][li]:
+            c = np.bincount(trace["routed_experts"][trace["token_ids"] == tok, li, 0], minlength=e)
+            ties_not_lowest += int((c == c.max()).sum() > 1 and want["top_current"][li][tok] != int(np.argmax(c)))
+    assert ties_not_lowest > 0                                     # the data has ties where first seen != lowest id
+    # ours is occurrence-weighted (and different here)
+    assert summ["vocab_specialization"][0] != pytest.approx(ol["vocab_specialization_current_pct"][0] / 100)
+    # a minimum number of occurrences
+    assert main(["report", str(a_dir), "--definitions", "olmoe", "--olmoe-min-occurrences", "4",
+                 "--out", str(tmp_path / "rep4")]) == 0
+    ol4 = _strict_json(tmp_path / "rep4" / "summary.json")["olmoe"]
+    want4 = _olmoe_reference(trace, recs, doms, [k] * 3, e, min_occ=4)
+    np.testing.assert_allclose(ol4["vocab_specialization_current_pct"], want4["vocab_current"], rtol=1e-12)
+    np.testing.assert_allclose(ol4["vocab_specialization_next_pct"], want4["vocab_next"], rtol=1e-12)
+    assert ol4["vocab_token_ids_current"][0] < ol["vocab_token_ids_current"][0] and ol4["router_saturation"] is None
+
+    # co-activation: OLMoE's rank-adjacent pairs, and ours (every pair), as numbers beside the PNGs
+    st = RoutingStats.load_dir(a_dir)
+    for li, layer in enumerate(cfg.moe_layers):
+        adj = _csv(rep / f"olmoe_coactivation_layer{layer:03d}.csv")
+        got = np.asarray([[float(r[str(j)]) for j in range(e)] for r in adj])
+        np.testing.assert_allclose(got, want["adjacent"][li], atol=1e-6)
+        assert [int(r["n_i"]) for r in adj] == st.load[li].tolist()
+        mine = _csv(rep / f"coactivation_layer{layer:03d}.csv")
+        np.testing.assert_allclose([[float(r[str(j)]) for j in range(e)] for r in mine],
+                                   st.coactivation[li] / np.maximum(st.load[li][:, None], 1), atol=1e-6)
+        assert (rep / f"coactivation_layer{layer:03d}.png").is_file()
+    assert not np.allclose(got, np.asarray([[float(r[str(j)]) for j in range(e)] for r in mine]))
+
+    # router saturation against a capture with top-2: the first min(k) = 2 experts of each
+    tb = np.load(b_dir / "trace.npz")["routed_experts"]
+    ea = trace["routed_experts"]
+    sat_top = [100 * np.mean([len(set(ea[t, li, :2].tolist()) & set(tb[t, li, :2].tolist())) / 2
+                              for t in range(len(ea))]) for li in range(3)]
+    sat_1 = [100 * np.mean([ea[t, li, 0] == tb[t, li, 0] for t in range(len(ea))]) for li in range(3)]
+    sat = ol["router_saturation"]
+    assert sat["top_k"] == [2, 2, 2] and sat["tokens"] == sum(lens)
+    np.testing.assert_allclose(sat["topk_pct"], sat_top, rtol=1e-12)
+    np.testing.assert_allclose(sat["top1_pct"], sat_1, rtol=1e-12)
+    assert sat["topk_pct"][0] == 100.0 and any("min(k)" in n for n in ol["notes"])
+    layers_csv = _csv(rep / "olmoe_layers.csv")
+    assert float(layers_csv[2]["router_saturation_topk_pct"]) == pytest.approx(sat_top[2], abs=1e-5)
+    # compare: the same numbers (fractions), symmetric, with a note
+    capsys.readouterr()
+    assert main(["compare", str(a_dir), str(b_dir), "--out", str(tmp_path / "ab")]) == 0
+    assert "note: different top-k" in capsys.readouterr().err
+    assert main(["compare", str(b_dir), str(a_dir), "--out", str(tmp_path / "ba")]) == 0
+    ab, ba = _strict_json(tmp_path / "ab" / "compare.json"), _strict_json(tmp_path / "ba" / "compare.json")
+    assert ab["overlap"] == ba["overlap"] and ab["top1_agreement"] == ba["top1_agreement"]
+    np.testing.assert_allclose(np.asarray(ab["overlap"]) * 100, sat_top, rtol=1e-12)
+    assert ab["top_k"] == {"a": [3, 3, 3], "b": [2, 2, 2], "compared": [2, 2, 2]} and ab["note"]
+
+    # the page names which definition is which, and its images load
+    page = (rep / "index.html").read_text()
+    assert "OLMoE definition" in page and "qwen3-jax definition" in page and "coactivation_layer002.csv" in page
+    loaded, total = _browser_images(str(rep / "index.html"))
+    assert total == (4 + 2 * 3) + (2 * 3 + 2) and loaded == total
+
+
+def test_empty_captures_one_token_eval_and_usage_errors_are_one_line(reference, tmp_path, capsys):
+    from qwen3_jax.routing.cli import main
+
+    _, path, model = reference(NAME)
+    empty = tmp_path / "empty"
+    st = capture(model, [], trace=empty / "trace.npz")
+    st.save(empty)
+    assert st.tokens == 0
+    tr = np.load(empty / "trace.npz")
+    assert tr["routed_experts"].shape == (0, 3, 3) and tr["token_ids"].shape == (0,)
+    full = tmp_path / "full"
+    capture(model, [_ids(model.config, 1, 7)[0]], trace=full / "trace.npz").save(full)
+    capsys.readouterr()
+    for argv in (["compare", str(empty), str(full)], ["compare", str(full), str(empty)], ["report", str(empty)],
+                 ["report", str(empty), "--olmoe"], ["report", str(full), "--saturation-reference", str(full)],
+                 ["report", str(full), "--olmoe", "--saturation-reference", str(empty)],
+                 ["report", str(full), "--olmoe-min-occurrences", "0"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"qwen3-jax-routing {argv[0]}: error: "), (argv, err)
+        assert "Traceback" not in err[0] and "KeyError" not in err[0]
+    assert main(["compare", str(empty), str(full)]) == 2 and "no tokens" in capsys.readouterr().err
+    # a trace without routed experts (an empty capture written before the schema): one line too
+    (tmp_path / "old").mkdir()
+    np.savez(tmp_path / "old" / "trace.npz", layers=np.arange(3))
+    (tmp_path / "old" / "stats.json").write_text((empty / "stats.json").read_text())
+    assert main(["compare", str(tmp_path / "old"), str(full)]) == 2
+    assert "no routed_experts" in capsys.readouterr().err
+    # without a trace, --olmoe still writes what it can and says what needs the trace
+    (full / "trace.npz").unlink()
+    assert main(["report", str(full), "--olmoe"]) == 0
+    ol = _strict_json(full / "report" / "summary.json")["olmoe"]
+    assert ol["vocab_specialization_next_pct"] is None and ol["vocab_specialization_current_pct"][0] is not None
+    assert any("--trace" in n for n in ol["notes"])
+    # eval on a one-token file: strict JSON, null loss
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"input_ids": [5], "domain": "x"}) + "\n")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", path, "--data", str(one), "--top-k", "1", "--output", str(out)]) == 0
+    res = _strict_json(out)
+    assert res["baseline"]["loss"] is None and res["baseline"]["ppl"] is None and res["baseline"]["tokens"] == 0
+    assert res["delta_loss"] is None and res["intervention"]["domains"]["x"]["loss"] is None

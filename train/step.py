@@ -290,14 +290,14 @@ def lower_train_step(cfg, mesh, *, batch_size: int, seq_len: int, dtype="bfloat1
                      warmup: int = 0, schedule: str = "cosine", weight_decay: float = 0.0, clip: float = 1.0,
                      grad_accum: int = 1, lbl_coef: float | None = None, lbl_scope: str = "global",
                      z_loss_coef: float = 0.0, freeze=(), ce_chunk: int = 512, ep_buffer_factor="default",
-                     capacity_factor: float | None = None, lora_rank: int | None = None,
+                     capacity_factor: float | None = None, gmm: str = "auto", lora_rank: int | None = None,
                      lora_alpha: float | None = None, lora_dropout: float = 0.0, lora_targets=None):
     """The train step qwen3-jax-train runs (chunked cross-entropy, global-batch LBL, AdamW with clipping,
     remat, accumulation), lowered for `mesh` (e.g. abstract TPU chips, see qwen3_jax.aot) with abstract sharded
     parameters, optimizer state and batch: nothing is allocated. Returns a jax.stages.Lowered (`.compile()` it).
-    scan_layers=False unrolls the layers. param_dtype: the master weights (default float32), or with lora_rank the
-    frozen base (default bfloat16) beside fp32 adapters that alone have gradients and AdamW moments. The program
-    depends on the mesh's devices only (TPU, GPU or CPU alike)."""
+    scan_layers=False unrolls the layers; gmm overrides the platform's grouped matmul (qwen3_jax.kernels).
+    param_dtype: the master weights (default float32), or with lora_rank the frozen base (default bfloat16) beside
+    fp32 adapters that alone have gradients and AdamW moments (plain XLA matmuls: the same on every platform)."""
     from qwen3_jax.aot import abstract_model
     from qwen3_jax.runtime import Runtime
     from qwen3_jax.sharding import activation_sharding
@@ -305,7 +305,8 @@ def lower_train_step(cfg, mesh, *, batch_size: int, seq_len: int, dtype="bfloat1
     if param_dtype is None:
         param_dtype = "bfloat16" if lora_rank else "float32"
     rt_kw = {} if ep_buffer_factor == "default" else {"ep_buffer_factor": ep_buffer_factor}
-    runtime = Runtime(mesh=mesh, remat=remat, scan_layers=scan_layers, capacity_factor=capacity_factor, **rt_kw)
+    runtime = Runtime(mesh=mesh, remat=remat, scan_layers=scan_layers, capacity_factor=capacity_factor, gmm=gmm,
+                      **rt_kw)
     graphdef, abstract_state, params = abstract_model(cfg, runtime, dtype=dtype, param_dtype=param_dtype)
     lcfg, base = None, None
     if lora_rank:

@@ -3,22 +3,23 @@ compiled for.
 
     ks = kernels.select(runtime)      # Kernels: the choices for the platform of runtime.mesh's devices
     ks.platform                       # "tpu" | "gpu" | "cpu"
-    ks.gmm, ks.attention, ks.ep_dispatch, ks.decode_kernels, ks.gather_rows(...)
+    ks.gmm, ks.attention, ks.ep_dispatch, ks.decode_kernels, ks.gather_rows(...), ks.device
 
 The platform is that of the mesh's devices (abstract TPU chips from a topology included), else of the default
 device: never `jax.default_backend()`, which says "cpu" while a program is compiled ahead of time for a TPU slice.
 
 | choice                      | tpu                         | gpu                              | cpu                              |
 |-----------------------------|-----------------------------|----------------------------------|----------------------------------|
-| grouped matmul (experts)    | megablox gmm / tgmm         | `jax.lax.ragged_dot`             | blocked loop per expert (`cpu`)  |
+| grouped matmul (experts)    | megablox gmm / tgmm         | tokamax Mosaic GPU (`tokamax`)   | blocked loop per expert (`cpu`)  |
 | EP dispatch                 | `ragged_all_to_all`, bounded receive buffers (v5e over 16 chips: padded, capacity = ep_buffer_factor) | same | padded all-to-all (XLA:CPU has no ragged all-to-all) |
 | attention, train / prefill  | splash (Pallas, in shard_map) | cuDNN (`jax.nn.dot_product_attention`) | chunked jnp with a flash VJP |
 | decode attention            | grouped-head einsum over the cache | same                      | FFI kernel reading the cache in place |
-| few-token experts (decode)  | sorted grouped matmul       | same                             | FFI kernel / per-row gather      |
+| few-token experts (decode)  | sorted grouped matmul: each routed expert's weights read once | same | FFI kernel / per-row gather |
 | host malloc tuning          | no                          | no                               | yes (`qwen3_jax.hostmem`)        |
 
 The implementations sit beside this file: `gmm.py` (grouped SwiGLU), `attention.py` (chunked, splash, cuDNN),
-`cpu_decode.py` (the XLA:CPU FFI decode kernels). `Runtime` fields override a choice (e.g. gmm="ragged_dot").
+`cpu_decode.py` (the XLA:CPU FFI decode kernels). `Runtime` fields override a choice (e.g. gmm="tokamax_triton"
+on GPUs before Hopper; gmm="ragged_dot" is XLA's, which XLA:GPU expands densely over the experts).
 """
 
 from __future__ import annotations
@@ -26,18 +27,23 @@ from __future__ import annotations
 import dataclasses
 import glob
 
+from typing import Any
+
 import jax
+
+from .gmm import IMPLS as GMM
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 _ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
-GMM = ("megablox", "ragged_dot", "cpu")
 ATTENTION = ("splash", "cudnn", "xla", "chunked")
 EP_DISPATCH = ("ragged", "padded", "ragged_emulated")
 
+KERNEL_PLATFORM = {"megablox": "tpu", "splash": "tpu", "tokamax": "gpu", "tokamax_triton": "gpu", "cudnn": "gpu"}
+
 DEFAULTS = {
     "tpu": dict(gmm="megablox", attention="splash", ep_dispatch="ragged", decode_kernels=False),
-    "gpu": dict(gmm="ragged_dot", attention="cudnn", ep_dispatch="ragged", decode_kernels=False),
+    "gpu": dict(gmm="tokamax", attention="cudnn", ep_dispatch="ragged", decode_kernels=False),
     "cpu": dict(gmm="cpu", attention="chunked", ep_dispatch="padded", decode_kernels=True),
 }
 
@@ -99,11 +105,19 @@ class Kernels:
     # capacity factor of a training step's padded dispatch when the runtime gives none: None (the worst case) where
     # the padded dispatch is the platform's own (CPU), ep_buffer_factor where it stands in for the ragged one
     padded_capacity: float | None = None
+    # a device of the platform (the mesh's first; None: the default device), for kernels that read the hardware
+    device: Any = dataclasses.field(default=None, compare=False)
 
     @property
     def interpret(self) -> bool:
         """Pallas TPU kernels run in interpret mode when the program is not compiled for a TPU (tests)."""
         return self.platform != "tpu"
+
+    def off_platform(self, kernel: str) -> bool:
+        """Whether `kernel` (a grouped matmul or attention choice) runs in a program for another platform than its
+        own (tests): megablox and splash in Pallas interpret mode, tokamax through its portable XLA
+        implementation."""
+        return KERNEL_PLATFORM.get(kernel, self.platform) != self.platform
 
     def gather_rows(self, num_experts: int, stacked: bool) -> int:
         """Most token copies for which a few-token MoE gathers each copy's expert weights instead of sorting
@@ -134,7 +148,8 @@ def select(runtime) -> Kernels:
         raise ValueError("capacity_factor is the padded dispatch's; the ragged dispatch bounds its receive "
                          "buffers with ep_buffer_factor")
     choice["decode_kernels"] = choice["decode_kernels"] and runtime.cpu_decode_kernels
-    return Kernels(platform=platform, **choice)
+    device = runtime.mesh.devices.flat[0] if runtime.mesh is not None else None
+    return Kernels(platform=platform, device=device, **choice)
 
 
 def _check(value, allowed, name):

@@ -6,7 +6,13 @@
 Implementations (qwen3_jax.kernels picks one from the platform; the cost follows the rows actually routed):
 - "megablox":   the Pallas TPU grouped matmul (`gmm`, with `tgmm` for the weight gradient), as MaxText trains;
                 interpret mode when the program is not compiled for a TPU (tests).
-- "ragged_dot": `jax.lax.ragged_dot` (GPU). On TPU its weight gradient compiles dense over the experts.
+- "tokamax":    tokamax's Mosaic GPU grouped matmul (SM90+: Hopper, Blackwell), as MaxText trains on GPU; its
+                backward runs the same kernel family for d(x) and d(w). "tokamax_triton": its Triton kernel (Ampere
+                and up). Both compile to one custom call per pass, whose FLOPs XLA's cost analysis cannot see
+                (qwen3_jax.aot adds them from the kernels' shapes). On a non-GPU platform (tests) they run
+                tokamax's portable XLA implementation through the same API and backward.
+- "ragged_dot": `jax.lax.ragged_dot`. XLA:GPU rewrites it densely over the groups (forward, d(x) and d(w): E times
+                the FLOPs, with a masked [E, M, N] temporary); on TPU its weight gradient compiles dense.
 - "cpu":        XLA:CPU. One loop over the experts that have rows, each visiting its row tiles and doing all three
                 matmuls there, with a custom VJP (see `_for_each_group_tile`); XLA:CPU expands ragged_dot densely.
 The accelerator implementations do not promise zeros past the groups: those rows are masked on the way in (no
@@ -20,15 +26,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("megablox", "ragged_dot", "cpu")
+import logging
+
+IMPLS = ("megablox", "tokamax", "tokamax_triton", "ragged_dot", "cpu")
+TOKAMAX = {"tokamax": "mosaic_gpu", "tokamax_triton": "triton"}   # our name -> tokamax's implementation
 
 
 def grouped_swiglu(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, *, impl: str, interpret: bool = False,
-                   tile: int | None = None, stacked=None):
+                   tile: int | None = None, stacked=None, device=None):
     """See the module docstring. stacked (impl "cpu" only): ((gate [L,E,D,F], up, down [L,E,F,D]), l) of which
     the w_* are layer l (a layer scan's slices): the kernel then reads each expert's weights straight from the
     stack, forward and backward, so the scan's per-layer copies of all experts' weights are dead code; the
-    gradients go to the w_*. interpret: run the megablox kernel in Pallas interpret mode."""
+    gradients go to the w_*. interpret: the kernel's platform is not the program's (tests): megablox in Pallas
+    interpret mode, tokamax's portable XLA implementation. device: a device of the program's platform (tokamax
+    picks its kernel from the default device's compute capability; ahead of time that is an abstract GPU)."""
     sizes = group_sizes_e.astype(jnp.int32)
     if impl == "cpu":
         m = x_md.shape[0]
@@ -43,6 +54,9 @@ def grouped_swiglu(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, *, imp
         mm = functools.partial(_ragged_dot, sizes=sizes)
     elif impl == "megablox":
         mm = functools.partial(_megablox, sizes=sizes, interpret=interpret)
+    elif impl in TOKAMAX:
+        mm = functools.partial(_tokamax, sizes=sizes, implementation="xla" if interpret else TOKAMAX[impl],
+                               device=device)
     else:
         raise ValueError(f"grouped matmul {impl!r}: choose from {IMPLS}")
     live = (jnp.arange(x_md.shape[0]) < jnp.sum(sizes))[:, None]
@@ -72,6 +86,66 @@ def _megablox(x_mk, w_gkn, sizes, interpret):
     x = jnp.pad(x_mk, ((0, pad), (0, 0))) if pad else x_mk
     out = gmm(x, w_gkn.astype(x_mk.dtype), sizes, jnp.float32, tiling, interpret=interpret)
     return out[:m]
+
+
+def _tokamax(x_mk, w_gkn, sizes, implementation, device):
+    return _tokamax_mm(x_mk, w_gkn.astype(x_mk.dtype), sizes, implementation, device)
+
+
+def _tokamax_call(x_mk, w_gkn, sizes, implementation, out_dtype):
+    import tokamax
+
+    return tokamax.ragged_dot(x_mk, w_gkn, sizes, preferred_element_type=out_dtype, implementation=implementation)
+
+
+class _OnDevice:
+    """Trace with `device` as the default device, and without tokamax's per-call log line for shapes it has no
+    tuned config for (it then uses its heuristic tiling)."""
+
+    def __init__(self, device):
+        self.ctx = jax.default_device(device) if device is not None else None
+
+    def __enter__(self):
+        _quiet_tokamax()
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+@functools.cache
+def _quiet_tokamax():
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()      # tokamax's options read absl flags: never parse the user's sys.argv
+    logging.getLogger("absl").addFilter(
+        lambda r: not (isinstance(r.msg, str) and r.msg.startswith("Autotuning cache miss")))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _tokamax_mm(x_mk, w_gkn, sizes, implementation, device):
+    """x @ w per group, fp32 out. The kernels take one input dtype, so the backward runs tokamax's own VJP (its
+    grouped matmul for d(x), the transposed grouped matmul for d(w)) on the cotangent cast to x's dtype."""
+    with _OnDevice(device):
+        return _tokamax_call(x_mk, w_gkn, sizes, implementation, jnp.float32)
+
+
+def _tokamax_mm_fwd(x_mk, w_gkn, sizes, implementation, device):
+    return _tokamax_mm(x_mk, w_gkn, sizes, implementation, device), (x_mk, w_gkn, sizes)
+
+
+def _tokamax_mm_bwd(implementation, device, res, dy_mn):
+    x_mk, w_gkn, sizes = res
+    with _OnDevice(device):
+        _, vjp = jax.vjp(lambda x, w: _tokamax_call(x, w, sizes, implementation, x_mk.dtype), x_mk, w_gkn)
+        dx, dw = vjp(dy_mn.astype(x_mk.dtype))
+    return dx, dw, None
+
+
+_tokamax_mm.defvjp(_tokamax_mm_fwd, _tokamax_mm_bwd)
 
 
 # --------------------------------------------------------------------------------------- the CPU kernel

@@ -3,6 +3,7 @@
     from qwen3_jax.routing import Intervention, capture, evaluate, report, reap_saliency, prune_experts
     stats = capture(model, [ids, ...], domains=[...])                  # RoutingStats (streaming counts)
     stats.save("out/"); report("out/")                                 # stats.json, CSV, PNGs, index.html
+    report("out/", definitions="olmoe")                                # + OLMoE's definitions (routing.olmoe)
     model.runtime = model.runtime.replace(routing=Intervention(top_k=4, disable={5: [3, 17]}))
     evaluate(model, [ids, ...])                                        # loss / perplexity under it
     pruned = prune_experts(model, reap_saliency(model, [ids, ...]), keep=64)   # then save_pretrained

@@ -2,6 +2,7 @@
 
     qwen3-jax-routing capture --model DIR --data in.jsonl --output OUT [--trace] [--report] [--mesh expert=8]
     qwen3-jax-routing report OUT                      # OUT/report/index.html, *.png, *.csv, summary.json
+    qwen3-jax-routing report OUT --olmoe              # also OLMoE's definitions (olmoe_*.csv/png, summary "olmoe")
     qwen3-jax-routing compare OUT_A OUT_B             # router saturation: per-layer top-k overlap (both --trace)
     qwen3-jax-routing eval --model DIR --data held.jsonl --top-k 4 --disable 3,17@layer5
     qwen3-jax-routing prune --model DIR --data calib.jsonl --keep 64 --output PRUNED_DIR
@@ -264,11 +265,22 @@ def cmd_report(p, args) -> int:
     tok = args.tokenizer
     if tok is not None and not (Path(tok) / "tokenizer.json").is_file():
         p.error(f"--tokenizer {tok}: no tokenizer.json there")
+    if args.olmoe_min_occurrences < 1:
+        p.error(f"--olmoe-min-occurrences must be >= 1, got {args.olmoe_min_occurrences}")
+    if args.definitions != "olmoe":
+        for flag, value, default in (("--saturation-reference", args.saturation_reference, None),
+                                     ("--olmoe-min-occurrences", args.olmoe_min_occurrences, 1)):
+            if value != default:
+                p.error(f"{flag} is read with --olmoe (--definitions olmoe) only")
+    ref = args.saturation_reference
+    if ref is not None and not (Path(ref) / "stats.json").is_file():
+        p.error(f"--saturation-reference {ref}: no stats.json (a `qwen3-jax-routing capture --trace` directory)")
     try:
         print(report(args.dir, args.out, tokenizer=_tokenizer_or_none(tok), top_tokens=args.top_tokens,
-                     min_count=args.min_count))
+                     min_count=args.min_count, definitions=args.definitions,
+                     olmoe_min_occurrences=args.olmoe_min_occurrences, saturation_reference=ref))
     except (ValueError, OSError, KeyError) as e:
-        p.error(str(e))
+        p.error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
     return 0
 
 
@@ -277,8 +289,10 @@ def cmd_compare(p, args) -> int:
 
     try:
         res = compare(args.dir_a, args.dir_b, args.out)
-    except (ValueError, OSError) as e:
-        p.error(str(e))
+    except (ValueError, OSError, KeyError) as e:
+        p.error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
+    if res["note"]:
+        print(f"{p.prog}: note: {res['note']}", file=sys.stderr)
     print(f"{'layer':>6} {'top-k overlap':>14} {'top-1 agree':>12}   ({res['tokens']} tokens)")
     for layer, o, t in zip(res["layers"], res["overlap"], res["top1_agreement"]):
         print(f"{layer:>6} {o:>14.4f} {t:>12.4f}")
@@ -301,20 +315,30 @@ def cmd_eval(p, args) -> int:
     if iv is not None:
         rows["intervention"] = evaluate(model, recs, intervention=iv, **kw)
     out = {"model": os.path.abspath(args.model), "intervention": None if iv is None else iv.to_json(), **rows}
-    if iv is not None:
-        out["delta_loss"] = rows["intervention"]["loss"] - base["loss"]
+    if iv is not None:       # None when there is no target token (every record one token long)
+        li, lb = rows["intervention"]["loss"], base["loss"]
+        out["delta_loss"] = None if li is None or lb is None else li - lb
+
     print(f"{'':<14} {'loss':>9} {'ppl':>10} {'tokens':>9}")
     for name, r in rows.items():
-        print(f"{name:<14} {r['loss']:>9.4f} {r['ppl']:>10.3f} {r['tokens']:>9}")
+        print(f"{name:<14} {_num(r['loss'], 9, 4)} {_num(r['ppl'], 10, 3)} {r['tokens']:>9}")
         for d, rd in sorted(r["domains"].items()):
-            print(f"  {d:<12} {rd['loss']:>9.4f} {rd['ppl']:>10.3f} {rd['tokens']:>9}")
-    if iv is not None:
-        print(f"intervention {iv}: loss {out['delta_loss']:+.4f}, ppl x{math.exp(out['delta_loss']):.4f}")
+            print(f"  {d:<12} {_num(rd['loss'], 9, 4)} {_num(rd['ppl'], 10, 3)} {rd['tokens']:>9}")
+    if base["loss"] is None:
+        print("no target tokens: every record is one token long (loss needs a next token)", file=sys.stderr)
+    if iv is not None and out["delta_loss"] is not None:
+        d = out["delta_loss"]
+        print(f"intervention {iv}: loss {d:+.4f}, ppl x{math.exp(d) if d < 700 else math.inf:.4f}")
     if args.output:
+        from .stats import write_json
+
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(os.fspath(args.output), out)
     return 1 if skipped else 0
+
+
+def _num(x, width: int, digits: int) -> str:
+    return f"{'n/a':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
 
 
 def cmd_prune(p, args) -> int:
@@ -362,7 +386,19 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--tokenizer", help="tokenizer directory, to show token strings")
     r.add_argument("--top-tokens", type=int, default=50, help="most frequent token ids listed per layer")
     r.add_argument("--min-count", type=int, default=5, help="token ids with fewer first-choice routings are left "
-                   "out of the vocabulary specialization mean")
+                   "out of the vocabulary specialization mean (qwen3-jax's definition)")
+    r.add_argument("--definitions", choices=("qwen3-jax", "olmoe"), default="qwen3-jax",
+                   help="olmoe: also write OLMoE's quantities (arXiv 2409.02060) under their own names: domain "
+                   "specialization in percent (uniform 100k/E), vocabulary specialization (unweighted, top-1, current "
+                   "and next token), rank-adjacent co-activation, router saturation (olmoe_*.csv/png, summary.json "
+                   "\"olmoe\"); qwen3-jax's own numbers are written as always")
+    r.add_argument("--olmoe", dest="definitions", action="store_const", const="olmoe",
+                   help="the same as --definitions olmoe")
+    r.add_argument("--olmoe-min-occurrences", type=int, default=1, metavar="N",
+                   help="token ids with fewer occurrences are left out of OLMoE's vocabulary specialization "
+                   "(default 1: every id, as OLMoE)")
+    r.add_argument("--saturation-reference", metavar="DIR", help="with --olmoe: router saturation against this "
+                   "capture of the same data (e.g. the final checkpoint's; both captured with --trace)")
     m = sp("compare", "router saturation: per-layer top-k overlap of two captures of the same data (--trace)")
     m.add_argument("dir_a")
     m.add_argument("dir_b")

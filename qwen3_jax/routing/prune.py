@@ -47,7 +47,7 @@ def _saliency_fn(graphdef, cfg, iv, out_sharding):
             x_nd, w_nk, e_nk, p = xs
             x_md = jnp.repeat(x_nd, k, axis=0)                              # one row per (token, slot)
             y_md = moe_experts(x_md, jnp.ones((x_md.shape[0], 1), x_md.dtype), e_nk.reshape(-1, 1), p,
-                               impl=ks.gmm, interpret=ks.interpret)        # each slot's expert output f_j(x)
+                               ks=ks)                                       # each slot's expert output f_j(x)
             norm_nk = jnp.linalg.norm(y_md.astype(jnp.float32), axis=-1).reshape(-1, k)
             sal = jnp.zeros((e,), jnp.float32).at[e_nk].add(w_nk * norm_nk, mode="drop")
             cnt = jnp.zeros((e,), jnp.float32).at[e_nk].add(1.0, mode="drop")

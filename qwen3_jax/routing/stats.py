@@ -10,8 +10,11 @@ Per MoE layer (decoder layer ids in `stats.layers`), over every real token:
     entropy           sum over tokens of the router distribution's entropy (nats; mean in stats.json)
     topk_mass         sum over tokens of the probability mass of the chosen experts (before renormalising)
     coactivation      [E, E] tokens routed to both experts i and j (i != j, pairs within a token's top-k)
+    coactivation_adjacent [E, E] tokens whose ranked top-k has i and j next to each other (either order; OLMoE's
+                      pairs, qwen3_jax.routing.olmoe)
     per domain        tokens, load, top1_load, entropy, topk_mass of the records of each "domain"
-    per token id      first-choice counts (token id, expert) -> n, for vocabulary specialization
+    per token id      first-choice counts (token id, expert) -> n, and the index of the first token that made the
+                      pair (ties between experts go to the first seen, as OLMoE's counters do)
 The routing is recomputed from the model's router logits by the same function the model runs
 (qwen3_jax.routing.intervention.route_topk), so an intervention on the model's runtime shows in the counts.
 
@@ -53,8 +56,9 @@ def layer_routing(router_logits_lne, cfg, iv: Intervention | None):
 
 def batch_stats(router_logits_lbte, valid_bt, cfg, iv: Intervention | None, trace: bool = False) -> dict:
     """Per-row counts of one batch (see the module docstring); fp32 router logits [L_moe, B, T, E], valid [B, T].
-    Returns load/top1 [B, L, E] int32, entropy/topk_mass [B, L] fp32, tokens [B], coactivation [L, E, E] int32,
-    top1 [B, T, L] int32 (E where padding), and with trace experts [B, T, L, k] and weights [B, T, L, k]."""
+    Returns load/top1 [B, L, E] int32, entropy/topk_mass [B, L] fp32, tokens [B], coactivation and
+    coactivation_adjacent [L, E, E] int32, top1_ids [B, T, L] int32 (E where padding), and with trace experts
+    [B, T, L, k] and weights [B, T, L, k]."""
     n_l, b, t, e = router_logits_lbte.shape
     w, ids, probs = layer_routing(router_logits_lbte.reshape(n_l, b * t, e).astype(jnp.float32), cfg, iv)
     valid_n = valid_bt.reshape(-1)
@@ -72,9 +76,13 @@ def batch_stats(router_logits_lbte, valid_bt, cfg, iv: Intervention | None, trac
     hf = hot.astype(jnp.float32)
     co = jnp.einsum("lne,lnf->lef", hf, hf)                               # 0/1 products: exact in any precision
     co = (co * (1 - jnp.eye(e))).round().astype(jnp.int32)
+    adj = jnp.zeros((n_l, e, e), jnp.int32)       # rank-adjacent pairs (r, r+1) of the ranked top-k, both orders
+    if k > 1:
+        a = jnp.concatenate([ids[..., :-1], ids[..., 1:]], -1)      # E (padding, an empty slot): dropped
+        adj = adj.at[li, a, jnp.concatenate([ids[..., 1:], ids[..., :-1]], -1)].add(1, mode="drop")
     per_row = lambda x: jnp.moveaxis(x.reshape(n_l, b, t, *x.shape[2:]).sum(2), 0, 1)  # noqa: E731
     out = dict(load=per_row(hot), top1=per_row(hot1), entropy=per_row(ent_ln), topk_mass=per_row(mass_ln),
-               tokens=jnp.sum(valid_bt, -1).astype(jnp.int32), coactivation=co,
+               tokens=jnp.sum(valid_bt, -1).astype(jnp.int32), coactivation=co, coactivation_adjacent=adj,
                top1_ids=jnp.moveaxis(top1_n.reshape(n_l, b, t), 0, -1))
     if trace:
         out["experts"] = jnp.moveaxis(ids.reshape(n_l, b, t, k), 0, 2)
@@ -84,43 +92,62 @@ def batch_stats(router_logits_lbte, valid_bt, cfg, iv: Intervention | None, trac
 
 # ============================================================================ host accumulators
 class TokenExpertCounts:
-    """Sparse (layer, token id, expert) -> count, merged from a pending buffer (bounded by L x V x E entries)."""
+    """Sparse (layer, token id, expert) -> count, merged from a pending buffer (bounded by L x V x E entries).
+    `first` [n] (aligned with `keys`): the index, in the order tokens were added, of the first token that made the
+    pair (ties between experts: the first seen wins, as OLMoE's Counters do). first_known is False for counts read
+    from a file written before that index existed (then all are 0: ties go to the lowest expert id)."""
 
     def __init__(self, num_layers: int, vocab: int, num_experts: int, flush_at: int = 1 << 21):
         self.shape = (num_layers, vocab, num_experts)
         self.keys = np.zeros((0,), np.int64)
         self.counts = np.zeros((0,), np.int64)
-        self._pending: list[np.ndarray] = []
+        self.first = np.zeros((0,), np.int64)
+        self.first_known = True
+        self.seen = 0                                # tokens added so far
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._n_pending = 0
         self.flush_at = flush_at
 
     def add(self, token_ids_n, experts_nl):
-        """token ids [N] and each token's first-choice expert per layer [N, L] (E = none)."""
+        """token ids [N] and each token's first-choice expert per layer [N, L] (E = none), in stream order."""
         n_l, v, e = self.shape
         tok = np.asarray(token_ids_n, np.int64)[:, None]
         ex = np.asarray(experts_nl, np.int64)
         ok = ex < e
         keys = ((np.arange(n_l, dtype=np.int64)[None] * v + tok) * e + ex)[ok]
-        self._pending.append(keys)
+        occ = np.broadcast_to(self.seen + np.arange(len(ex), dtype=np.int64)[:, None], ex.shape)[ok]
+        self.seen += len(ex)
+        self._pending.append((keys, occ))
         self._n_pending += keys.size
         if self._n_pending >= self.flush_at:
             self.flush()
 
+    def _reduce(self, keys, counts, first):
+        order = np.lexsort((first, keys))
+        keys, counts, first = keys[order], counts[order], first[order]
+        if keys.size == 0:
+            self.keys, self.counts, self.first = keys, counts, first
+            return
+        starts = np.nonzero(np.r_[True, keys[1:] != keys[:-1]])[0]
+        self.keys, self.counts, self.first = keys[starts], np.add.reduceat(counts, starts), first[starts]
+
     def flush(self):
         if not self._pending:
             return
-        new = np.concatenate(self._pending)
-        uk, inv = np.unique(np.concatenate([self.keys, new]), return_inverse=True)
-        w = np.concatenate([self.counts, np.ones(new.size, np.int64)])
-        self.keys, self.counts = uk, np.bincount(inv, weights=w, minlength=uk.size).astype(np.int64)
+        keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
+        first = np.concatenate([self.first] + [o for _, o in self._pending])
+        counts = np.concatenate([self.counts, np.ones(keys.size - self.keys.size, np.int64)])
         self._pending, self._n_pending = [], 0
+        self._reduce(keys, counts, first)
 
     def merge(self, other: "TokenExpertCounts"):
+        """Add `other`'s counts, as if its tokens came after this one's."""
         other.flush()
         self.flush()
-        uk, inv = np.unique(np.concatenate([self.keys, other.keys]), return_inverse=True)
-        w = np.concatenate([self.counts, other.counts])
-        self.keys, self.counts = uk, np.bincount(inv, weights=w, minlength=uk.size).astype(np.int64)
+        self._reduce(np.concatenate([self.keys, other.keys]), np.concatenate([self.counts, other.counts]),
+                     np.concatenate([self.first, other.first + self.seen]))
+        self.seen += other.seen
+        self.first_known = self.first_known and other.first_known
 
     def triples(self):
         """(layer index [n], token id [n], expert [n], count [n]) of every nonzero entry."""
@@ -159,6 +186,8 @@ class RoutingStats:
         self.tokens, self.load, self.top1_load = 0, t["load"], t["top1_load"]
         self.entropy_sum, self.topk_mass_sum = t["entropy"], t["topk_mass"]
         self.coactivation = np.zeros((n_l, e, e), np.int64)
+        # None: some counts came without it (an older producer, or a counts.npz written before it existed)
+        self.coactivation_adjacent: np.ndarray | None = np.zeros((n_l, e, e), np.int64)
         self.domains: dict[str, dict] = {}
         self.token_counts = TokenExpertCounts(n_l, cfg.vocab_size, e)
         self.sequences = 0
@@ -179,6 +208,9 @@ class RoutingStats:
         self.entropy_sum += ent.sum(0)
         self.topk_mass_sum += mass.sum(0)
         self.coactivation += np.asarray(out["coactivation"], np.int64)
+        if self.coactivation_adjacent is not None:
+            adj = out.get("coactivation_adjacent")
+            self.coactivation_adjacent = None if adj is None else self.coactivation_adjacent + np.asarray(adj, np.int64)
         for r in rows:
             d = None if domains is None else domains[r]
             if d is None:
@@ -239,14 +271,16 @@ class RoutingStats:
                       token_layer=li.astype(np.int32), token_id=tok.astype(np.int32), token_expert=ex.astype(np.int32),
                       token_count=c, token_shape=np.asarray(self.token_counts.shape, np.int64),
                       layers=np.asarray(self.layers, np.int32))
+        if self.token_counts.first_known:
+            arrays["token_first"] = self.token_counts.first
+        if self.coactivation_adjacent is not None:
+            arrays["coactivation_adjacent"] = self.coactivation_adjacent
         tmp = os.path.join(out_dir, COUNTS_FILE + ".tmp")
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
         os.replace(tmp, os.path.join(out_dir, COUNTS_FILE))
         path = os.path.join(out_dir, STATS_FILE)
-        with open(path + ".tmp", "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json(path, self.to_json())
         return path
 
     @classmethod
@@ -284,11 +318,41 @@ class RoutingStats:
         if os.path.isfile(cpath):
             with np.load(cpath) as z:
                 st.coactivation = z["coactivation"].astype(np.int64)
+                st.coactivation_adjacent = (z["coactivation_adjacent"].astype(np.int64)
+                                            if "coactivation_adjacent" in z.files else None)
                 _, v, e = (int(x) for x in z["token_shape"])
-                st.token_counts = TokenExpertCounts(len(st.layers), v, e)
-                st.token_counts.keys = (z["token_layer"].astype(np.int64) * v + z["token_id"]) * e + z["token_expert"]
-                st.token_counts.counts = z["token_count"].astype(np.int64)
+                tc = st.token_counts = TokenExpertCounts(len(st.layers), v, e)
+                tc.keys = (z["token_layer"].astype(np.int64) * v + z["token_id"]) * e + z["token_expert"]
+                tc.counts = z["token_count"].astype(np.int64)
+                tc.first_known = "token_first" in z.files
+                tc.first = z["token_first"].astype(np.int64) if tc.first_known else np.zeros_like(tc.counts)
+                tc.seen = st.tokens
+        else:
+            st.coactivation_adjacent = None
         return st
+
+
+def json_safe(obj):
+    """obj with every non-finite float (NaN, inf) as None and numpy scalars / arrays as Python values."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path, obj, indent=1):
+    """Strict JSON (json_safe; allow_nan=False), written through a temporary file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(json_safe(obj), f, indent=indent, allow_nan=False)
+    os.replace(path + ".tmp", path)
+    return os.path.basename(path)
 
 
 def domain_specialization(load_e, tokens: int, num_experts: int, top_k: int) -> np.ndarray:
@@ -298,14 +362,16 @@ def domain_specialization(load_e, tokens: int, num_experts: int, top_k: int) -> 
 
 def vocab_specialization(stats: RoutingStats, i: int, min_count: int = 1) -> dict:
     """Per token id (with >= min_count first-choice routings) at MoE layer index i: the share of its top-1
-    routings that go to its most-used expert. Returns {"mean" (token-weighted), "mean_per_id", "token_id" [n],
-    "count" [n], "top_expert" [n], "share" [n]}; 1/E would be no specialization, 1 a fixed expert per token."""
+    routings that go to its most-used expert (ties: the first seen). Returns {"mean" (occurrence-weighted: the
+    sum of the top counts over the sum of the counts), "mean_per_id" (the unweighted mean over token ids),
+    "token_id" [n], "count" [n], "top_expert" [n], "share" [n]}; 1/E would be no specialization, 1 a fixed expert
+    per token. OLMoE's definition (qwen3_jax.routing.olmoe) is the unweighted mean, over every token id."""
     li, tok, ex, c = stats.token_counts.triples()
     sel = li == i
-    tok, ex, c = tok[sel], ex[sel], c[sel]
+    tok, ex, c, first = tok[sel], ex[sel], c[sel], stats.token_counts.first[sel]
     if tok.size == 0:
         return {"mean": None, "mean_per_id": None, "token_id": tok, "count": c, "top_expert": ex, "share": c * 0.0}
-    order = np.lexsort((-c, tok))                  # by token, largest count first
+    order = np.lexsort((first, -c, tok))           # by token, largest count first, then the first seen
     tok, ex, c = tok[order], ex[order], c[order]
     first = np.r_[True, tok[1:] != tok[:-1]]
     starts = np.nonzero(first)[0]
@@ -323,16 +389,18 @@ class TraceWriter:
     """Routed experts per token, written as npz: routed_experts int16 [N, L_moe, k] (E: an empty slot of a
     smaller per-layer top-k), routed_weights float32 [N, L_moe, k], token_ids int32 [N], record int64 [N] (index
     of the input record), position int32 [N] (in the record), layers int32 [L_moe] (decoder layer ids). Rows are
-    the real tokens in input order. Chunks go to temporary files until close()."""
+    the real tokens in input order. Chunks go to temporary files until close(). schema: {name: (dtype, shape of
+    one row)} of the arrays a trace with no tokens still holds (with 0 rows)."""
 
-    def __init__(self, path, layers):
+    def __init__(self, path, layers, schema: dict | None = None):
         self.path = os.fspath(path)
         self.layers = np.asarray(layers, np.int32)
         d = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(d, exist_ok=True)
         self._tmp = tempfile.mkdtemp(prefix=".trace-", dir=d)
         self._files: dict[str, Any] = {}
-        self._meta: dict[str, tuple] = {}
+        self._meta: dict[str, tuple] = {name: (np.dtype(dt), tuple(tail))
+                                        for name, (dt, tail) in (schema or {}).items()}
         self.n = 0
 
     def add(self, **arrays):
@@ -347,6 +415,9 @@ class TraceWriter:
     def close(self) -> str:
         for f in self._files.values():
             f.close()
+        for name in self._meta:
+            if name not in self._files:                 # no tokens: an empty array of the schema's shape
+                open(os.path.join(self._tmp, name), "wb").close()
         out = self.path + ".tmp"
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, (dtype, tail) in self._meta.items():
@@ -482,7 +553,11 @@ def capture(model, batches, *, domains=None, intervention: Intervention | None =
     put, out_sharding = _placer(model)
     graphdef, state = nnx.split(model)
     fn = _stats_fn(graphdef, cfg, iv, trace is not None, out_sharding)
-    writer = TraceWriter(trace, cfg.moe_layers) if trace is not None else None
+    k_max = iv.max_top_k(cfg) if iv is not None and iv.changes_routing else cfg.num_experts_per_tok
+    n_l = len(cfg.moe_layers)
+    schema = dict(routed_experts=(np.int16, (n_l, k_max)), routed_weights=(np.float32, (n_l, k_max)),
+                  token_ids=(np.int32, ()), record=(np.int64, ()), position=(np.int32, ()))
+    writer = TraceWriter(trace, cfg.moe_layers, schema) if trace is not None else None
     try:
         for ids, valid, recs in iter_batches(as_records(batches, domains), batch_size, max_len):
             out = jax.device_get(fn(state, put(ids), put(valid)))
@@ -532,7 +607,8 @@ def evaluate(model, batches, *, domains=None, intervention: Intervention | None 
              max_len: int | None = None) -> dict:
     """Next-token loss over the records (every token predicts the next one of its record): {"loss", "ppl",
     "tokens", "domains": {name: {"loss", "ppl", "tokens"}}}, under `intervention` (default: the model's
-    runtime.routing; pass Intervention() for none)."""
+    runtime.routing; pass Intervention() for none). loss and ppl are None where there is no target (tokens 0);
+    ppl also where it overflows a float."""
     cfg = model.config
     iv = model.runtime.routing if intervention is None else intervention
     if iv is not None:
@@ -552,9 +628,10 @@ def evaluate(model, batches, *, domains=None, intervention: Intervention | None 
                 acc[1] += float(n)
     loss_n = sum(v[0] for v in tot.values()), sum(v[1] for v in tot.values())
 
-    def entry(s, n):
-        loss = s / n if n else float("nan")
-        return {"loss": loss, "ppl": math.exp(loss) if n else float("nan"), "tokens": int(n)}
+    def entry(s, n):       # no target token (one-token records): no loss (None, never NaN: JSON has no NaN)
+        loss = s / n if n else None
+        ppl = None if loss is None or loss > 700 else math.exp(loss)
+        return {"loss": loss, "ppl": ppl, "tokens": int(n)}
 
     out = entry(*loss_n)
     out["domains"] = {str(d): entry(*v) for d, v in tot.items() if d is not None}
