@@ -136,14 +136,20 @@ def layer_matmul_params(cfg: Qwen3Config, moe: bool = True) -> int:
     return attn + 3 * d * cfg.intermediate_size
 
 
-def model_flops(cfg: Qwen3Config, program: str, batch: int, seq_len: int) -> dict:
+def model_flops(cfg: Qwen3Config, program: str, batch: int, seq_len: int, lora_rank: int | None = None) -> dict:
     """Global FLOPs of one step, per layer and in all (matmuls and attention apart).
     train: 6 x tokens x matmul parameters + causal attention 6 x tokens x H x hd x T (half of the full 12);
+    LoRA (lora_rank, the four attention projections): the frozen weights 4 x (forward and input gradient, no weight
+    gradient), the adapters 6 x their parameters;
     decode: 2 x batch x matmul parameters + attention over the seq_len-slot cache 4 x batch x H x hd x S."""
     h_hd = cfg.num_attention_heads * cfg.head_dim
     tokens = batch * seq_len if program == "train" else batch
     mul, attn = (6, 6 * tokens * h_hd * seq_len) if program == "train" else (2, 4 * batch * h_hd * seq_len)
-    layer = mul * tokens * layer_matmul_params(cfg)
+    adapters = 0
+    if program == "train" and lora_rank:
+        d, kv_hd = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
+        mul, adapters = 4, 6 * tokens * lora_rank * (2 * (d + h_hd) + 2 * (d + kv_hd))
+    layer = mul * tokens * layer_matmul_params(cfg) + adapters
     head = mul * tokens * cfg.hidden_size * cfg.vocab_size
     return {"layer_matmul": layer, "layer_attention": attn, "layer": layer + attn,
             "total": cfg.num_hidden_layers * (layer + attn) + head}
@@ -270,10 +276,16 @@ def lower(cfg, mesh, program: str, *, batch: int, seq_len: int, dtype="bfloat16"
 
 
 def compile_report(cfg: Qwen3Config, topology: str, mesh_sizes: dict, *, program: str, batch: int, seq_len: int,
-                   dtype="bfloat16", param_dtype="float32", remat="full", count_flops: bool = True,
+                   dtype="bfloat16", param_dtype=None, remat="full", count_flops: bool = True,
                    plan_estimate: bool = True, devices=None, **kw) -> dict:
-    """Compile `program` for `topology` on a mesh of `mesh_sizes` and read it (see the module docstring)."""
+    """Compile `program` for `topology` on a mesh of `mesh_sizes` and read it (see the module docstring).
+    kw: the program's options (train: lower_train_step's, e.g. lora_rank=16; param_dtype then defaults to bfloat16
+    for the frozen base, else float32)."""
     from qwen3_jax.sharding import make_mesh
+
+    lora_rank = kw.get("lora_rank") if program == "train" else None
+    if param_dtype is None:
+        param_dtype = "bfloat16" if lora_rank else "float32"
 
     devices = devices if devices is not None else topology_devices(topology)
     mesh = make_mesh(**mesh_sizes, devices=devices)
@@ -294,7 +306,9 @@ def compile_report(cfg: Qwen3Config, topology: str, mesh_sizes: dict, *, program
            "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2), "memory": memory(compiled, devices[0]),
            "collectives": collectives(text), "kernels": kernels_in(text),
            "gmm": Runtime(mesh=mesh, gmm=kw.get("gmm", "auto")).kernels.gmm}
-    math_f = model_flops(cfg, program, batch, seq_len)
+    if lora_rank:
+        rep["lora_rank"] = lora_rank
+    math_f = model_flops(cfg, program, batch, seq_len, lora_rank)
     rep["model_flops_per_chip"] = {k: v / chips for k, v in math_f.items()}
     if count_flops:
         rep["flops"] = layer_flops(cfg, mesh, program, batch=batch, seq_len=seq_len, dtype=dtype,
@@ -316,7 +330,8 @@ def compile_report(cfg: Qwen3Config, topology: str, mesh_sizes: dict, *, program
         padded = ks.ep_dispatch == "padded"          # e.g. v5e over 16 chips: the dispatch the program compiled
         est = plan(cfg, dict(rep["mesh"]), dtype, batch, seq_len, remat=remat, program=program,
                    param_dtype=param_dtype, buffer_factor=bf, dispatch="padded" if padded else "ragged",
-                   capacity_factor=(kw.get("capacity_factor") or ks.padded_capacity) if padded else None)
+                   capacity_factor=(kw.get("capacity_factor") or ks.padded_capacity) if padded else None,
+                   lora_rank=lora_rank, lora_targets=kw.get("lora_targets"))
         rep["ep_dispatch"] = ks.ep_dispatch
         rep["plan_total"] = est["total"]
     return rep
@@ -387,7 +402,8 @@ def format_report(r: dict) -> str:
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one chip"
     lines = [f"{r['program']} step on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh {mesh}; "
              f"batch {r['batch']} x {'seq' if r['program'] == 'train' else 'cache'} {r['seq_len']}, {r['dtype']}"
-             + (f" (master {r['param_dtype']}), remat {r['remat']}" if r["program"] == "train" else ""),
+             + ((f" (frozen {r['param_dtype']} weights, LoRA rank {r['lora_rank']} adapters)" if r.get("lora_rank")
+                 else f" (master {r['param_dtype']})") + f", remat {r['remat']}" if r["program"] == "train" else ""),
              f"  compile {r['compile_s']:.1f} s (lower {r['lower_s']:.1f} s)",
              "  HBM per chip (memory_analysis):",
              f"    arguments {g(m['arguments'])}   outputs {g(m['outputs'])}   temporaries {g(m['temporaries'])}   "
@@ -441,12 +457,16 @@ def parser():
     ap.add_argument("--remat", choices=("full", "dots", "none"), default="full", help="train: rematerialisation")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
                     help="compute dtype (decode: also the weights and cache)")
-    ap.add_argument("--param-dtype", default="float32", choices=("bfloat16", "float32", "float16"),
-                    help="train: master weight dtype")
+    ap.add_argument("--param-dtype", choices=("bfloat16", "float32", "float16"),
+                    help="train: master weight dtype, float32 unless given; with --lora-rank the frozen base's, "
+                    "bfloat16 unless given")
     ap.add_argument("--ep-buffer-factor", type=float, default=Runtime.ep_buffer_factor,
                     help="ragged EP dispatch receive buffer, x the mean routed rows (0: worst case, never drops)")
     ap.add_argument("--gmm", default="auto", choices=("auto",) + GMM_CHOICES,
                     help="the experts' grouped matmul (auto: the platform's, see qwen3_jax.kernels)")
+    ap.add_argument("--lora-rank", type=int, metavar="R", help="train: LoRA adapters of rank R on the frozen model "
+                    "(lower_train_step(lora_rank=R), as qwen3-jax-train --lora-rank)")
+    ap.add_argument("--lora-targets", metavar="q_proj,k_proj,v_proj,o_proj", help="train: the adapted projections")
     ap.add_argument("--no-flops", action="store_true", help="skip the two unrolled programs that count FLOPs")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     return ap
@@ -472,6 +492,15 @@ def main(argv=None) -> int:
     try:
         cfg = Qwen3Config.from_pretrained(a.config) if a.config else Qwen3Config.preset(a.preset)
         kw = {"ep_buffer_factor": a.ep_buffer_factor or None, "gmm": a.gmm}
+        if a.lora_rank is not None or a.lora_targets:
+            if a.program != "train" or not a.lora_rank or a.lora_rank < 1:
+                raise ValueError("--lora-rank R (>= 1) applies to --program train" + (
+                    "; --lora-targets needs it" if a.lora_targets else ""))
+            from qwen3_jax.lora import parse_targets
+
+            kw["lora_rank"] = a.lora_rank
+            if a.lora_targets:
+                kw["lora_targets"] = parse_targets(a.lora_targets)
         rep = compile_report(cfg, a.topology, parse_mesh(a.mesh), program=a.program, batch=a.batch,
                              seq_len=a.seq_len, dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat,
                              count_flops=not a.no_flops, **kw)
