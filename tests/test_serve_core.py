@@ -31,6 +31,9 @@ TEXTS = [
     ('Sure.<tool_call>{"name": oops}</tool_call>', False),
     ('Ok <tool_call>{"name": "f"', False),
     ("\n\nthinking here\n</think>\n\nanswer <", True),
+    # a tool call before </think> ends the reasoning (vLLM's Qwen3 parser); a mere mention of the tag does not
+    ("<think>\nI will look it up.\n<tool_call>\n" + CALL + "\n</tool_call>", False),
+    ("<think>\nthe <tool_call> tag, then\n</think>\n\nanswer", False),
 ]
 
 
@@ -68,6 +71,20 @@ def test_stream_parser_equals_whole_text_parsers(text, in_reasoning, tools):
         for k, v in items:  # no tag reaches the content (in pieces it would also break the equality above)
             if k == "content":
                 assert "think>" not in v and ("tool_call>" not in v or "tool_call>" in content)
+
+
+def test_stream_parser_calls_only_never_shows_text():
+    """A forced tool_choice: the answer is tool calls; one cut short by max_tokens leaves nothing in the content."""
+    full = "<tool_call>\n" + CALL + "\n</tool_call>"
+    for cut in range(len(full) + 1):
+        for parts in (list(full[:cut]), [full[:cut]]):
+            p = ChatStreamParser(tools=True, calls_only=True)
+            items = [it for part in parts for it in p.feed(part)] + p.finish()
+            assert [k for k, _ in items if k == "content"] == []
+            assert len([v for k, v in items if k == "tool_call"]) == (cut == len(full))
+    p = ChatStreamParser(calls_only=True)
+    items = p.feed("<think>\nhm\n</think>\n\n" + full[:7]) + p.finish()
+    assert items == [("reasoning", "hm")] and p.errors == []
 
 
 def test_stream_parser_ids_and_split_tags():
