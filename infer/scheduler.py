@@ -7,9 +7,14 @@ tokens through its `emit` callback (called on the scheduler thread: keep it shor
 `loop.call_soon_threadsafe`). Requests arriving while others decode join at the next call, so concurrent
 requests share decode steps.
 
-A decode call runs up to `chunk` steps (the stream interval); it runs one step when a row was just filled
-(its first token goes out at once) or when a row is constrained (its next token mask depends on the token
-just sampled: `constrain.Constraint`). Per-token logprobs are computed only while some row asks for them.
+A decode call runs up to `chunk` steps (the stream interval). It runs one step only when every running row was
+just filled, so their first tokens go out at once without holding back rows already decoding (a row admitted beside
+them gets its first token with the chunk). A constrained row (`constrain.Constraint`) decodes whole chunks too: its
+next token mask depends on the token just sampled, and the engine asks the host for it after every step
+(`Engine.decode_ex(next_mask=...)`). Per-token logprobs are computed only while some row asks for them.
+
+If the thread dies (an error outside a decode step), `alive` turns false, what was queued or running ends with
+"error", and `submit` raises `EngineDead`: the server answers 503 (and /health too).
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ REASONS = {1: "stop", 2: "length"}
 
 class QueueFull(Exception):
     pass
+
+
+class EngineDead(RuntimeError):
+    """The scheduler thread is not running (stopped, or died: `Scheduler.death` says why)."""
 
 
 @dataclass
@@ -79,6 +88,7 @@ class Scheduler:
         self._fresh: set[int] = set()    # rows prefilled whose first token is not out yet
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.death: str | None = None    # why the thread died, if it did
         self.steps = 0                   # decode calls made (for tests and metrics)
 
     # -- any thread ------------------------------------------------------------------------------------------
@@ -90,6 +100,11 @@ class Scheduler:
     def num_running(self) -> int:
         return sum(r is not None for r in self._rows)
 
+    @property
+    def alive(self) -> bool:
+        """The thread runs (False before `start`, after `stop`, or once it died)."""
+        return self._thread is not None and self._thread.is_alive() and self.death is None
+
     def submit(self, seqs: list[Sequence]):
         """Queue sequences (all or none): QueueFull when the waiting queue would exceed max_queue."""
         for s in seqs:
@@ -99,7 +114,9 @@ class Scheduler:
                 raise ValueError(f"at most {MAX_STOP_IDS} stop token ids")
         with self._cv:
             if self._stop:
-                raise RuntimeError("the scheduler is stopped")
+                raise EngineDead("the scheduler is stopped")
+            if self.death is not None or (self._thread is not None and not self._thread.is_alive()):
+                raise EngineDead("the engine thread has died")
             if len(self._waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
             now = time.perf_counter()
@@ -131,6 +148,22 @@ class Scheduler:
 
     # -- scheduler thread ------------------------------------------------------------------------------------
     def _run(self):
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001  (whatever killed the thread: requests must not wait forever)
+            self.death = f"{type(e).__name__}: {e}"
+            log.critical("the scheduler thread died:\n%s", traceback.format_exc())
+            with self._cv:
+                left, self._waiting, self._cancelled = [*self._waiting, *self._cancelled], deque(), []
+            left += [s for s in self._rows if s is not None]
+            self._rows = [None] * self.max_batch
+            for s in left:
+                try:
+                    self._finish(s, "error", "the engine stopped")
+                except Exception:  # noqa: BLE001
+                    log.error("could not end a sequence:\n%s", traceback.format_exc())
+
+    def _loop(self):
         while True:
             with self._cv:
                 while not (self._stop or self._waiting or self._cancelled or any(self._rows)):
@@ -197,23 +230,28 @@ class Scheduler:
         if not live:
             return
         constrained = [(r, s) for r, s in live if s.constraint is not None]
-        mask = None
+        mask = next_mask = None
         if constrained:
             mask = self.grammars.allocate_bitmask(self.max_batch)
             for r, s in constrained:
                 s.constraint.fill(mask, r)
-        one = bool(constrained or self._fresh)
+
+            def next_mask(tokens_b, active_b):  # called by the engine after each step (the matchers take the tokens)
+                nxt = self.grammars.allocate_bitmask(self.max_batch)
+                for r, s in constrained:
+                    if active_b[r]:
+                        s.constraint.accept(int(tokens_b[r]))
+                    s.constraint.fill(nxt, r)
+                return nxt
+        one = all(r in self._fresh for r, _ in live)  # only new rows: their first tokens at once, no one held back
         out = self.engine.decode_ex(self.slots, 1 if one else self.chunk, stop_on_finish=more_waiting,
-                                    mask_bw=mask, logprobs=any(s.logprobs for _, s in live))
+                                    mask_bw=mask, next_mask=next_mask, logprobs=any(s.logprobs for _, s in live))
         self.slots = out.slots
         self.steps += 1
         self._fresh.clear()
         for r, s in live:
             cols = np.nonzero(out.tokens_bn[r] >= 0)[0]
             toks = [int(t) for t in out.tokens_bn[r, cols]]
-            if s.constraint is not None:
-                for t in toks:
-                    s.constraint.accept(t)
             lps = None
             if s.logprobs and out.logprob_bn is not None:
                 lps = [(float(out.logprob_bn[r, c]),
