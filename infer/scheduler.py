@@ -69,6 +69,7 @@ class Sequence:
     logprobs: bool = False
     submitted: float = 0.0                # perf_counter at submit
     done: bool = False
+    cancelled: bool = False
 
 
 class Scheduler:
@@ -128,7 +129,8 @@ class Scheduler:
     def cancel(self, seq: Sequence):
         """Stop a sequence: it emits an "abort" event (unless it already finished) and frees its row."""
         with self._cv:
-            if not seq.done:
+            if not (seq.done or seq.cancelled):
+                seq.cancelled = True
                 self._cancelled.append(seq)
                 self._cv.notify()
 
