@@ -390,9 +390,20 @@ def test_constraints_follow_schema_tools_and_reasoning(grammars):
     assert _run(tok, g.tool_calls(tools, named), enc('<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>'))
     one = g.tool_calls(tools, "required", parallel_tool_calls=False)
     assert _run(tok, one, enc(call)) and not _run(tok, one, enc("\n<tool_call>"))
-    with pytest.raises(GrammarError):
+    with pytest.raises(GrammarError) as e:
         g.response_format({"type": "objectx"})
+    assert "objectx" in str(e.value) and ".cc" not in str(e.value)  # no source path of xgrammar's in the message
     think = (tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>"))
     assert reasoning_mode(enc("a") + [think[0]], think, True) == "enabled"
     assert reasoning_mode(enc("a") + [think[0], think[1]], think, True) == "disabled"
     assert reasoning_mode(enc("a"), think, True) == "auto" and reasoning_mode(enc("a"), think, False) == "disabled"
+
+
+def test_grammar_cache_is_bounded(grammars):
+    from qwen3_jax.infer.constrain import Grammars
+
+    tok, _, eos = grammars
+    g = Grammars(tok, 151936, [eos], cache_bytes=8 << 20)
+    for i in range(6):  # ~3.5 MB each with this vocabulary
+        g.response_format({"type": "object", "properties": {f"k{i}": {"type": "integer"}}, "required": [f"k{i}"]})
+    assert g.compiler.cache_limit_bytes == 8 << 20 and 0 < g.compiler.get_cache_size_bytes() <= 8 << 20
