@@ -7,11 +7,12 @@ tokens through its `emit` callback (called on the scheduler thread: keep it shor
 `loop.call_soon_threadsafe`). Requests arriving while others decode join at the next call, so concurrent
 requests share decode steps.
 
-A decode call runs up to `chunk` steps (the stream interval). It runs one step only when every running row was
-just filled, so their first tokens go out at once without holding back rows already decoding (a row admitted beside
-them gets its first token with the chunk). A constrained row (`constrain.Constraint`) decodes whole chunks too: its
-next token mask depends on the token just sampled, and the engine asks the host for it after every step
-(`Engine.decode_ex(next_mask=...)`). Per-token logprobs are computed only while some row asks for them.
+A decode call runs up to `chunk` steps (the stream interval), whatever rows it holds. The engine calls a host
+function after every step of a call (`Engine.decode_ex(next_mask=...)`) when some row needs one: a constrained row
+(`constrain.Constraint`), whose next token mask depends on the token just sampled, and a row just filled, whose
+first token is emitted from there after one step (unless it asks for logprobs, or the token may end the row: those
+come with the chunk). So neither cuts a call short for the other rows. Per-token logprobs are computed only while
+some row asks for them.
 
 If the thread dies (an error outside a decode step), `alive` turns false, what was queued or running ends with
 "error", and `submit` raises `EngineDead`: the server answers 503 (and /health too).
@@ -192,6 +193,10 @@ class Scheduler:
                 self._abort_all("error", f"{type(e).__name__}: {e}", waiting=False)
                 self.slots = self.engine.new_slots(self.max_batch, self.max_len, MAX_STOP_IDS, self.cache_dtype)
 
+    def _allow_all(self) -> np.ndarray:
+        """A token bitmask [B, ceil(V / 32)] that allows every token (xgrammar's layout)."""
+        return np.full((self.max_batch, (self.vocab_size + 31) // 32), -1, np.int32)
+
     def _finish(self, s: Sequence, reason: str, error: str | None = None, tokens=(), logprobs=None):
         if not s.done:
             s.done = True
@@ -232,27 +237,37 @@ class Scheduler:
         if not live:
             return
         constrained = [(r, s) for r, s in live if s.constraint is not None]
+        # new rows' first tokens go out from inside the call (after its first step), so no call is cut short for them
+        # (rows that want logprobs get theirs with the chunk: the hook sees tokens only)
+        fresh = [(r, s) for r, s in live if r in self._fresh and not s.logprobs]
+        early: set[int] = set()
         mask = next_mask = None
-        if constrained:
-            mask = self.grammars.allocate_bitmask(self.max_batch)
+        if constrained or fresh:
+            mask = self._allow_all()
             for r, s in constrained:
                 s.constraint.fill(mask, r)
 
-            def next_mask(tokens_b, active_b):  # called by the engine after each step (the matchers take the tokens)
-                nxt = self.grammars.allocate_bitmask(self.max_batch)
-                for r, s in constrained:
+            def next_mask(tokens_b, active_b):  # called by the engine after each step
+                for r, s in fresh:
+                    t = int(tokens_b[r])
+                    if r not in early and active_b[r] and s.max_new_tokens > 1 and t not in s.stop_token_ids:
+                        early.add(r)  # (a token that may end the row waits: a stop token is no text)
+                        s.emit(Event([t]))
+                nxt = self._allow_all()
+                for r, s in constrained:  # the matchers take the tokens and give the next masks
                     if active_b[r]:
                         s.constraint.accept(int(tokens_b[r]))
                     s.constraint.fill(nxt, r)
                 return nxt
-        one = all(r in self._fresh for r, _ in live)  # only new rows: their first tokens at once, no one held back
-        out = self.engine.decode_ex(self.slots, 1 if one else self.chunk, stop_on_finish=more_waiting,
-                                    mask_bw=mask, next_mask=next_mask, logprobs=any(s.logprobs for _, s in live))
+        out = self.engine.decode_ex(self.slots, self.chunk, stop_on_finish=more_waiting, mask_bw=mask,
+                                    next_mask=next_mask, logprobs=any(s.logprobs for _, s in live))
         self.slots = out.slots
         self.steps += 1
         self._fresh.clear()
         for r, s in live:
             cols = np.nonzero(out.tokens_bn[r] >= 0)[0]
+            if r in early:
+                cols = cols[1:]  # already emitted
             toks = [int(t) for t in out.tokens_bn[r, cols]]
             lps = None
             if s.logprobs and out.logprob_bn is not None:

@@ -169,8 +169,8 @@ class EngineService:
     def warmup(self, max_prompt: int = 16) -> int:
         """Compile before serving what requests would otherwise compile on the scheduler thread while every stream
         waits: prefill for each batch bucket (1, 2, 4, ... up to --max-batch prompts at once) and prompt-length
-        bucket (16, 32, ... up to `max_prompt` tokens), the decode calls (one step, a chunk, with logprobs, constrained
-        rows with and without logprobs) and the release of a cancelled row. Longer prompts compile their length bucket on
+        bucket (16, 32, ... up to `max_prompt` tokens), the decode calls (with and without logprobs, with and without
+        the host's per-step hook of new and constrained rows) and the release of a cancelled row. Longer prompts compile their length bucket on
         first use. Returns the number of warm-up batches run."""
         import threading
 
@@ -203,6 +203,17 @@ class EngineService:
                                        for _ in range(k)])
                 done.wait()
                 runs += 1
+        left, done = [2], threading.Event()  # new rows beside one that wants logprobs (the hook and the logprobs)
+
+        def emit2(ev):
+            if ev.finish_reason:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
+        self.scheduler.submit([Sequence([0] * lengths[0], emit2, max_new_tokens=2, logprobs=lp) for lp in (True, False)])
+        done.wait()
+        runs += 1
         done = threading.Event()  # a row cancelled while it runs (Engine.release)
         seq = Sequence([0] * lengths[0], None, max_new_tokens=self.context - lengths[0])
         seq.emit = lambda ev: (self.scheduler.cancel(seq) if ev.token_ids else None, ev.finish_reason and done.set())

@@ -260,9 +260,9 @@ class _Masks:
 
 
 def test_constrained_and_new_rows_do_not_hold_the_batch_to_one_step_calls(tiny):
-    """Every decode call runs the whole chunk, except a first call when every running row is new (their first tokens
-    go out at once); a constrained row decodes whole chunks beside the others (its mask comes from the host after
-    each step), and a row admitted while others decode joins the chunk."""
+    """Every decode call runs the whole chunk: a new row's first token goes out from inside the call (after one
+    step), alone in its event; a constrained row decodes whole chunks beside the others (its mask comes from the host
+    after each step)."""
     sched = Scheduler(tiny, max_batch=4, max_len=64, chunk=4, grammars=_Masks())
     calls = []
     decode_ex = sched.engine.decode_ex
@@ -293,7 +293,8 @@ def test_constrained_and_new_rows_do_not_hold_the_batch_to_one_step_calls(tiny):
     assert toks["b"] == walk.accepted == list(range(100, 112))
     assert toks["a"] == generate(tiny, [[1, 2, 3]], GREEDY, 30, [], batch_size=1)[0].token_ids
     assert toks["c"] == generate(tiny, [[6]], GREEDY, 10, [], batch_size=1)[0].token_ids
-    assert calls[0] == 1 and set(calls[1:]) == {4}, calls
+    assert set(calls) == {4}, calls
+    assert [len(events[k][0].token_ids) for k in "ac"] == [1, 1]  # the first token alone, at once
 
 
 def test_scheduler_thread_death_ends_requests_and_refuses_new_ones(tiny):
@@ -324,7 +325,7 @@ def test_warmup_compiles_every_prefill_and_decode_that_serving_uses(tiny):
     service = EngineService(tiny, None, max_batch=4, max_len=64, chunk=4)
     service.start()
     try:
-        assert service.warmup(32) == 2 * 3 + 1  # length buckets 16, 32 x batch buckets 1, 2, 4; a cancel
+        assert service.warmup(32) == 2 * 3 + 2  # length buckets 16, 32 x batch buckets 1, 2, 4; logprobs; a cancel
         fns = service.scheduler.engine.fns
         sizes = (fns.prefill._cache_size(), fns.decode._cache_size(), fns.release._cache_size())
         rng = np.random.default_rng(1)
