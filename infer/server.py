@@ -797,7 +797,7 @@ def serve_parser() -> argparse.ArgumentParser:
                         "chat_template`); refused with 400 by default")
     g.add_argument("--stream-interval", type=int, default=8,
                    help="decode steps per engine call, so tokens per stream chunk (a request's first token goes "
-                        "out after one step when no other request is decoding, else with the next chunk)")
+                        "out after one step, on its own)")
     g.add_argument("--warmup-len", type=int, default=256, metavar="N",
                    help="before serving, compile prefill for every batch bucket and prompt-length bucket up to N "
                         "tokens (a longer prompt compiles its bucket on first use, stalling the streams meanwhile)")

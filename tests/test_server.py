@@ -689,6 +689,19 @@ def test_tool_choice_named_and_required(servers):
     assert args.get("city") in ("Paris", "Rome") or isinstance(args.get("a"), int)
 
 
+def test_forced_tool_call_cut_by_max_tokens_leaks_no_tag(servers):
+    """The grammar writes `<tool_call>\n{"name": ...` from the first token: cut after a few tokens, nothing of it
+    may reach the content (OpenAI: no content beside a forced call)."""
+    url = servers["rand"].url
+    body = {"model": "rand", "messages": USER, "temperature": 0, "max_tokens": 3, "tools": ENUM_TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, **NO_THINK}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300).json()["choices"][0]
+    assert r["finish_reason"] == "length" and not r["message"]["content"] and "tool_calls" not in r["message"]
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=300) as s:
+        text = "".join(s.iter_text())
+    assert "<tool" not in text and '"finish_reason":"length"' in text
+
+
 def test_server_runs_mcp_tools(servers, weather_log):
     srv = servers["rand"]
     before = weather_log.read_text().splitlines() if weather_log.exists() else []
