@@ -69,7 +69,7 @@ class WorkerPool:
     threads. At most `max_pending` jobs wait or run at once (past that: QueueFull, a 429); a job not done after
     `timeout` seconds answers BadRequest 503 (its thread finishes it, still counted against max_pending)."""
 
-    def __init__(self, workers: int = 4, max_pending: int = 64, timeout: float = 60.0):
+    def __init__(self, workers: int = 4, max_pending: int = 256, timeout: float = 60.0):
         self.workers, self.max_pending, self.timeout = workers, max_pending, timeout
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen3-jax-prep")
         self._lock = threading.Lock()
