@@ -145,7 +145,8 @@ class Engine:
         """`decode` with per-token logprobs (`logprobs=True`: logprob [B, n], top ids / logprobs [B, n, TOP_LOGPROBS])
         and a token bitmask `mask_bw` (int32 [B, ceil(V / 32)]) applied to the sampling of the first step. The mask
         of each later step comes from `next_mask(tokens_b, active_b)` (host arrays: the step's tokens, -1 where a
-        row was not active; it returns the next int32 [B, W] mask); without it, a mask needs n_steps == 1."""
+        row was not active; it returns the next int32 [B, W] mask, or (mask, halt): halt true ends the call after
+        this step); without it, a mask needs n_steps == 1."""
         if mask_bw is not None and next_mask is None and n_steps != 1:
             raise ValueError(f"a token mask constrains one step (pass next_mask for more); got n_steps={n_steps}")
         if next_mask is not None and mask_bw is None:
@@ -324,14 +325,16 @@ class _Compiled:
                 top_lp, top_id = jax.lax.top_k(logp_bv, n_top)
                 lp = (lp[0].at[:, i].set(jnp.take_along_axis(logp_bv, tok[:, None], 1)[:, 0]),
                       lp[1].at[:, i].set(top_id.astype(jnp.int32)), lp[2].at[:, i].set(top_lp))
-            if mask_key is not None:  # the host's grammar matchers take the tokens and give the next mask
-                mask = io_callback(_next_mask, jax.ShapeDtypeStruct(mask.shape, jnp.int32), mask_key,
-                                   jnp.where(act, tok, -1), act)
-            return i + 1, n, out_bn, lp, jnp.any(done), rs, mask
+            halt = jnp.bool_(False)
+            if mask_key is not None:  # the host takes the tokens and gives the next mask (and may end the call)
+                mask, halt = io_callback(_next_mask, (jax.ShapeDtypeStruct(mask.shape, jnp.int32),
+                                                      jax.ShapeDtypeStruct((), jnp.bool_)),
+                                         mask_key, jnp.where(act, tok, -1), act)
+            return i + 1, n, out_bn, lp, (stop_on_finish & jnp.any(done)) | halt, rs, mask
 
         def cond(carry):
-            i, s, _, _, any_done, _, _ = carry
-            return (i < jnp.minimum(n_steps, n_max)) & jnp.any(s["active_b"]) & ~(stop_on_finish & any_done)
+            i, s, _, _, stop, _, _ = carry
+            return (i < jnp.minimum(n_steps, n_max)) & jnp.any(s["active_b"]) & ~stop
 
         lp0 = ()
         if n_top:
@@ -360,8 +363,9 @@ _MASK_KEYS = itertools.count(1)
 
 
 def _next_mask(key, tokens_b, active_b):
-    mask = _MASK_FNS[int(key)](np.asarray(tokens_b), np.asarray(active_b))
-    return np.ascontiguousarray(mask, np.int32)
+    out = _MASK_FNS[int(key)](np.asarray(tokens_b), np.asarray(active_b))
+    mask, halt = out if isinstance(out, tuple) else (out, False)
+    return np.ascontiguousarray(mask, np.int32), np.bool_(halt)
 
 
 def _routing_out(model, router_logits_lbte, valid_bt):
