@@ -11,8 +11,8 @@ A decode call runs up to `chunk` steps (the stream interval), whatever rows it h
 function after every step of a call (`Engine.decode_ex(next_mask=...)`) when some row needs one: a constrained row
 (`constrain.Constraint`), whose next token mask depends on the token just sampled, and a row just filled, whose
 first token is emitted from there after one step (unless it asks for logprobs, or the token may end the row: those
-come with the chunk). So neither cuts a call short for the other rows. Per-token logprobs are computed only while
-some row asks for them.
+come with the chunk). So neither cuts a call short for the other rows; such a call ends early only when requests
+arrive while a row is free for them. Per-token logprobs are computed only while some row asks for them.
 
 If the thread dies (an error outside a decode step), `alive` turns false, what was queued or running ends with
 "error", and `submit` raises `EngineDead`: the server answers 503 (and /health too).
@@ -241,6 +241,7 @@ class Scheduler:
         # (rows that want logprobs get theirs with the chunk: the hook sees tokens only)
         fresh = [(r, s) for r, s in live if r in self._fresh and not s.logprobs]
         early: set[int] = set()
+        free = self.max_batch - len(live)
         mask = next_mask = None
         if constrained or fresh:
             mask = self._allow_all()
@@ -258,7 +259,9 @@ class Scheduler:
                     if active_b[r]:
                         s.constraint.accept(int(tokens_b[r]))
                     s.constraint.fill(nxt, r)
-                return nxt
+                # requests that arrived during the call end it when a row is free for them (they come in bursts
+                # right after rows were filled: no new request waits a whole chunk for its prefill then)
+                return nxt, bool(free and self._waiting)
         out = self.engine.decode_ex(self.slots, self.chunk, stop_on_finish=more_waiting, mask_bw=mask,
                                     next_mask=next_mask, logprobs=any(s.logprobs for _, s in live))
         self.slots = out.slots

@@ -155,6 +155,9 @@ def test_decode_ex_logprobs_mask_and_release():
     assert out.tokens_bn[0].tolist() == [31, 32, 33] and out.tokens_bn[1, 0] == 17 and min(out.tokens_bn[1]) >= 0
     assert seen == [([31, out.tokens_bn[1, 0]], [True, True]), ([32, out.tokens_bn[1, 1]], [True, True]),
                     ([33, out.tokens_bn[1, 2]], [True, True])]
+    # (mask, True) from the hook ends the call after that step
+    out = eng.decode_ex(out.slots, 3, False, mask_bw=only(34), next_mask=lambda t, a: (only(35), True))
+    assert out.tokens_bn[0].tolist() == [34]
     slots = eng.release(out.slots, [1])
     out = eng.decode_ex(slots, 2, False)
     assert out.tokens_bn[1].tolist() == [-1, -1] and out.tokens_bn[0, 0] >= 0
