@@ -11,20 +11,29 @@ THINK_START, THINK_END = "<think>", "</think>"
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 
 
+# a tool call that ends the reasoning: `<tool_call>`, whitespace, then the call's JSON object
+_TOOL_CALL_OPEN_RE = re.compile(re.escape(TOOL_CALL_START) + r"\s*\{")
+
+
 def split_reasoning(text: str) -> tuple[str | None, str]:
     """Split generated text into (reasoning_content, content) on `<think>...</think>`.
 
     The opening `<think>` may be missing (the prompt ended with it). Without `</think>`, text that starts with
-    `<think>` is unfinished reasoning (content ""), anything else is all content. Newlines around the reasoning and
-    before the content are stripped, as Qwen3's chat template does; empty reasoning gives None."""
-    if THINK_END in text:
-        reasoning, _, content = text.partition(THINK_END)
-        reasoning = reasoning.split(THINK_START)[-1]
-    elif text.lstrip().startswith(THINK_START):
-        reasoning, content = text.lstrip()[len(THINK_START) :], ""
-    else:
+    `<think>` is unfinished reasoning (content ""), anything else is all content. A tool call (`<tool_call>` then
+    a JSON object) before `</think>` also ends the reasoning, as vLLM's Qwen3 reasoning parser reads it: the call
+    is content. Newlines around the reasoning and before the content are stripped, as Qwen3's chat template does;
+    empty reasoning gives None."""
+    end = text.find(THINK_END)
+    if end < 0 and not text.lstrip().startswith(THINK_START):
         return None, text
-    return reasoning.strip("\n") or None, content.lstrip("\n")
+    call = _TOOL_CALL_OPEN_RE.search(text)
+    if call is not None and (end < 0 or call.start() < end):
+        reasoning, content = text[: call.start()], text[call.start() :]
+    elif end >= 0:
+        reasoning, content = text[:end], text[end + len(THINK_END) :]
+    else:
+        reasoning, content = text, ""
+    return reasoning.split(THINK_START)[-1].strip("\n") or None, content.lstrip("\n")
 
 
 _TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_START) + r"(.*?)" + re.escape(TOOL_CALL_END), re.DOTALL)
@@ -168,12 +177,15 @@ class ChatStreamParser:
     `</think>`, `<tool_call>`) is held back until it is whole, so no part of it reaches the content; reasoning
     loses the newlines around it and the content the newlines that open it (the template's form); whitespace
     before a tool call waits, and is dropped when nothing but tool calls follows. A malformed or unterminated
-    `<tool_call>` block goes to the content as text (and to `errors`). `in_reasoning`: the prompt ended inside
-    `<think>`; `tools`: parse tool calls (only when tools were offered)."""
+    `<tool_call>` block goes to the content as text (and to `errors`). A tool call before `</think>` ends the
+    reasoning (see `split_reasoning`). `in_reasoning`: the prompt ended inside `<think>`; `tools`: parse tool calls
+    (only when tools were offered); `calls_only`: the answer is tool calls and nothing else (a forced tool_choice),
+    so no text after the reasoning is content: a block cut short (max_tokens) is dropped, not shown."""
 
-    def __init__(self, in_reasoning: bool = False, tools: bool = False):
+    def __init__(self, in_reasoning: bool = False, tools: bool = False, calls_only: bool = False):
         self.state = "reasoning" if in_reasoning else "start"
-        self.tools = tools
+        self.tools = tools or calls_only
+        self.calls_only = calls_only
         self.errors: list[dict] = []
         self.n_calls = 0
         self._buf = ""             # undecided text (a possible tag, leading / trailing whitespace, a tool block)
@@ -207,7 +219,18 @@ class ChatStreamParser:
         if self._strip:
             buf = buf.lstrip("\n")
             self._strip = not buf
-        if THINK_END in buf:
+        end, pos, held = buf.find(THINK_END), 0, None
+        while (i := buf.find(TOOL_CALL_START, pos)) >= 0 and (end < 0 or i < end):
+            after = buf[i + len(TOOL_CALL_START) :].lstrip()
+            if after.startswith("{"):  # a tool call: the reasoning ends here and the call is content
+                self._emit(out, "reasoning", buf[:i].replace(THINK_START, "").rstrip("\n"))
+                self._buf, self.state, self._strip = buf[i:], "content", False
+                return
+            if not after and not final:  # what follows decides: wait for it
+                held = i
+                break
+            pos = i + 1
+        if held is None and end >= 0:
             text, _, rest = buf.partition(THINK_END)
             self._emit(out, "reasoning", text.replace(THINK_START, "").rstrip("\n"))
             self._buf, self.state, self._strip = rest, "content", True
@@ -216,7 +239,7 @@ class ChatStreamParser:
             self._buf = ""
             self._emit(out, "reasoning", buf.replace(THINK_START, "").rstrip("\n"))
             return
-        keep = _partial_tag(buf, (THINK_END, THINK_START))
+        keep = len(buf) - held if held is not None else _partial_tag(buf, (THINK_END, THINK_START, TOOL_CALL_START))
         text = buf[: len(buf) - keep]
         n_nl = len(text) - len(text.rstrip("\n"))  # trailing newlines wait: they are dropped before </think>
         self._emit(out, "reasoning", text[: len(text) - n_nl].replace(THINK_START, ""))
@@ -264,8 +287,9 @@ class ChatStreamParser:
             self._buf = ""
             self._emit(out, "content", (ws if not self.n_calls else "") + TOOL_CALL_START + block)
 
-    @staticmethod
-    def _emit(out, kind, text):
+    def _emit(self, out, kind, text):
+        if kind == "content" and self.calls_only:
+            return
         if text:
             if out and out[-1][0] == kind and kind != "tool_call":
                 out[-1] = (kind, out[-1][1] + text)

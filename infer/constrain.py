@@ -17,6 +17,7 @@ output, as xgrammar's Qwen3 structural tag does for tool calls.
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import numpy as np
@@ -24,6 +25,10 @@ import numpy as np
 from .chat import THINK_END, THINK_START
 
 MAX_WHITESPACE = 16  # longest run of whitespace inside constrained JSON (a model cannot pad forever)
+GRAMMAR_CACHE_BYTES = 256 << 20  # compiled grammars kept for reuse (~3.5 MB each with Qwen's vocabulary)
+
+# xgrammar's messages begin with its log prefix: "[12:00:00] /path/to/source.cc:123: "
+_XGR_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
 
 
 class GrammarError(ValueError):
@@ -43,9 +48,10 @@ def reasoning_mode(prompt_ids, think_ids, enable_thinking: bool) -> str:
 
 
 class Grammars:
-    """xgrammar tokenizer info + compiler for one tokenizer and model vocabulary (thread-safe compile)."""
+    """xgrammar tokenizer info + compiler for one tokenizer and model vocabulary (thread-safe compile). The
+    compiler's cache of compiled grammars holds at most `cache_bytes` (least recently used out first)."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids, cache_bytes: int = GRAMMAR_CACHE_BYTES):
         import xgrammar as xgr
 
         self._xgr = xgr  # imported here: xgrammar pulls in torch (seconds), only servers need it
@@ -54,7 +60,8 @@ class Grammars:
         self.vocab_size = vocab_size
         self.info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=vocab_size,
                                       stop_token_ids=list(stop_token_ids))
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=True)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=True,
+                                            cache_limit_bytes=int(cache_bytes))
         self._lock = threading.Lock()
 
     # -- building ----------------------------------------------------------------------------------------------
@@ -75,7 +82,8 @@ class Grammars:
             try:
                 return self.compiler.compile_structural_tag(structural_tag)
             except (RuntimeError, ValueError, TypeError) as e:
-                raise GrammarError(str(e).strip().splitlines()[-1]) from None
+                lines = str(e).strip().splitlines() or ["invalid"]
+                raise GrammarError(_XGR_PREFIX.sub("", lines[-1])) from None
 
     def response_format(self, schema, reasoning: str = "disabled", stop_token_ids=None) -> "Constraint":
         """schema: a JSON schema dict, or None for any JSON object (json_object)."""

@@ -18,7 +18,9 @@ is active or, with `stop_on_finish`, when some row finishes (the host then refil
 `decode_ex` adds what a server needs: the log-probability of each emitted token and the TOP_LOGPROBS most
 likely tokens (log_softmax of the raw model logits, before penalties, temperature and masks: vLLM's default),
 and a per-row token bitmask (int32 [B, ceil(V / 32)], bit j of word w allows token 32 w + j: xgrammar's
-layout) that constrains one step of sampling. `release` ends rows at once (a client went away).
+layout) that constrains the first step's sampling; with `next_mask`, a host function called after every step (an
+io_callback inside the decode loop) with the tokens just sampled returns the next step's mask, so grammar-constrained
+rows decode whole chunks beside the others. `release` ends rows at once (a client went away).
 
 With `routing_stats` (a qwen3_jax.routing.RoutingStats), prefill and decode also return the routing of every token
 they run through the model (the prompt in prefill, each row's input token in each decode step), computed on device
@@ -30,12 +32,14 @@ unchanged (the statistics are a static variant of the compiled functions).
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from qwen3_jax.model import KVCache
 
@@ -137,16 +141,29 @@ class Engine:
         return slots, out_bn[:, : int(n)], reason_b
 
     def decode_ex(self, slots, n_steps: int, stop_on_finish: bool, *, n_max: int | None = None, mask_bw=None,
-                  logprobs: bool = False) -> "DecodeOut":
+                  logprobs: bool = False, next_mask=None) -> "DecodeOut":
         """`decode` with per-token logprobs (`logprobs=True`: logprob [B, n], top ids / logprobs [B, n, TOP_LOGPROBS])
-        and a token bitmask `mask_bw` (int32 [B, ceil(V / 32)]) applied to the sampling of the first step: with a
-        mask, n_steps must be 1 (the host computes the next mask from the token)."""
-        if mask_bw is not None and n_steps != 1:
-            raise ValueError(f"a token mask constrains one step; got n_steps={n_steps}")
+        and a token bitmask `mask_bw` (int32 [B, ceil(V / 32)]) applied to the sampling of the first step. The mask
+        of each later step comes from `next_mask(tokens_b, active_b)` (host arrays: the step's tokens, -1 where a
+        row was not active; it returns the next int32 [B, W] mask, or (mask, halt): halt true ends the call after
+        this step); without it, a mask needs n_steps == 1."""
+        if mask_bw is not None and next_mask is None and n_steps != 1:
+            raise ValueError(f"a token mask constrains one step (pass next_mask for more); got n_steps={n_steps}")
+        if next_mask is not None and mask_bw is None:
+            raise ValueError("next_mask needs the first step's mask_bw")
         n_max = n_max or self.chunk
         mask = None if mask_bw is None else np.asarray(mask_bw, np.int32)
-        out = self.fns.decode(self.params, slots, np.int32(n_steps), np.bool_(stop_on_finish), mask,
-                              n_max=n_max, n_top=TOP_LOGPROBS if logprobs else 0)
+        key = None
+        if next_mask is not None:
+            key = next(_MASK_KEYS)
+            _MASK_FNS[key] = next_mask
+        try:
+            out = self.fns.decode(self.params, slots, np.int32(n_steps), np.bool_(stop_on_finish), mask,
+                                  None if key is None else np.int32(key), n_max=n_max,
+                                  n_top=TOP_LOGPROBS if logprobs else 0)
+            jax.block_until_ready(out[1])
+        finally:
+            _MASK_FNS.pop(key, None)
         slots, lp = out[0], (out[3] if logprobs else None)
         rs = out[-1] if self.routing_stats is not None else None
         out_bn, n, reason_b, lp, rs = jax.device_get((out[1], out[2], slots["reason_b"], lp, rs))
@@ -245,23 +262,21 @@ class _Compiled:
             return s, _replicated(model, _routing_out(model, out.router_logits, mask_pt))
         return s
 
-    def _decode_fn(self, params, slots, n_steps, stop_on_finish, mask_bw=None, *, n_max: int, n_top: int = 0):
-        """mask_bw: None or an int32 token bitmask [B, W] (see `Engine.decode_ex`); n_top > 0: also return
-        (logprob [B, n_max], top ids [B, n_max, n_top], top logprobs [B, n_max, n_top])."""
+    def _decode_fn(self, params, slots, n_steps, stop_on_finish, mask_bw=None, mask_key=None, *, n_max: int,
+                   n_top: int = 0):
+        """mask_bw: None or an int32 token bitmask [B, W] for the first step; mask_key: None, or the key of the
+        host function (`_MASK_FNS`) that gives each later step's mask (see `Engine.decode_ex`); n_top > 0: also
+        return (logprob [B, n_max], top ids [B, n_max, n_top], top logprobs [B, n_max, n_top])."""
         model = nnx.merge(self.graphdef, params)
         b = slots["tok_b"].shape[0]
         v = self.cfg.vocab_size
-        allowed_bv = None
-        if mask_bw is not None:
-            bits = (mask_bw[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
-            allowed_bv = bits.reshape(b, -1)[:, :v].astype(bool)
         rows = jnp.arange(b)
         think_start, think_end = self.think_ids
         forced = jnp.asarray(self.forced, jnp.int32)
         n_forced = len(self.forced)
 
         def step(carry):
-            i, s, out_bn, lp, _, rs = carry
+            i, s, out_bn, lp, _, rs, mask = carry
             act = s["active_b"]
             o = model(s["tok_b"][:, None], attention_mask=act[:, None].astype(jnp.int32), cache=s["cache"])
             if self.routing:  # this step's input token of each active row, routed as the model just did
@@ -274,8 +289,9 @@ class _Compiled:
                 jnp.any(act & ((s["rep_b"] != 1) | (s["pres_b"] != 0) | (s["freq_b"] != 0))),
                 lambda l: apply_penalties(l, s["seen_bv"], s["counts_bv"], s["rep_b"], s["pres_b"], s["freq_b"]),
                 lambda l: l, logits)
-            if allowed_bv is not None:
-                penalised = jnp.where(allowed_bv, penalised, -jnp.inf)
+            if mask is not None:
+                bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+                penalised = jnp.where(bits.reshape(b, -1)[:, :v].astype(bool), penalised, -jnp.inf)
             keys = jax.vmap(jax.random.fold_in)(s["key_b"], s["n_gen_b"])
             temp = jnp.where(act, s["temp_b"], 0.0)  # finished rows must not push an all-greedy batch off argmax
             tok = sample(penalised, keys, temp, s["top_k_b"], s["top_p_b"], s["min_p_b"])
@@ -309,11 +325,16 @@ class _Compiled:
                 top_lp, top_id = jax.lax.top_k(logp_bv, n_top)
                 lp = (lp[0].at[:, i].set(jnp.take_along_axis(logp_bv, tok[:, None], 1)[:, 0]),
                       lp[1].at[:, i].set(top_id.astype(jnp.int32)), lp[2].at[:, i].set(top_lp))
-            return i + 1, n, out_bn, lp, jnp.any(done), rs
+            halt = jnp.bool_(False)
+            if mask_key is not None:  # the host takes the tokens and gives the next mask (and may end the call)
+                mask, halt = io_callback(_next_mask, (jax.ShapeDtypeStruct(mask.shape, jnp.int32),
+                                                      jax.ShapeDtypeStruct((), jnp.bool_)),
+                                         mask_key, jnp.where(act, tok, -1), act)
+            return i + 1, n, out_bn, lp, (stop_on_finish & jnp.any(done)) | halt, rs, mask
 
         def cond(carry):
-            i, s, _, _, any_done, _ = carry
-            return (i < jnp.minimum(n_steps, n_max)) & jnp.any(s["active_b"]) & ~(stop_on_finish & any_done)
+            i, s, _, _, stop, _, _ = carry
+            return (i < jnp.minimum(n_steps, n_max)) & jnp.any(s["active_b"]) & ~stop
 
         lp0 = ()
         if n_top:
@@ -328,13 +349,24 @@ class _Compiled:
                        coactivation_adjacent=jnp.zeros((n_l, e, e), jnp.int32),
                        top1_ids=jnp.full((b, n_max, n_l), e, jnp.int32), ids_bn=jnp.zeros((b, n_max), jnp.int32),
                        valid_bn=jnp.zeros((b, n_max), bool))
-        init = (jnp.int32(0), slots, jnp.full((b, n_max), -1, jnp.int32), lp0, jnp.bool_(False), rs0)
-        n, slots, out_bn, lp, _, rs = jax.lax.while_loop(cond, step, init)
+        init = (jnp.int32(0), slots, jnp.full((b, n_max), -1, jnp.int32), lp0, jnp.bool_(False), rs0, mask_bw)
+        n, slots, out_bn, lp, _, rs, _ = jax.lax.while_loop(cond, step, init)
         out = (slots, out_bn, n, lp) if n_top else (slots, out_bn, n)
         return out + (_replicated(model, rs),) if self.routing else out
 
 
 _SUMMED = ("load", "top1", "entropy", "topk_mass", "tokens", "coactivation", "coactivation_adjacent")
+
+# host functions giving a decode loop's next token mask (Engine.decode_ex's next_mask), by the key the call passes
+# (the compiled decode is shared by every Engine of a graph)
+_MASK_FNS: dict = {}
+_MASK_KEYS = itertools.count(1)
+
+
+def _next_mask(key, tokens_b, active_b):
+    out = _MASK_FNS[int(key)](np.asarray(tokens_b), np.asarray(active_b))
+    mask, halt = out if isinstance(out, tuple) else (out, False)
+    return np.ascontiguousarray(mask, np.int32), np.bool_(halt)
 
 
 def _routing_out(model, router_logits_lbte, valid_bt):

@@ -7,9 +7,15 @@ tokens through its `emit` callback (called on the scheduler thread: keep it shor
 `loop.call_soon_threadsafe`). Requests arriving while others decode join at the next call, so concurrent
 requests share decode steps.
 
-A decode call runs up to `chunk` steps (the stream interval); it runs one step when a row was just filled
-(its first token goes out at once) or when a row is constrained (its next token mask depends on the token
-just sampled: `constrain.Constraint`). Per-token logprobs are computed only while some row asks for them.
+A decode call runs up to `chunk` steps (the stream interval), whatever rows it holds. The engine calls a host
+function after every step of a call (`Engine.decode_ex(next_mask=...)`) when some row needs one: a constrained row
+(`constrain.Constraint`), whose next token mask depends on the token just sampled, and a row just filled, whose
+first token is emitted from there after one step (unless it asks for logprobs, or the token may end the row: those
+come with the chunk). So neither cuts a call short for the other rows; such a call ends early only when requests
+arrive while a row is free for them. Per-token logprobs are computed only while some row asks for them.
+
+If the thread dies (an error outside a decode step), `alive` turns false, what was queued or running ends with
+"error", and `submit` raises `EngineDead`: the server answers 503 (and /health too).
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ class QueueFull(Exception):
     pass
 
 
+class EngineDead(RuntimeError):
+    """The scheduler thread is not running (stopped, or died: `Scheduler.death` says why)."""
+
+
 @dataclass
 class Event:
     """New tokens of one sequence. finish_reason: None (more to come), "stop", "length", "abort" (cancelled or
@@ -60,6 +70,7 @@ class Sequence:
     logprobs: bool = False
     submitted: float = 0.0                # perf_counter at submit
     done: bool = False
+    cancelled: bool = False
 
 
 class Scheduler:
@@ -79,6 +90,7 @@ class Scheduler:
         self._fresh: set[int] = set()    # rows prefilled whose first token is not out yet
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.death: str | None = None    # why the thread died, if it did
         self.steps = 0                   # decode calls made (for tests and metrics)
 
     # -- any thread ------------------------------------------------------------------------------------------
@@ -90,6 +102,11 @@ class Scheduler:
     def num_running(self) -> int:
         return sum(r is not None for r in self._rows)
 
+    @property
+    def alive(self) -> bool:
+        """The thread runs (False before `start`, after `stop`, or once it died)."""
+        return self._thread is not None and self._thread.is_alive() and self.death is None
+
     def submit(self, seqs: list[Sequence]):
         """Queue sequences (all or none): QueueFull when the waiting queue would exceed max_queue."""
         for s in seqs:
@@ -99,7 +116,9 @@ class Scheduler:
                 raise ValueError(f"at most {MAX_STOP_IDS} stop token ids")
         with self._cv:
             if self._stop:
-                raise RuntimeError("the scheduler is stopped")
+                raise EngineDead("the scheduler is stopped")
+            if self.death is not None or (self._thread is not None and not self._thread.is_alive()):
+                raise EngineDead("the engine thread has died")
             if len(self._waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
             now = time.perf_counter()
@@ -111,7 +130,8 @@ class Scheduler:
     def cancel(self, seq: Sequence):
         """Stop a sequence: it emits an "abort" event (unless it already finished) and frees its row."""
         with self._cv:
-            if not seq.done:
+            if not (seq.done or seq.cancelled):
+                seq.cancelled = True
                 self._cancelled.append(seq)
                 self._cv.notify()
 
@@ -131,6 +151,22 @@ class Scheduler:
 
     # -- scheduler thread ------------------------------------------------------------------------------------
     def _run(self):
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001  (whatever killed the thread: requests must not wait forever)
+            self.death = f"{type(e).__name__}: {e}"
+            log.critical("the scheduler thread died:\n%s", traceback.format_exc())
+            with self._cv:
+                left, self._waiting, self._cancelled = [*self._waiting, *self._cancelled], deque(), []
+            left += [s for s in self._rows if s is not None]
+            self._rows = [None] * self.max_batch
+            for s in left:
+                try:
+                    self._finish(s, "error", "the engine stopped")
+                except Exception:  # noqa: BLE001
+                    log.error("could not end a sequence:\n%s", traceback.format_exc())
+
+    def _loop(self):
         while True:
             with self._cv:
                 while not (self._stop or self._waiting or self._cancelled or any(self._rows)):
@@ -156,6 +192,10 @@ class Scheduler:
                         self._finish(s, "error", f"{type(e).__name__}: {e}")
                 self._abort_all("error", f"{type(e).__name__}: {e}", waiting=False)
                 self.slots = self.engine.new_slots(self.max_batch, self.max_len, MAX_STOP_IDS, self.cache_dtype)
+
+    def _allow_all(self) -> np.ndarray:
+        """A token bitmask [B, ceil(V / 32)] that allows every token (xgrammar's layout)."""
+        return np.full((self.max_batch, (self.vocab_size + 31) // 32), -1, np.int32)
 
     def _finish(self, s: Sequence, reason: str, error: str | None = None, tokens=(), logprobs=None):
         if not s.done:
@@ -197,23 +237,41 @@ class Scheduler:
         if not live:
             return
         constrained = [(r, s) for r, s in live if s.constraint is not None]
-        mask = None
-        if constrained:
-            mask = self.grammars.allocate_bitmask(self.max_batch)
+        # new rows' first tokens go out from inside the call (after its first step), so no call is cut short for them
+        # (rows that want logprobs get theirs with the chunk: the hook sees tokens only)
+        fresh = [(r, s) for r, s in live if r in self._fresh and not s.logprobs]
+        early: set[int] = set()
+        free = self.max_batch - len(live)
+        mask = next_mask = None
+        if constrained or fresh:
+            mask = self._allow_all()
             for r, s in constrained:
                 s.constraint.fill(mask, r)
-        one = bool(constrained or self._fresh)
-        out = self.engine.decode_ex(self.slots, 1 if one else self.chunk, stop_on_finish=more_waiting,
-                                    mask_bw=mask, logprobs=any(s.logprobs for _, s in live))
+
+            def next_mask(tokens_b, active_b):  # called by the engine after each step
+                for r, s in fresh:
+                    t = int(tokens_b[r])
+                    if r not in early and active_b[r] and s.max_new_tokens > 1 and t not in s.stop_token_ids:
+                        early.add(r)  # (a token that may end the row waits: a stop token is no text)
+                        s.emit(Event([t]))
+                nxt = self._allow_all()
+                for r, s in constrained:  # the matchers take the tokens and give the next masks
+                    if active_b[r]:
+                        s.constraint.accept(int(tokens_b[r]))
+                    s.constraint.fill(nxt, r)
+                # requests that arrived during the call end it when a row is free for them (they come in bursts
+                # right after rows were filled: no new request waits a whole chunk for its prefill then)
+                return nxt, bool(free and self._waiting)
+        out = self.engine.decode_ex(self.slots, self.chunk, stop_on_finish=more_waiting, mask_bw=mask,
+                                    next_mask=next_mask, logprobs=any(s.logprobs for _, s in live))
         self.slots = out.slots
         self.steps += 1
         self._fresh.clear()
         for r, s in live:
             cols = np.nonzero(out.tokens_bn[r] >= 0)[0]
+            if r in early:
+                cols = cols[1:]  # already emitted
             toks = [int(t) for t in out.tokens_bn[r, cols]]
-            if s.constraint is not None:
-                for t in toks:
-                    s.constraint.accept(t)
             lps = None
             if s.logprobs and out.logprob_bn is not None:
                 lps = [(float(out.logprob_bn[r, c]),

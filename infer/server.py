@@ -4,13 +4,22 @@
                     --max-queue 256 --served-model-name NAME --api-key KEY --mcp "python tools.py"]
 
 Endpoints: POST /v1/chat/completions and /v1/completions (SSE with "stream": true), GET /v1/models, GET /health,
-POST /tokenize and /detokenize, GET /metrics (Prometheus). Requests to /v1/* need `Authorization: Bearer KEY`
-when --api-key (or $QWEN3_JAX_API_KEY) is set. The wire format is vLLM's for Qwen3: `reasoning_content` and
-`reasoning`, `chat_template_kwargs.enable_thinking`, `include_reasoning`, `thinking_token_budget`, tool-call
-deltas with `index` (and `id`, `type`, `function.name` on a call's first chunk). Errors are
-`{"error": {"message", "type", "param", "code"}}`: 400 for a bad field (named in `param` and the message), 401
-without the key, 429 when the waiting queue is full. SIGTERM stops accepting connections, lets the requests in
-flight finish, then exits.
+POST /tokenize and /detokenize, GET /metrics (Prometheus). Requests to /v1/*, /tokenize and /detokenize need
+`Authorization: Bearer KEY` when --api-key (or $QWEN3_JAX_API_KEY) is set. The wire format is vLLM's for Qwen3:
+`reasoning_content` and `reasoning`, `chat_template_kwargs.enable_thinking`, `include_reasoning`,
+`thinking_token_budget`, tool-call deltas with `index` (and `id`, `type`, `function.name` on a call's first chunk).
+Errors are `{"error": {"message", "type", "param", "code"}}`, as vLLM sends them: 400 for a bad field (named in
+`param` and the message; `param` null for a body that is no JSON), 401 without the key, 404 for a `model` the
+server does not serve, 408 past --request-timeout, 413 for a body past --max-body-bytes (answered from its
+Content-Length, before it is read), 429 when the waiting queue (or the worker pool) is full, 500 when generation
+failed (the details go to the log, not to the client), 503 when the engine thread has died (/health too).
+
+Blocking work of a request (parsing a large body, tokenization, chat templates, grammar compilation, prompt
+logprobs) runs in a bounded worker pool with a timeout, so the event loop keeps answering (/health among others).
+A client that disconnects has its sequences cancelled at once (their rows freed). Chat templates sent by
+requests are refused unless --trust-request-chat-template. The port is bound before the model loads (a port in
+use: one usage error, exit 2). SIGTERM stops accepting connections, lets the requests in flight finish, then
+exits.
 """
 
 from __future__ import annotations
@@ -23,22 +32,26 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
+import traceback
 import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen3_jax.hostmem import tune_malloc
 from qwen3_jax.launch import ArgumentParser, default_platform
 
 from . import protocol as P
 from .cli import SAMPLING_FLAGS, SamplingDefaults, _add_model_args, _load_model, _load_tokenizer, _setup, add_sampling_flags
-from .scheduler import QueueFull
-from .serving import BadRequest, ChatPlan, ChatRun, ChoiceOutput, EngineService, GenParams, ToolRun
+from .scheduler import EngineDead, QueueFull
+from .serving import (RESERVED_TEMPLATE_KWARGS, BadRequest, ChatPlan, ChatRun, ChoiceOutput, EngineService,
+                      GenParams, ToolRun, WorkerPool)
 
 log = logging.getLogger("qwen3_jax.serve")
 
@@ -127,17 +140,41 @@ def _gen_params(req, service: EngineService, defaults: Defaults, enable_thinking
                      thinking_budget, logprobs, top_logprobs)
 
 
-def chat_plan(req, service: EngineService, defaults: Defaults) -> ChatPlan:
+def request_template(req, trust: bool) -> str | None:
+    """The chat template a request sends (`chat_template`, or `chat_template_kwargs.chat_template`), or None;
+    refused (400) unless the server trusts request templates (--trust-request-chat-template)."""
+    template = req.chat_template
+    inner = (req.chat_template_kwargs or {}).get("chat_template")
+    if template is None and inner is None:
+        return None
+    param = "chat_template" if template is not None else "chat_template_kwargs.chat_template"
+    if not trust:
+        raise BadRequest("The request sends a chat template, but the server does not render request templates "
+                         "(start it with --trust-request-chat-template to allow them).", param)
+    template = template if template is not None else inner
+    if not isinstance(template, str):
+        raise BadRequest(f"{param} must be a string", param)
+    return template
+
+
+def chat_plan(req, service: EngineService, defaults: Defaults, *, mcp_tools: bool = False,
+              trust_templates: bool = False) -> ChatPlan:
+    """mcp_tools: the server has MCP tools (a tool_choice without tools then applies to them)."""
     kwargs = dict(req.chat_template_kwargs or {})
     thinking = kwargs.pop("enable_thinking", defaults.enable_thinking)
     if not isinstance(thinking, bool):
         raise BadRequest("chat_template_kwargs.enable_thinking must be true or false",
                          "chat_template_kwargs.enable_thinking")
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    template = request_template(req, trust_templates)
+    if req.stream_options is not None and not req.stream:
+        raise BadRequest("stream_options can only be set when stream is true", "stream_options")
     choice = req.tool_choice
+    if choice is not None and choice != "none" and (req.tools == [] or (req.tools is None and not mcp_tools)):
+        raise BadRequest("When using `tool_choice`, `tools` must be set (and not empty).", "tool_choice")
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     if hasattr(choice, "model_dump"):
         choice = choice.model_dump()
-        if not tools or choice["function"]["name"] not in {t["function"]["name"] for t in tools}:
+        if tools and choice["function"]["name"] not in {t["function"]["name"] for t in tools}:
             raise BadRequest(f"tool_choice names the function {choice['function']['name']!r}, which is not in tools",
                              "tool_choice")
     if req.top_logprobs and not req.logprobs:
@@ -157,7 +194,8 @@ def chat_plan(req, service: EngineService, defaults: Defaults) -> ChatPlan:
             rf["json_schema"] = {"name": spec.name, "schema": spec.json_schema}
     return ChatPlan(messages=[m.for_template() for m in req.messages], tools=tools, tool_choice=choice or "auto",
                     enable_thinking=thinking, template_kwargs=kwargs, params=params, n=req.n, response_format=rf,
-                    parallel_tool_calls=req.parallel_tool_calls, max_tool_rounds=defaults.max_tool_rounds)
+                    parallel_tool_calls=req.parallel_tool_calls, max_tool_rounds=defaults.max_tool_rounds,
+                    chat_template=template)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,40 +219,156 @@ def chat_logprobs(tokenizer, token_ids, lps, top: int) -> list[dict]:
     return out
 
 
-def completion_logprobs(tokenizer, token_ids, lps, top: int, offset: int) -> dict:
+def completion_logprobs(tokenizer, token_ids, lps, top: int, offset: int, prompt: bool = False) -> dict:
+    """The completions `logprobs` object: per token its text, logprob, offset and top_logprobs: the sampled token
+    and the `top` most likely ones (OpenAI returns the sampled token even with logprobs 0, so up to top + 1).
+    prompt: token_ids are an echoed prompt and lps has one entry fewer (the first token has no logprob: null)."""
+    if prompt:
+        lps = [None] + list(lps)
     tokens, offsets = [], []
     for t in token_ids:
         s = _token_str(tokenizer, t)
         tokens.append(s)
         offsets.append(offset)
         offset += len(s)
-    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in lps], "text_offset": offsets,
-            "top_logprobs": [{_token_str(tokenizer, i): v for i, v in tops[:top]} for _, tops in lps]}
+    tops = []
+    for t, x in zip(token_ids, lps):
+        if x is None:
+            tops.append(None)
+            continue
+        d = {_token_str(tokenizer, t): x[0]}
+        for i, v in x[1][:top]:
+            d.setdefault(_token_str(tokenizer, i), v)
+        tops.append(d)
+    return {"tokens": tokens, "token_logprobs": [None if x is None else x[0] for x in lps], "text_offset": offsets,
+            "top_logprobs": tops}
+
+
+def _join_logprobs(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return b
+    return {k: a[k] + b[k] for k in ("tokens", "token_logprobs", "text_offset", "top_logprobs")}
 
 
 def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _error(message: str, status: int, param: str | None = None, kind: str | None = None):
-    kind = kind or {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                    429: "RateLimitError", 503: "ServiceUnavailableError"}.get(status, "InternalServerError")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+_KINDS = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowedError",
+          408: "TimeoutError", 413: "RequestTooLargeError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
+
+
+def _error_body(message: str, status: int, param: str | None = None, kind: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind or _KINDS.get(status, "InternalServerError"), "param": param,
+                      "code": status}}
+
+
+def _error(message: str, status: int, param: str | None = None, kind: str | None = None, headers=None):
+    return JSONResponse(_error_body(message, status, param, kind), status, headers=headers)
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+GENERATION_FAILED = "The engine failed while generating this response; the server log has the details."
+TIMED_OUT = "The request took longer than the server's --request-timeout ({:g} s); what was left of it was cancelled."
+MAX_BODY_BYTES = 4 << 20
+INLINE_BODY_BYTES = 64 << 10  # smaller bodies are parsed on the event loop (a thread hop costs more)
+
+
+class EventStream(Response):
+    """Server-sent events from an async generator of str. `on_close` (cancel the request's sequences) runs as
+    soon as the client disconnects (a watcher on `receive`), or a send fails, or the body ends, whichever is
+    first: rows are freed then, not when the generator happens to be closed."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, gen, on_close):
+        self.gen, self.on_close = gen, on_close
+        self.status_code, self.background = 200, None
+        self.init_headers({"cache-control": "no-cache"})
+
+    async def __call__(self, scope, receive, send):
+        gone = asyncio.Event()
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            self.on_close()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.gen:
+                if gone.is_set():
+                    break
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            if not gone.is_set():
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away while we sent
+            pass
+        finally:
+            watcher.cancel()
+            self.on_close()
+            await self.gen.aclose()
+
+
+class Guard:
+    """ASGI middleware in front of every route: the API key on /v1/*, /tokenize and /detokenize (401); a body
+    whose Content-Length passes `max_body` is answered 413 before it is read; requests counted by path and status."""
+
+    def __init__(self, app, *, api_key: str | None, max_body: int, metrics):
+        self.app, self.api_key, self.max_body, self.metrics = app, api_key, max_body, metrics
+        self._key = f"Bearer {api_key}".encode() if api_key is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        status = [500]
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self._key is not None and (path.startswith("/v1") or path in ("/tokenize", "/detokenize")):
+                if not secrets.compare_digest(headers.get(b"authorization", b""), self._key):
+                    return await _error("Unauthorized: send the API key as 'Authorization: Bearer <key>'",
+                                        401)(scope, receive, counted)
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                return await _error(f"The request body is larger than the server's limit of {self.max_body} bytes "
+                                    "(--max-body-bytes).", 413, headers={"connection": "close"})(scope, receive, counted)
+            await self.app(scope, receive, counted)
+        finally:
+            if self.metrics is not None and path != "/metrics":
+                self.metrics.requests.labels(path, str(status[0])).inc()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the app
 
 
-def create_app(service: EngineService, *, served_model_name: str, model_dir: str = "", defaults: Defaults,
-               api_key: str | None = None, mcp=None, start_service: bool = True):
-    """The FastAPI app. `mcp`: the MCP tools (mcp_client.BackgroundMCPTools) for chat requests that send no tools.
-    `start_service`: start the scheduler thread in the lifespan (and stop it at shutdown)."""
+def create_app(service: EngineService, *, served_model_name: str | list[str], defaults: Defaults,
+               api_key: str | None = None, mcp=None, start_service: bool = True, model_aliases=(),
+               max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float | None = None,
+               trust_request_chat_template: bool = False, pool: WorkerPool | None = None):
+    """The FastAPI app. `served_model_name`: the name (or names) clients send as `model` and /v1/models lists; the
+    first is the name in responses. `model_aliases`: more names accepted, not listed (e.g. the --model path as
+    given). `mcp`: the MCP tools (mcp_client.BackgroundMCPTools) for chat requests that send no tools.
+    `start_service`: start the scheduler thread in the lifespan (and stop it at shutdown). `request_timeout`:
+    seconds from arrival after which what is left of a request is cancelled (None: no limit). `pool`: where
+    blocking work runs (JSON of large bodies, tokenization, templates, grammars, prompt logprobs)."""
     metrics = service.metrics
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+    shown = names[0]
+    accepted = set(names) | set(model_aliases)
+    pool = pool or WorkerPool()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -223,34 +377,20 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
         yield
         if start_service:
             service.stop()
+        pool.shutdown()
 
     app = FastAPI(title="qwen3-jax", lifespan=lifespan)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body_bytes, metrics=metrics)
     tok = service.tokenizer
-
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if api_key is not None and path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            if not secrets.compare_digest(header.encode(), f"Bearer {api_key}".encode()):
-                response = _error("Unauthorized: send the API key as 'Authorization: Bearer <key>'", 401)
-                if metrics is not None:
-                    metrics.requests.labels(path, "401").inc()
-                return response
-        response = await call_next(request)
-        if metrics is not None and path != "/metrics":
-            metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        # a union's branch name (e.g. "str", "list[int]") is not a field: keep the path to it
-        loc = [x for x in loc if not (x[:1].islower() and ("[" in x or x in ("str", "int", "float", "bool")))]
-        field = ".".join(loc) or "body"
-        return _error(f"{field}: {first.get('msg')}", 400, field)
+        e = P.validation_error(exc)
+        return _error(e.message, 400, e.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        return _error(str(exc.detail), exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(BadRequest)
     async def bad_request(request, exc: BadRequest):
@@ -259,6 +399,42 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
     @app.exception_handler(QueueFull)
     async def queue_full(request, exc: QueueFull):
         return _error(f"The server is busy: {exc}. Retry later.", 429)
+
+    @app.exception_handler(EngineDead)
+    async def engine_dead(request, exc: EngineDead):
+        return _error("The engine has stopped; the server cannot generate (see its log).", 503)
+
+    @app.exception_handler(Exception)
+    async def internal(request, exc: Exception):
+        ref = uuid.uuid4().hex[:12]
+        log.error("request %s %s failed (ref %s):\n%s", request.method, request.url.path, ref,
+                  "".join(traceback.format_exception(exc)))
+        return _error(f"Internal server error (ref {ref}); the server log has the details.", 500)
+
+    def deadline():
+        return None if request_timeout is None else asyncio.get_running_loop().time() + request_timeout
+
+    async def read(request: Request, cls):
+        """The body (at most max_body_bytes, else 413) -> cls (400 naming the field); large bodies are parsed in
+        the pool."""
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > max_body_bytes:
+                raise BadRequest(f"The request body is larger than the server's limit of {max_body_bytes} bytes "
+                                 "(--max-body-bytes).", None, 413)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        try:
+            if len(raw) <= INLINE_BODY_BYTES:
+                return P.parse_body(raw, cls)
+            return await pool.run(P.parse_body, raw, cls)
+        except P.BodyError as e:
+            raise BadRequest(e.message, e.param) from None
+
+    def check_model(model):
+        if model is not None and model not in accepted:
+            raise BadRequest(f"The model `{model}` does not exist.", "model", 404)
 
     async def _until_disconnect(request: Request, coro, on_cancel):
         """Await `coro`; if the client disconnects first, cancel it (freeing its rows) and answer nothing."""
@@ -283,6 +459,8 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
     # -- simple endpoints ------------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
+        if not service.scheduler.alive:
+            return _error("The engine has stopped; the server cannot generate (see its log).", 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -293,59 +471,79 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "qwen3-jax", "root": model_dir,
-                                            "max_model_len": service.context}]}
+        created = int(time.time())
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "qwen3-jax",
+                                            "root": shown, "parent": None, "max_model_len": service.context}
+                                           for name in names]}
+
+    def _tokenize(req):
+        if req.prompt is not None:
+            return tok.encode_fast(req.prompt, add_special_tokens=req.add_special_tokens)
+        kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in RESERVED_TEMPLATE_KWARGS}
+        thinking = (req.chat_template_kwargs or {}).get("enable_thinking", defaults.enable_thinking)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        try:
+            return tok.apply_chat_template([m.for_template() for m in req.messages], tools=tools,
+                                           add_generation_prompt=req.add_generation_prompt,
+                                           enable_thinking=bool(thinking),
+                                           chat_template=request_template(req, trust_request_chat_template), **kwargs)
+        except BadRequest:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise BadRequest(f"chat template: {type(e).__name__}: {e}", "messages") from None
 
     @app.post("/tokenize")
-    async def tokenize(req: P.TokenizeRequest):
+    async def tokenize(request: Request):
+        req = await read(request, P.TokenizeRequest)
+        check_model(req.model)
         if tok is None:
             raise BadRequest("this model has no tokenizer", "prompt")
         if (req.prompt is None) == (req.messages is None):
             raise BadRequest("send exactly one of prompt and messages", "prompt")
-        if req.prompt is not None:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        else:
-            kwargs = dict(req.chat_template_kwargs or {})
-            thinking = kwargs.pop("enable_thinking", defaults.enable_thinking)
-            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-            try:
-                ids = tok.apply_chat_template([m.for_template() for m in req.messages], tools=tools,
-                                              add_generation_prompt=req.add_generation_prompt,
-                                              enable_thinking=bool(thinking), **kwargs)
-            except Exception as e:  # noqa: BLE001
-                raise BadRequest(f"chat template: {type(e).__name__}: {e}", "messages") from None
+        request_template(req, trust_request_chat_template)  # refused before any work
+        ids = await pool.run(_tokenize, req)
         return {"count": len(ids), "max_model_len": service.context, "tokens": ids}
 
     @app.post("/detokenize")
-    async def detokenize(req: P.DetokenizeRequest):
+    async def detokenize(request: Request):
+        req = await read(request, P.DetokenizeRequest)
+        check_model(req.model)
         if tok is None:
             raise BadRequest("this model has no tokenizer", "tokens")
         bad = [t for t in req.tokens if not 0 <= t < len(tok)]
         if bad:
             raise BadRequest(f"tokens {bad[:5]}: not in the vocabulary [0, {len(tok)})", "tokens")
-        return {"prompt": tok.decode(req.tokens)}
+        return {"prompt": await pool.run(tok.decode, req.tokens)}
 
     # -- chat ------------------------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: P.ChatCompletionRequest, request: Request):
-        plan = chat_plan(req, service, defaults)
+    async def chat_completions(request: Request):
+        until = deadline()
+        req = await read(request, P.ChatCompletionRequest)
+        check_model(req.model)
+        plan = chat_plan(req, service, defaults, mcp_tools=bool(mcp is not None and mcp.tools),
+                         trust_templates=trust_request_chat_template)
+        plan.params.deadline = until
         run = ChatRun(service, plan, mcp)
+        await run.start(pool.run)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         top = plan.params.top_logprobs
         if req.stream:
             usage_chunks = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(run, rid, created, req.include_reasoning, req.logprobs, top,
-                                                  usage_chunks), media_type="text/event-stream")
+            return EventStream(_chat_stream(run, rid, created, req.include_reasoning, req.logprobs, top, usage_chunks),
+                               run.cancel)
         return await _until_disconnect(request, _chat_full(run, rid, created, req.include_reasoning, req.logprobs,
                                                            top), run.cancel)
 
     def _chunk(rid, created, choices, obj="chat.completion.chunk", usage=False, **extra):
-        out = {"id": rid, "object": obj, "created": created, "model": served_model_name, "choices": choices}
+        out = {"id": rid, "object": obj, "created": created, "model": shown, "choices": choices}
         if usage is not False:
             out["usage"] = usage
         out.update(extra)
         return _sse(out)
+
+    def _stream_error(message, status):
+        return _sse(_error_body(message, status))
 
     async def _chat_stream(run: ChatRun, rid, created, include_reasoning, logprobs, top, usage_chunks):
         usage = None if usage_chunks else False
@@ -355,7 +553,7 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
                 yield _chunk(rid, created, [{"index": i, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}], usage=usage)
             n_calls = [0] * n
-            error = None
+            failed = False
             async for step in run.steps():
                 if isinstance(step, ToolRun):
                     continue
@@ -382,12 +580,13 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
                     yield _chunk(rid, created, [{"index": i, "delta": d, "logprobs": lp if j == 0 else None,
                                                  "finish_reason": None}], usage=usage)
                 if step.finish_reason is not None:
-                    if step.finish_reason == "error":
-                        error = step.error or "generation failed"
+                    failed |= step.finish_reason == "error"
                     yield _chunk(rid, created, [{"index": i, "delta": {}, "logprobs": None,
                                                  "finish_reason": step.finish_reason}], usage=usage)
-            if error is not None:
-                yield _sse({"error": {"message": error, "type": "InternalServerError", "param": None, "code": 500}})
+            if run.timed_out:
+                yield _stream_error(TIMED_OUT.format(request_timeout), 408)
+            elif failed:
+                yield _stream_error(GENERATION_FAILED, 500)
             if usage_chunks:
                 yield _chunk(rid, created, [], usage=_usage(run.prompt_tokens, run.completion_tokens))
             yield "data: [DONE]\n\n"
@@ -396,7 +595,7 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
 
     async def _chat_full(run: ChatRun, rid, created, include_reasoning, logprobs, top):
         n = run.plan.n
-        acc = [{"reasoning": "", "content": "", "tool_calls": [], "logprobs": [], "finish": None, "error": None}
+        acc = [{"reasoning": "", "content": "", "tool_calls": [], "logprobs": [], "finish": None}
                for _ in range(n)]
         async for step in run.steps():
             if isinstance(step, ToolRun):
@@ -410,74 +609,100 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
             if logprobs and step.logprobs:
                 a["logprobs"] += chat_logprobs(tok, step.token_ids, step.logprobs, top)
             if step.finish_reason is not None:
-                a["finish"], a["error"] = step.finish_reason, step.error
-        errors = [a["error"] or "generation failed" for a in acc if a["finish"] == "error"]
-        if errors:
-            return _error(errors[0], 500)
+                a["finish"] = step.finish_reason
+        if run.timed_out:
+            return _error(TIMED_OUT.format(request_timeout), 408)
+        if any(a["finish"] == "error" for a in acc):
+            return _error(GENERATION_FAILED, 500)
         choices = []
         for i, a in enumerate(acc):
             reasoning = (a["reasoning"] or None) if include_reasoning else None
             message = {"role": "assistant", "content": a["content"] or (None if a["tool_calls"] else ""),
-                       "reasoning_content": reasoning, "reasoning": reasoning, "tool_calls": a["tool_calls"]}
+                       "reasoning_content": reasoning, "reasoning": reasoning}
+            if a["tool_calls"]:  # OpenAI leaves the field out when there are none
+                message["tool_calls"] = a["tool_calls"]
             choices.append({"index": i, "message": message, "finish_reason": a["finish"],
                             "logprobs": {"content": a["logprobs"]} if logprobs else None})
-        return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
+        return {"id": rid, "object": "chat.completion", "created": created, "model": shown,
                 "choices": choices, "usage": _usage(run.prompt_tokens, run.completion_tokens)}
 
     # -- completions -----------------------------------------------------------------------------------------
-    @app.post("/v1/completions")
-    async def completions(req: P.CompletionRequest, request: Request):
-        if req.suffix:
-            raise BadRequest("suffix is not supported", "suffix")
-        prompts = req.prompt
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+    def _completion_prep(req, prompts, params):
+        """Blocking: the prompts' ids, the constraints, the echoed prompts' logprobs."""
         ids = []
         for p in prompts:
             if isinstance(p, str):
-                if tok is None:
-                    raise BadRequest("this model has no tokenizer: send the prompt as token ids", "prompt")
-                ids.append(tok.encode(p, add_special_tokens=True))
+                ids.append(tok.encode_fast(p, add_special_tokens=True))
                 if not ids[-1]:
                     raise BadRequest("the prompt is empty", "prompt")
             else:
-                bad = [t for t in p if not 0 <= t < service.vocab_size]
-                if bad:
-                    raise BadRequest(f"prompt token ids {bad[:5]}: not in [0, {service.vocab_size})", "prompt")
                 ids.append(list(p))
-        thinking = defaults.enable_thinking
-        params = _gen_params(req, service, defaults, thinking, req.max_tokens, req.logprobs is not None,
-                             req.logprobs or 0, None)
+        for x in ids:
+            service.max_new(len(x), req.max_tokens)
         cons = None
         if req.response_format is not None and req.response_format.type != "text":
-            if service.grammars is None:
-                raise BadRequest("response_format needs a tokenizer; this model has none", "response_format")
             from .constrain import GrammarError
 
             schema = None
             if req.response_format.type == "json_schema":
-                spec = req.response_format.json_schema
-                if spec is None or spec.json_schema is None:
-                    raise BadRequest("response_format.json_schema.schema is required", "response_format.json_schema")
-                schema = spec.json_schema
+                schema = req.response_format.json_schema.json_schema
             try:
                 cons = [service.grammars.response_format(schema, "disabled", params.stop_token_ids)
                         for _ in range(len(ids) * req.n)]
             except GrammarError as e:
                 raise BadRequest(f"response_format: cannot build the grammar: {e}", "response_format") from None
-        for x in ids:
-            service.max_new(len(x), req.max_tokens)
+        prompt_lps = None
+        if req.echo and req.logprobs is not None:
+            prompt_lps = [service.prompt_logprobs(x) for x in ids]
+        return ids, cons, prompt_lps
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        until = deadline()
+        req = await read(request, P.CompletionRequest)
+        check_model(req.model)
+        if req.suffix:
+            raise BadRequest("suffix is not supported", "suffix")
+        if req.stream_options is not None and not req.stream:
+            raise BadRequest("stream_options can only be set when stream is true", "stream_options")
+        prompts = req.prompt
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        for p in prompts:
+            if isinstance(p, str) and tok is None:
+                raise BadRequest("this model has no tokenizer: send the prompt as token ids", "prompt")
+            if not isinstance(p, str):
+                bad = [t for t in p if not 0 <= t < service.vocab_size]
+                if bad:
+                    raise BadRequest(f"prompt token ids {bad[:5]}: not in [0, {service.vocab_size})", "prompt")
+        thinking = defaults.enable_thinking
+        params = _gen_params(req, service, defaults, thinking, req.max_tokens, req.logprobs is not None,
+                             req.logprobs or 0, None)
+        params.deadline = until
+        if req.response_format is not None and req.response_format.type != "text":
+            if service.grammars is None:
+                raise BadRequest("response_format needs a tokenizer; this model has none", "response_format")
+            spec = req.response_format.json_schema
+            if req.response_format.type == "json_schema" and (spec is None or spec.json_schema is None):
+                raise BadRequest("response_format.json_schema.schema is required", "response_format.json_schema")
+        ids, cons, prompt_lps = await pool.run(_completion_prep, req, prompts, params,
+                                               timeout=None if until is None else
+                                               max(until - asyncio.get_running_loop().time(), 0.001))
         handle = service.submit(ids, params, req.n, cons)
         n_prompt = sum(len(x) for x in ids)
         outs = [ChoiceOutput(tok, params.stop) for _ in range(len(ids) * req.n)]
         echo = [(tok.decode(ids[k // req.n]) if (req.echo and tok is not None) else "") for k in range(len(outs))]
+        echo_lp = [None] * len(outs)
+        if prompt_lps is not None:
+            echo_lp = [completion_logprobs(tok, ids[k // req.n], prompt_lps[k // req.n], req.logprobs, 0, prompt=True)
+                       for k in range(len(outs))]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         top = req.logprobs or 0
         if req.stream:
             usage_chunks = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_completion_stream(handle, outs, echo, rid, created, req.logprobs is not None,
-                                                        top, n_prompt, usage_chunks), media_type="text/event-stream")
-        return await _until_disconnect(request, _completion_full(handle, outs, echo, rid, created,
+            return EventStream(_completion_stream(handle, outs, echo, echo_lp, rid, created, req.logprobs is not None,
+                                                  top, n_prompt, usage_chunks), handle.cancel)
+        return await _until_disconnect(request, _completion_full(handle, outs, echo, echo_lp, rid, created,
                                                                  req.logprobs is not None, top, n_prompt), handle.cancel)
 
     async def _completion_events(handle, outs):
@@ -487,14 +712,14 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
                 handle.cancel(k)
             yield k, "".join(t for _, t in items), toks, lps, reason
 
-    async def _completion_stream(handle, outs, echo, rid, created, logprobs, top, n_prompt, usage_chunks):
+    async def _completion_stream(handle, outs, echo, echo_lp, rid, created, logprobs, top, n_prompt, usage_chunks):
         usage = None if usage_chunks else False
         offsets = [len(e) for e in echo]
-        error = None
+        failed = False
         try:
             for k, e in enumerate(echo):
-                if e:
-                    yield _chunk(rid, created, [{"index": k, "text": e, "logprobs": None, "finish_reason": None}],
+                if e or echo_lp[k] is not None:
+                    yield _chunk(rid, created, [{"index": k, "text": e, "logprobs": echo_lp[k], "finish_reason": None}],
                                  "text_completion", usage)
             async for k, text, toks, lps, reason in _completion_events(handle, outs):
                 lp = completion_logprobs(tok, toks, lps, top, offsets[k]) if (logprobs and lps) else None
@@ -502,10 +727,11 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
                 if text or toks or reason:
                     yield _chunk(rid, created, [{"index": k, "text": text, "token_ids": toks, "logprobs": lp,
                                                  "finish_reason": reason}], "text_completion", usage)
-                if reason == "error":
-                    error = outs[k].error or "generation failed"
-            if error is not None:
-                yield _sse({"error": {"message": error, "type": "InternalServerError", "param": None, "code": 500}})
+                failed |= reason == "error"
+            if handle.timed_out:
+                yield _stream_error(TIMED_OUT.format(request_timeout), 408)
+            elif failed:
+                yield _stream_error(GENERATION_FAILED, 500)
             if usage_chunks:
                 completion = sum(len(o.token_ids) for o in outs)
                 yield _chunk(rid, created, [], "text_completion", _usage(n_prompt, completion))
@@ -513,22 +739,25 @@ def create_app(service: EngineService, *, served_model_name: str, model_dir: str
         finally:
             handle.cancel()
 
-    async def _completion_full(handle, outs, echo, rid, created, logprobs, top, n_prompt):
+    async def _completion_full(handle, outs, echo, echo_lp, rid, created, logprobs, top, n_prompt):
         texts = list(echo)
         lps_all: list[list] = [[] for _ in outs]
         async for k, text, toks, lps, reason in _completion_events(handle, outs):
             texts[k] += text
             if lps:
                 lps_all[k] += lps
-        errors = [o.error or "generation failed" for o in outs if o.finish_reason == "error"]
-        if errors:
-            return _error(errors[0], 500)
+        if handle.timed_out:
+            return _error(TIMED_OUT.format(request_timeout), 408)
+        if any(o.finish_reason == "error" for o in outs):
+            return _error(GENERATION_FAILED, 500)
         choices = []
         for k, o in enumerate(outs):
-            lp = completion_logprobs(tok, o.token_ids, lps_all[k], top, len(echo[k])) if logprobs else None
+            lp = None
+            if logprobs:
+                lp = _join_logprobs(echo_lp[k], completion_logprobs(tok, o.token_ids, lps_all[k], top, len(echo[k])))
             choices.append({"index": k, "text": texts[k], "token_ids": o.token_ids, "logprobs": lp,
                             "finish_reason": o.finish_reason})
-        return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
+        return {"id": rid, "object": "text_completion", "created": created, "model": shown,
                 "choices": choices, "usage": _usage(n_prompt, sum(len(o.token_ids) for o in outs))}
 
     return app
@@ -544,18 +773,31 @@ def serve_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (checked before the model loads)")
     g.add_argument("--max-batch", type=int, default=8, help="cache rows decoded together (continuous batching)")
     g.add_argument("--max-queue", type=int, default=256,
                    help="sequences waiting for a row; past this a request is answered 429")
     g.add_argument("--max-len", "--max-model-len", dest="max_len", type=int,
                    help="context per row (prompt + completion); default min(max_position_embeddings, 8192)")
-    g.add_argument("--served-model-name", help="the model's name in responses and /v1/models; default: --model")
+    g.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="the model's name(s): what requests send as `model` (another gets 404) and /v1/models "
+                        "lists; the first is the name in responses. Default: the --model directory's name (the "
+                        "--model argument as given is accepted too)")
     g.add_argument("--api-key", default=os.environ.get("QWEN3_JAX_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default $QWEN3_JAX_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (default "
+                        "$QWEN3_JAX_API_KEY); /health and /metrics stay open")
+    g.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, metavar="N",
+                   help=f"largest request body; a larger one is answered 413 before it is read (default "
+                        f"{MAX_BODY_BYTES}, 4 MiB)")
+    g.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a request still running this long after it arrived is cancelled (408, or an error event "
+                        "in a stream); 0: no limit (default 600)")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="render chat templates that requests send (`chat_template`, or `chat_template_kwargs."
+                        "chat_template`); refused with 400 by default")
     g.add_argument("--stream-interval", type=int, default=8,
-                   help="decode steps per engine call, so tokens per stream chunk (a new request's first token "
-                        "goes out after one step)")
+                   help="decode steps per engine call, so tokens per stream chunk (a request's first token goes "
+                        "out after one step, on its own)")
     g.add_argument("--warmup-len", type=int, default=256, metavar="N",
                    help="before serving, compile prefill for every batch bucket and prompt-length bucket up to N "
                         "tokens (a longer prompt compiles its bucket on first use, stalling the streams meanwhile)")
@@ -575,6 +817,25 @@ def serve_parser() -> argparse.ArgumentParser:
     return p
 
 
+def bind(p: argparse.ArgumentParser, host: str, port: int) -> socket.socket:
+    """The listening address, bound now (a port in use is a usage error before anything loads); uvicorn listens
+    on it once the model is ready."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        p.error(f"--host {host}: {e.strerror}")
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        p.error(f"--port {port}: cannot listen on {host}:{port}: {e.strerror}")
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(argv=None) -> int:
     tune_malloc()
     p = serve_parser()
@@ -582,11 +843,13 @@ def main(argv=None) -> int:
     default_platform()
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                              ("--stream-interval", args.stream_interval, 1), ("--warmup-len", args.warmup_len, 1),
-                             ("--max-tool-rounds", args.max_tool_rounds, 1)):
+                             ("--max-tool-rounds", args.max_tool_rounds, 1), ("--max-body-bytes", args.max_body_bytes, 1),
+                             ("--request-timeout", args.request_timeout, 0)):
         if value < low:
             p.error(f"{flag} must be >= {low}")
     if not 0 <= args.port < 65536:
         p.error("--port must be in [0, 65535]")
+    sock = bind(p, args.host, args.port)
     ns = argparse.Namespace(**{**vars(args), "max_new_tokens": 1})
     cfg = _setup(p, ns)
     args.dtype, args.mesh = ns.dtype, ns.mesh
@@ -619,9 +882,11 @@ def main(argv=None) -> int:
           file=sys.stderr, flush=True)
     defaults = Defaults(SamplingDefaults(args.model, args), args.enable_thinking, args.thinking_budget,
                         args.max_tool_rounds)
-    app = create_app(service, served_model_name=args.served_model_name or args.model,
-                     model_dir=str(Path(args.model).resolve()), defaults=defaults, api_key=args.api_key,
-                     mcp=mcp, start_service=False)
+    names = args.served_model_name or [Path(args.model).resolve().name]
+    app = create_app(service, served_model_name=names, model_aliases=[args.model], defaults=defaults,
+                     api_key=args.api_key, mcp=mcp, start_service=False, max_body_bytes=args.max_body_bytes,
+                     request_timeout=args.request_timeout or None,
+                     trust_request_chat_template=args.trust_request_chat_template)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=None)
     server = uvicorn.Server(config)
@@ -630,7 +895,7 @@ def main(argv=None) -> int:
     drained = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: None),
                signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None)}
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         for sig, handler in drained.items():
             signal.signal(sig, handler)

@@ -1,9 +1,13 @@
 """The serving core shared by `qwen3-jax-serve` and `qwen3-jax-chat --mcp`.
 
 `EngineService` puts a `Scheduler` (infer/scheduler.py) behind asyncio: `submit` queues sequences at once
-(raising `QueueFull` / `BadRequest` before any response is sent), `Handle.events()` yields their tokens as
-the scheduler thread produces them, and leaving the iteration early (a client that went away) cancels what
-is unfinished, which frees the rows at once.
+(raising `QueueFull` / `BadRequest` / `EngineDead` before any response is sent), `Handle.events()` yields their
+tokens as the scheduler thread produces them, and leaving the iteration early (a client that went away) cancels
+what is unfinished, which frees the rows at once. A request's deadline (`GenParams.deadline`) cancels what is
+left of it when it passes (`Handle.timed_out`).
+
+`WorkerPool` runs a request's blocking work (JSON, tokenization, chat templates, grammar compilation, prompt
+logprobs) in a few threads with a bound on the jobs queued and a timeout, so the event loop keeps answering.
 
 `ChoiceOutput` turns one choice's tokens into text: incremental detokenization, stop strings (the sequence is
 cancelled at the first one) and, for chat, `ChatStreamParser` (reasoning / content / tool calls).
@@ -18,13 +22,20 @@ the last allowed round offers no tools, so the model must answer).
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .chat import ChatStreamParser, IncrementalDetokenizer, StopStrings
 from .generate import MAX_STOP_IDS, default_stop_ids
-from .scheduler import Event, QueueFull, Scheduler, Sequence
+from .scheduler import EngineDead, Event, QueueFull, Scheduler, Sequence
 
-__all__ = ["BadRequest", "ChatRun", "ChoiceOutput", "EngineService", "GenParams", "QueueFull"]
+__all__ = ["BadRequest", "ChatRun", "ChoiceOutput", "EngineDead", "EngineService", "GenParams", "QueueFull",
+           "WorkerPool"]
+
+log = logging.getLogger("qwen3_jax.serve")
 
 
 # chat_template_kwargs that are apply_chat_template's own arguments, not template variables
@@ -50,24 +61,80 @@ class GenParams:
     logprobs: bool = False
     top_logprobs: int = 0
     cap_to_context: bool = False              # max_tokens past the context: cut it (the chat) instead of a 400
+    deadline: float | None = None             # event-loop time past which what is left is cancelled (a timeout)
+
+
+class WorkerPool:
+    """Blocking work of requests off the event loop: `await pool.run(fn, *args)` runs fn in one of `workers`
+    threads. At most `max_pending` jobs wait or run at once (past that: QueueFull, a 429); a job not done after
+    `timeout` seconds answers BadRequest 503 (its thread finishes it, still counted against max_pending)."""
+
+    def __init__(self, workers: int = 4, max_pending: int = 256, timeout: float = 60.0):
+        self.workers, self.max_pending, self.timeout = workers, max_pending, timeout
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen3-jax-prep")
+        self._lock = threading.Lock()
+        self.pending = 0
+
+    def _done(self, _):
+        with self._lock:
+            self.pending -= 1
+
+    async def run(self, fn, *args, timeout: float | None = None):
+        with self._lock:
+            if self.pending >= self.max_pending:
+                raise QueueFull(f"{self.pending} requests are being prepared")
+            self.pending += 1
+        fut = self._pool.submit(fn, *args)
+        fut.add_done_callback(self._done)
+        limit = self.timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), limit)
+        except asyncio.TimeoutError:
+            raise BadRequest(f"preparing the request took longer than {limit:g} s; the server is overloaded or "
+                             "the request too large", None, 503) from None
+
+    def shutdown(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _inline(fn, *args, timeout=None):
+    return fn(*args)
 
 
 class Handle:
-    """The sequences of one request; `events()` yields (choice index, Event) until every one has finished."""
+    """The sequences of one request; `events()` yields (choice index, Event) until every one has finished. At
+    `deadline` (event-loop time) what is unfinished is cancelled and `timed_out` set."""
 
-    def __init__(self, service: "EngineService", seqs: list[Sequence], queue: asyncio.Queue):
+    def __init__(self, service: "EngineService", seqs: list[Sequence], queue: asyncio.Queue,
+                 deadline: float | None = None):
         self.service, self.seqs, self._queue = service, seqs, queue
-        self._open = len(seqs)
+        self._ended: set[int] = set()
+        self.timed_out = False
+        self._timer = None
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._expire)
+
+    def _expire(self):
+        """The deadline: cancel what is left, and end it here too (an engine that is stuck emits nothing more)."""
+        self.timed_out = True
+        self.cancel()
+        for i in range(len(self.seqs)):
+            if i not in self._ended:
+                self._queue.put_nowait((i, Event([], None, "abort")))
 
     async def events(self):
         try:
-            while self._open:
+            while len(self._ended) < len(self.seqs):
                 i, ev = await self._queue.get()
+                if i in self._ended:  # after the deadline ended it
+                    continue
                 if ev.finish_reason is not None:
-                    self._open -= 1
+                    self._ended.add(i)
                 yield i, ev
         finally:
             self.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
 
     def cancel(self, index: int | None = None):
         for i, s in enumerate(self.seqs):
@@ -102,8 +169,8 @@ class EngineService:
     def warmup(self, max_prompt: int = 16) -> int:
         """Compile before serving what requests would otherwise compile on the scheduler thread while every stream
         waits: prefill for each batch bucket (1, 2, 4, ... up to --max-batch prompts at once) and prompt-length
-        bucket (16, 32, ... up to `max_prompt` tokens), the decode calls (one step, a chunk, with logprobs, the masked
-        step of a constrained row) and the release of a cancelled row. Longer prompts compile their length bucket on
+        bucket (16, 32, ... up to `max_prompt` tokens), the decode calls (with and without logprobs, with and without
+        the host's per-step hook of new and constrained rows) and the release of a cancelled row. Longer prompts compile their length bucket on
         first use. Returns the number of warm-up batches run."""
         import threading
 
@@ -136,19 +203,31 @@ class EngineService:
                                        for _ in range(k)])
                 done.wait()
                 runs += 1
+        left, done = [2], threading.Event()  # new rows beside one that wants logprobs (the hook and the logprobs)
+
+        def emit2(ev):
+            if ev.finish_reason:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
+        self.scheduler.submit([Sequence([0] * lengths[0], emit2, max_new_tokens=2, logprobs=lp) for lp in (True, False)])
+        done.wait()
+        runs += 1
         done = threading.Event()  # a row cancelled while it runs (Engine.release)
         seq = Sequence([0] * lengths[0], None, max_new_tokens=self.context - lengths[0])
         seq.emit = lambda ev: (self.scheduler.cancel(seq) if ev.token_ids else None, ev.finish_reason and done.set())
         self.scheduler.submit([seq])
         done.wait()
         runs += 1
-        if self.grammars is not None:  # the masked one-token step of constrained rows
-            done = threading.Event()
-            cons = self.grammars.response_format(None, "disabled", sorted(self.eos_ids))
-            self.scheduler.submit([Sequence([0] * lengths[0], lambda ev: ev.finish_reason and done.set(),
-                                            max_new_tokens=2, constraint=cons)])
-            done.wait()
-            runs += 1
+        if self.grammars is not None:  # the decode of constrained rows (masks from the host), with and without logprobs
+            for logprobs in (False, True):
+                done = threading.Event()
+                cons = self.grammars.response_format(None, "disabled", sorted(self.eos_ids))
+                self.scheduler.submit([Sequence([0] * lengths[0], lambda ev: ev.finish_reason and done.set(),
+                                                max_new_tokens=2, constraint=cons, logprobs=logprobs)])
+                done.wait()
+                runs += 1
         return runs
 
     # -- limits ----------------------------------------------------------------------------------------------
@@ -199,10 +278,49 @@ class EngineService:
 
                 seq.emit = emit
                 seqs.append(seq)
+        if params.deadline is not None and loop.time() >= params.deadline:
+            raise BadRequest("the request timed out before it was queued", None, 408)
         self.scheduler.submit(seqs)
         if metrics is not None:
             metrics.on_submit(sum(len(x) for x in prompts), len(seqs))
-        return Handle(self, seqs, queue)
+        return Handle(self, seqs, queue, params.deadline)
+
+    # -- prompt logprobs ---------------------------------------------------------------------------------------
+    def prompt_logprobs(self, ids: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For each prompt token after the first: (its logprob given the tokens before it, the TOP_LOGPROBS most
+        likely tokens there as [(id, logprob)]), from one forward pass of the prompt (raw logits, as the
+        logprobs of generated tokens). Blocking (device work): run it in the WorkerPool."""
+        import numpy as np
+
+        from .engine import pow2
+
+        eng = self.scheduler.engine
+        n = len(ids)
+        t = min(pow2(n, 16), self.context)
+        ids_bt = np.zeros((1, t), np.int32)
+        ids_bt[0, :n] = ids
+        lp, top_id, top_lp = _prompt_logprobs_fn(eng.fns.graphdef)(eng.params, ids_bt, np.int32(n))
+        lp, top_id, top_lp = (np.asarray(x)[: n - 1] for x in (lp, top_id, top_lp))
+        return [(float(lp[j]), list(zip(top_id[j].tolist(), top_lp[j].tolist()))) for j in range(n - 1)]
+
+
+@functools.lru_cache(maxsize=4)
+def _prompt_logprobs_fn(graphdef):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from .engine import TOP_LOGPROBS
+
+    def f(params, ids_bt, n):
+        model = nnx.merge(graphdef, params)
+        mask_bt = (jnp.arange(ids_bt.shape[1])[None] < n).astype(jnp.int32)
+        logp_tv = jax.nn.log_softmax(model(ids_bt, attention_mask=mask_bt).logits[0, :-1].astype(jnp.float32), -1)
+        lp_t = jnp.take_along_axis(logp_tv, ids_bt[0, 1:, None], 1)[:, 0]
+        top_lp, top_id = jax.lax.top_k(logp_tv, TOP_LOGPROBS)
+        return lp_t, top_id.astype(jnp.int32), top_lp
+
+    return jax.jit(f)
 
 
 class ChoiceOutput:
@@ -287,6 +405,7 @@ class ChatPlan:
     response_format: dict | None = None   # {"type": "json_object"} / {"type": "json_schema", "json_schema": {...}}
     parallel_tool_calls: bool = True
     max_tool_rounds: int = 8
+    chat_template: str | None = None      # the request's own template (the server decides whether to trust it)
 
 
 def _in_open_think(prompt_ids, think_ids) -> bool:
@@ -298,6 +417,11 @@ def _in_open_think(prompt_ids, think_ids) -> bool:
 
 
 class ChatRun:
+    """One chat completion. The constructor checks the plan; `await start(offload)` renders the prompt and
+    compiles the constraints (blocking work, in `offload`: e.g. `WorkerPool.run`) and queues the first round
+    (raising BadRequest / QueueFull / EngineDead before anything is sent); `steps()` starts it if that was not
+    done."""
+
     def __init__(self, service: EngineService, plan: ChatPlan, mcp=None):
         if service.tokenizer is None:
             raise BadRequest("this model has no tokenizer: chat needs tokenizer.json (use /v1/completions with "
@@ -317,16 +441,31 @@ class ChatRun:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.rounds = 0
-        self._handle = self._submit_round(first=True)
+        self._handle: Handle | None = None
+        self._offload = _inline
+        self._started = self._cancelled = False
+
+    @property
+    def timed_out(self) -> bool:
+        return self._handle is not None and self._handle.timed_out
+
+    async def start(self, offload=None):
+        if offload is not None:
+            self._offload = offload
+        self._started = True
+        self._handle = await self._submit_round(first=True)
 
     def _render(self, tools) -> list[int]:
         tok, p = self.service.tokenizer, self.plan
         kwargs = {k: v for k, v in p.template_kwargs.items() if k not in RESERVED_TEMPLATE_KWARGS}
         try:
             return tok.apply_chat_template(self.messages, tools=tools, add_generation_prompt=True,
-                                           enable_thinking=p.enable_thinking, **kwargs)
+                                           enable_thinking=p.enable_thinking, chat_template=p.chat_template, **kwargs)
         except Exception as e:  # noqa: BLE001  (jinja2 errors and raise_exception() in templates)
             raise BadRequest(f"chat template: {type(e).__name__}: {e}", "messages") from None
+
+    def _forced(self, tools) -> bool:
+        return bool(tools) and self.tool_choice not in ("auto", "none")
 
     def _constraints(self, prompt_ids, tools):
         """One Constraint per choice, or None: tool_choice "required" / named when tools are offered, else a JSON
@@ -335,7 +474,7 @@ class ChatRun:
 
         p, g = self.plan, self.service.grammars
         rf = p.response_format or {}
-        forced = bool(tools) and self.tool_choice not in ("auto", "none")
+        forced = self._forced(tools)
         if not forced and (tools or rf.get("type") not in ("json_object", "json_schema")):
             return None
         mode = reasoning_mode(prompt_ids, self.service.think_ids, p.enable_thinking)
@@ -353,10 +492,17 @@ class ChatRun:
         except GrammarError as e:
             raise BadRequest(f"{param}: cannot build the grammar: {e}", param) from None
 
-    def _submit_round(self, first: bool) -> Handle | None:
+    def _prepare(self, tools):
+        """The blocking part of a round: the prompt ids and the constraints."""
+        ids = self._render(tools)
+        return ids, self._constraints(ids, tools)
+
+    async def _submit_round(self, first: bool) -> Handle | None:
         last_round = self.mcp is not None and self.rounds + 1 >= self.plan.max_tool_rounds
         tools = None if last_round else self.tools
-        ids = self._render(tools)
+        ids, constraints = await self._offload(self._prepare, tools)
+        if self._cancelled:
+            return None
         max_new = None
         if not first:  # a later tool round: what is left of the context, at most max_tokens
             room = self.service.context - len(ids)
@@ -364,25 +510,31 @@ class ChatRun:
                 return None
             want = self.plan.params.max_tokens
             max_new = room if want is None else min(want, room)
-        handle = self.service.submit([ids], self.plan.params, self.plan.n, self._constraints(ids, tools), max_new)
+        handle = self.service.submit([ids], self.plan.params, self.plan.n, constraints, max_new)
         self.prompt_tokens += len(ids)
         self.rounds += 1
         in_think = _in_open_think(ids, self.service.think_ids)
-        parse_tools = bool(tools)
         self._outputs = [ChoiceOutput(self.service.tokenizer, self.plan.params.stop,
-                                      ChatStreamParser(in_reasoning=in_think, tools=parse_tools))
+                                      ChatStreamParser(in_reasoning=in_think, tools=bool(tools),
+                                                       calls_only=self._forced(tools)))
                          for _ in range(self.plan.n)]
         return handle
 
     def cancel(self):
+        self._cancelled = True
         if self._handle is not None:
             self._handle.cancel()
 
     async def steps(self):
         """Yields a Step per choice and scheduler event (and a ToolRun per MCP call) until every choice finished."""
+        if not self._started:
+            await self.start()
         n = self.plan.n
         while True:
-            handle, outputs = self._handle, self._outputs
+            handle = self._handle
+            if handle is None:  # cancelled while the round was prepared
+                return
+            outputs = self._outputs
             calls, text = [[] for _ in range(n)], [{"reasoning": "", "content": ""} for _ in range(n)]
             tools_ran = False
             async for i, ev in handle.events():
@@ -411,16 +563,24 @@ class ChatRun:
             if text[0]["reasoning"]:
                 message["reasoning_content"] = text[0]["reasoning"]
             self.messages.append(message)
+            deadline = self.plan.params.deadline
             for call in calls[0]:
-                result = await self.mcp.call(call["function"]["name"], call["function"]["arguments"])
+                left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+                try:
+                    result = await asyncio.wait_for(self.mcp.call(call["function"]["name"],
+                                                                  call["function"]["arguments"]), left)
+                except asyncio.TimeoutError:
+                    self._handle.timed_out = True
+                    yield Step(0, [], [], None, "abort")
+                    return
                 yield ToolRun(call["function"]["name"], call["function"]["arguments"], result)
                 self.messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
             self.tool_choice = "auto"
             try:
-                self._handle = self._submit_round(first=False)
-            except (QueueFull, BadRequest) as e:
+                self._handle = await self._submit_round(first=False)
+            except (QueueFull, BadRequest, EngineDead) as e:
                 yield Step(0, [], [], None, "error", str(e))
                 return
-            if self._handle is None:
+            if self._handle is None and not self._cancelled:
                 yield Step(0, [], [], None, "length")
                 return

@@ -31,6 +31,9 @@ TEXTS = [
     ('Sure.<tool_call>{"name": oops}</tool_call>', False),
     ('Ok <tool_call>{"name": "f"', False),
     ("\n\nthinking here\n</think>\n\nanswer <", True),
+    # a tool call before </think> ends the reasoning (vLLM's Qwen3 parser); a mere mention of the tag does not
+    ("<think>\nI will look it up.\n<tool_call>\n" + CALL + "\n</tool_call>", False),
+    ("<think>\nthe <tool_call> tag, then\n</think>\n\nanswer", False),
 ]
 
 
@@ -70,6 +73,20 @@ def test_stream_parser_equals_whole_text_parsers(text, in_reasoning, tools):
                 assert "think>" not in v and ("tool_call>" not in v or "tool_call>" in content)
 
 
+def test_stream_parser_calls_only_never_shows_text():
+    """A forced tool_choice: the answer is tool calls; one cut short by max_tokens leaves nothing in the content."""
+    full = "<tool_call>\n" + CALL + "\n</tool_call>"
+    for cut in range(len(full) + 1):
+        for parts in (list(full[:cut]), [full[:cut]]):
+            p = ChatStreamParser(tools=True, calls_only=True)
+            items = [it for part in parts for it in p.feed(part)] + p.finish()
+            assert [k for k, _ in items if k == "content"] == []
+            assert len([v for k, v in items if k == "tool_call"]) == (cut == len(full))
+    p = ChatStreamParser(calls_only=True)
+    items = p.feed("<think>\nhm\n</think>\n\n" + full[:7]) + p.finish()
+    assert items == [("reasoning", "hm")] and p.errors == []
+
+
 def test_stream_parser_ids_and_split_tags():
     items, _ = _stream(list("x<tool_call>" + CALL + "</tool_call>"), False, True)
     (call,) = [v for k, v in items if k == "tool_call"]
@@ -105,7 +122,7 @@ def test_decode_ex_logprobs_mask_and_release():
     vocab = 40
     m = table_model(chain([10, 11, 12, 13, 14, 15, 16, 17]), vocab=vocab)
     eng = Engine(m, chunk=4)
-    slots = _prefill(eng, eng.new_slots(2, 32, 16), [[10], [12]], [0, 1])
+    slots = _prefill(eng, eng.new_slots(2, 32, 16), [[10], [12]], [0, 1], max_new=16)
     out = eng.decode_ex(slots, 3, False, logprobs=True)
     assert out.tokens_bn.tolist() == [[11, 12, 13], [13, 14, 15]]
     want = 10 - np.log(np.exp(10) + vocab - 1)  # logit 10 on the next token, 0 on the others
@@ -120,6 +137,27 @@ def test_decode_ex_logprobs_mask_and_release():
     assert out.tokens_bn[:, 0].tolist() == [30, 16]
     with pytest.raises(ValueError, match="one step"):
         eng.decode_ex(out.slots, 2, False, mask_bw=mask)
+    # with next_mask the host gives each later step's mask from the tokens just sampled: row 0 is walked through
+    # 31, 32, 33 (one allowed token a step) while row 1 decodes its chain in the same call
+    def only(tok):
+        m = np.full((2, (vocab + 31) // 32), -1, np.int32)
+        m[0] = 0
+        m[0, tok // 32] = np.int32(np.uint32(1 << (tok % 32)).view(np.int32))
+        return m
+
+    seen = []
+
+    def next_mask(tokens_b, active_b):
+        seen.append((tokens_b.tolist(), active_b.tolist()))
+        return only(int(tokens_b[0]) + 1)
+
+    out = eng.decode_ex(out.slots, 3, False, mask_bw=only(31), next_mask=next_mask)
+    assert out.tokens_bn[0].tolist() == [31, 32, 33] and out.tokens_bn[1, 0] == 17 and min(out.tokens_bn[1]) >= 0
+    assert seen == [([31, out.tokens_bn[1, 0]], [True, True]), ([32, out.tokens_bn[1, 1]], [True, True]),
+                    ([33, out.tokens_bn[1, 2]], [True, True])]
+    # (mask, True) from the hook ends the call after that step
+    out = eng.decode_ex(out.slots, 3, False, mask_bw=only(34), next_mask=lambda t, a: (only(35), True))
+    assert out.tokens_bn[0].tolist() == [34]
     slots = eng.release(out.slots, [1])
     out = eng.decode_ex(slots, 2, False)
     assert out.tokens_bn[1].tolist() == [-1, -1] and out.tokens_bn[0, 0] >= 0
@@ -203,6 +241,85 @@ def test_scheduler_cancel_frees_the_row_and_queue_bound(tiny):
     assert [t for ev in got["short"] for t in ev.token_ids] == generate(tiny, [[4, 5]], GREEDY, 3, [])[0].token_ids
 
 
+class _Walk:
+    """A stand-in for constrain.Constraint: allows one token a step, start, start + 1, ..."""
+
+    def __init__(self, start):
+        self.next, self.accepted = start, []
+
+    def fill(self, mask, row):
+        mask[row] = 0
+        mask[row, self.next // 32] = np.int32(np.uint32(1 << (self.next % 32)).view(np.int32))
+
+    def accept(self, token):
+        self.accepted.append(token)
+        self.next += 1
+        return True
+
+
+class _Masks:
+    def allocate_bitmask(self, batch):
+        return np.full((batch, 512 // 32), -1, np.int32)
+
+
+def test_constrained_and_new_rows_do_not_hold_the_batch_to_one_step_calls(tiny):
+    """Every decode call runs the whole chunk: a new row's first token goes out from inside the call (after one
+    step), alone in its event; a constrained row decodes whole chunks beside the others (its mask comes from the host
+    after each step)."""
+    sched = Scheduler(tiny, max_batch=4, max_len=64, chunk=4, grammars=_Masks())
+    calls = []
+    decode_ex = sched.engine.decode_ex
+    sched.engine.decode_ex = lambda slots, n, *a, **k: (calls.append(n), decode_ex(slots, n, *a, **k))[1]
+    events = {k: [] for k in "abc"}
+    done, first = threading.Semaphore(0), threading.Event()
+
+    def emit(k):
+        def f(ev):
+            events[k].append(ev)
+            first.set()
+            if ev.finish_reason is not None:
+                done.release()
+        return f
+
+    walk = _Walk(100)
+    a = Sequence([1, 2, 3], emit("a"), GREEDY, 30)
+    sched.start()
+    try:
+        sched.submit([a])
+        first.wait()
+        sched.submit([Sequence([4, 5], emit("b"), GREEDY, 12, constraint=walk), Sequence([6], emit("c"), GREEDY, 10)])
+        for _ in range(3):
+            done.acquire()
+    finally:
+        sched.stop()
+    toks = {k: [t for ev in evs for t in ev.token_ids] for k, evs in events.items()}
+    assert toks["b"] == walk.accepted == list(range(100, 112))
+    assert toks["a"] == generate(tiny, [[1, 2, 3]], GREEDY, 30, [], batch_size=1)[0].token_ids
+    assert toks["c"] == generate(tiny, [[6]], GREEDY, 10, [], batch_size=1)[0].token_ids
+    assert set(calls) == {4}, calls
+    assert [len(events[k][0].token_ids) for k in "ac"] == [1, 1]  # the first token alone, at once
+
+
+def test_scheduler_thread_death_ends_requests_and_refuses_new_ones(tiny):
+    sched = Scheduler(tiny, max_batch=2, max_len=64, chunk=4)
+    got, ended = [], threading.Event()
+
+    def boom(*a, **k):
+        raise SystemExit("killed")  # not an Exception: the decode-error handler does not catch it
+
+    sched.engine.decode_ex = boom
+    sched.start()
+    sched.submit([Sequence([1, 2], lambda ev: (got.append(ev), ev.finish_reason and ended.set()), GREEDY, 5)])
+    ended.wait()
+    sched._thread.join()
+    assert not sched.alive and "killed" in sched.death
+    assert [ev.finish_reason for ev in got] == ["error"]
+    from qwen3_jax.infer.scheduler import EngineDead
+
+    with pytest.raises(EngineDead):
+        sched.submit([Sequence([1], lambda ev: None, GREEDY, 1)])
+
+
 def test_warmup_compiles_every_prefill_and_decode_that_serving_uses(tiny):
     """After EngineService.warmup(32), requests with prompts up to 32 tokens arriving in any grouping compile
     nothing on the scheduler thread (a compile there stalls every stream)."""
@@ -211,7 +328,7 @@ def test_warmup_compiles_every_prefill_and_decode_that_serving_uses(tiny):
     service = EngineService(tiny, None, max_batch=4, max_len=64, chunk=4)
     service.start()
     try:
-        assert service.warmup(32) == 2 * 3 + 1  # length buckets 16, 32 x batch buckets 1, 2, 4; a cancel
+        assert service.warmup(32) == 2 * 3 + 2  # length buckets 16, 32 x batch buckets 1, 2, 4; logprobs; a cancel
         fns = service.scheduler.engine.fns
         sizes = (fns.prefill._cache_size(), fns.decode._cache_size(), fns.release._cache_size())
         rng = np.random.default_rng(1)
@@ -277,9 +394,20 @@ def test_constraints_follow_schema_tools_and_reasoning(grammars):
     assert _run(tok, g.tool_calls(tools, named), enc('<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>'))
     one = g.tool_calls(tools, "required", parallel_tool_calls=False)
     assert _run(tok, one, enc(call)) and not _run(tok, one, enc("\n<tool_call>"))
-    with pytest.raises(GrammarError):
+    with pytest.raises(GrammarError) as e:
         g.response_format({"type": "objectx"})
+    assert "objectx" in str(e.value) and ".cc" not in str(e.value)  # no source path of xgrammar's in the message
     think = (tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>"))
     assert reasoning_mode(enc("a") + [think[0]], think, True) == "enabled"
     assert reasoning_mode(enc("a") + [think[0], think[1]], think, True) == "disabled"
     assert reasoning_mode(enc("a"), think, True) == "auto" and reasoning_mode(enc("a"), think, False) == "disabled"
+
+
+def test_grammar_cache_is_bounded(grammars):
+    from qwen3_jax.infer.constrain import Grammars
+
+    tok, _, eos = grammars
+    g = Grammars(tok, 151936, [eos], cache_bytes=8 << 20)
+    for i in range(6):  # ~3.5 MB each with this vocabulary
+        g.response_format({"type": "object", "properties": {f"k{i}": {"type": "integer"}}, "required": [f"k{i}"]})
+    assert g.compiler.cache_limit_bytes == 8 << 20 and 0 < g.compiler.get_cache_size_bytes() <= 8 << 20

@@ -164,7 +164,8 @@ def servers(table, rand_dir, ids_dir, weather_log, tmp_path_factory):
     started = {
         "table": Server(logs / "table.log", "--model", table[0], "--max-batch", 4, "--served-model-name", "table",
                         "--warmup-len", 16),
-        "rand": Server(logs / "rand.log", "--model", rand_dir, "--max-batch", 8, "--stream-interval", 4,
+        "rand": Server(logs / "rand.log", "--model", rand_dir, "--served-model-name", "rand", "--max-batch", 8,
+                       "--stream-interval", 4,
                        "--max-queue", 128, "--warmup-len", 16, "--mcp", mcp, env={"WEATHER_LOG": str(weather_log)}),
         "ids": Server(logs / "ids.log", "--model", ids_dir, "--max-batch", 1, "--api-key", KEY, "--warmup-len", 16),
     }
@@ -329,6 +330,239 @@ def test_bad_json_and_completions_fields(servers):
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
 
 
+def _openai_error(r, status, param="?"):
+    """The body is OpenAI's error object (not FastAPI's {"detail": ...}) with this status (and param)."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["code"] == status and body["error"]["message"]
+    if param != "?":
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+# ------------------------------------------------------------------------------- OpenAI conformance, as vLLM has it
+def test_unknown_model_is_404_naming_it(servers):
+    client = _client(servers["table"])
+    for call in (lambda: client.chat.completions.create(model="gpt-4o", messages=USER, max_tokens=1),
+                 lambda: client.completions.create(model="gpt-4o", prompt="hi", max_tokens=1)):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert "`gpt-4o`" in e.value.message and e.value.body["param"] == "model"
+    r = httpx.post(servers["table"].url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 1, **NO_THINK})
+    assert r.status_code == 200  # no model: the served one, as vLLM
+
+
+@pytest.mark.parametrize("url,body,param", [
+    ("/v1/chat/completions", {"messages": USER, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"prompt": "hi", "stream": False, "stream_options": {"include_usage": True}},
+     "stream_options"),
+    ("/v1/chat/completions", {"messages": USER, "tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [], "tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [], "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": USER, "seed": 2 ** 63}, "seed"),
+    ("/v1/completions", {"prompt": "hi", "seed": -(2 ** 63) - 1}, "seed"),
+])
+def test_vllm_rejects_these_too(servers, url, body, param):
+    err = _openai_error(httpx.post(servers["table"].url + url, json=body, timeout=60), 400, param)
+    assert err["type"] == "BadRequestError"
+
+
+def test_accepted_edges(servers):
+    client = _client(servers["table"])
+    r = client.chat.completions.create(model="table", messages=USER, tool_choice="none", max_tokens=2, seed=2 ** 63 - 1,
+                                       extra_body=NO_THINK)  # tool_choice "none" needs no tools; the int64 bounds pass
+    assert r.choices[0].finish_reason == "length"
+    r = client.completions.create(model="table", prompt="hi", max_tokens=1, seed=-(2 ** 63))
+    assert len(r.choices) == 1
+
+
+def test_no_empty_tool_calls_field(servers):
+    url = servers["table"].url
+    body = {"messages": USER, "temperature": 0, **NO_THINK}
+    msg = httpx.post(url + "/v1/chat/completions", json=body, timeout=300).json()["choices"][0]["message"]
+    assert msg["content"] == "Hello there! 🤖" and "tool_calls" not in msg  # OpenAI leaves the field out
+    msg = httpx.post(url + "/v1/chat/completions", json={**body, "tools": TOOLS}, timeout=300).json()["choices"][0]
+    assert "tool_calls" not in msg["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "tools": TOOLS, "temperature": 0}, timeout=300)
+    assert [c["function"]["name"] for c in r.json()["choices"][0]["message"]["tool_calls"]] == ["get_weather"]
+
+
+def test_completion_logprobs_hold_the_sampled_token_and_echo_the_prompt(servers, table, tok):
+    """logprobs 0 still reports the sampled token in top_logprobs; echo + logprobs starts with the prompt's tokens,
+    the first one's logprob null (vLLM, OpenAI)."""
+    client = _client(servers["table"])
+    want = 10 - math.log(math.exp(10) + len(tok) - 1)  # the table model: logit 10 on the next token, 0 on the rest
+    think_start = tok.apply_chat_template(USER, add_generation_prompt=True, enable_thinking=True)[-1]
+    chain_ids = table[1]
+    prompt = [think_start] + chain_ids[:3]
+    r = client.completions.create(model="table", prompt=prompt, max_tokens=2, temperature=0, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [tok.decode([t]) for t in chain_ids[3:5]]
+    assert lp.top_logprobs == [{t: x} for t, x in zip(lp.tokens, lp.token_logprobs)]
+    assert lp.token_logprobs == pytest.approx([want, want], abs=1e-3)
+    for stream in (False, True):
+        r = client.completions.create(model="table", prompt=prompt, max_tokens=2, temperature=0, logprobs=2,
+                                      echo=True, stream=stream)
+        chunks = list(r) if stream else [r]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        lps = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+        tops = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.top_logprobs]
+        offsets = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.text_offset]
+        ids = prompt + chain_ids[3:5]
+        assert text == tok.decode(prompt) + tok.decode(chain_ids[3:5])
+        assert tokens == [tok.decode([t]) for t in ids]
+        assert lps[0] is None and tops[0] is None
+        assert lps[1:] == pytest.approx([want] * 5, abs=1e-3)
+        assert all(len(t) == 2 and t[tok.decode([i])] == pytest.approx(want, abs=1e-3) for t, i in zip(tops[1:], ids[1:]))
+        assert offsets == [sum(len(x) for x in tokens[:j]) for j in range(len(tokens))]
+
+
+def test_json_errors_are_openai_error_objects(servers):
+    url = servers["table"].url
+    err = _openai_error(httpx.post(url + "/v1/chat/completions", content=b'{"messages": [1,',
+                                   headers={"content-type": "application/json"}), 400, None)
+    assert "JSON" in err["message"]
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    err = _openai_error(httpx.post(url + "/v1/chat/completions", content=deep), 400)
+    assert "deeper" in err["message"]
+    for body in (b"[1, 2]", b"null", b'"text"', b"\xff\xfe{"):
+        _openai_error(httpx.post(url + "/v1/chat/completions", content=body), 400)
+    _openai_error(httpx.get(url + "/v1/nothing"), 404)
+    _openai_error(httpx.get(url + "/v1/chat/completions"), 405)
+
+
+# ------------------------------------------------------------------------------------------------ hardening
+def test_request_chat_templates_are_refused_by_default(servers):
+    url = servers["table"].url
+    bomb = "{{ 'x' * 10 ** 10 }}"
+    for path, body, param in (
+            ("/tokenize", {"messages": USER, "chat_template_kwargs": {"chat_template": bomb}},
+             "chat_template_kwargs.chat_template"),
+            ("/tokenize", {"messages": USER, "chat_template": bomb}, "chat_template"),
+            ("/v1/chat/completions", {"messages": USER, "chat_template": bomb}, "chat_template"),
+            ("/v1/chat/completions", {"messages": USER, "chat_template_kwargs": {"chat_template": bomb}},
+             "chat_template_kwargs.chat_template")):
+        err = _openai_error(httpx.post(url + path, json=body, timeout=60), 400, param)
+        assert "--trust-request-chat-template" in err["message"]
+
+
+def _nested(depth):
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize("url,body,param", [
+    ("/v1/chat/completions", {"messages": USER, "stop": ["x"] * 65}, "stop"),
+    ("/v1/chat/completions", {"messages": USER, "stop": "x" * 1025}, "stop"),
+    ("/v1/chat/completions", {"messages": USER, "tools": TOOLS * 129}, "tools"),
+    ("/v1/chat/completions", {"messages": USER * 4097}, "messages"),
+    ("/v1/completions", {"prompt": ["a"] * 1025}, "prompt"),
+    ("/v1/completions", {"prompt": [[1]] * 1025}, "prompt"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": _nested(40)}}}, "response_format"),
+    ("/tokenize", {"messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": _nested(40)}}]}, "tools"),
+])
+def test_list_lengths_and_nesting_are_bounded(servers, url, body, param):
+    err = _openai_error(httpx.post(servers["table"].url + url, json=body, timeout=60), 400)
+    assert err["param"] == param or err["param"].startswith(param + "."), err
+
+
+def _http(port, head: bytes, chunks=()) -> tuple[int, dict]:
+    """A raw HTTP/1.1 request: send the head, then the chunks while the server reads them (it may answer and
+    close first); returns (status, JSON body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+        s.sendall(head)
+        try:
+            for c in chunks:
+                s.sendall(c)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        top, _, rest = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in top.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while len(rest) < length:
+            rest += s.recv(65536)
+        return int(top.split()[1]), json.loads(rest[:length])
+
+
+def test_body_size_limit_answers_413_without_reading_the_body(servers):
+    srv = servers["table"]
+    # a declared body of 1 GB, of which nothing more than its first bytes is ever sent: the answer comes anyway
+    status, body = _http(srv.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+                                   b"\r\nContent-Length: 1000000000\r\n\r\n{\"messages\": [")
+    assert status == 413 and body["error"]["code"] == 413 and "--max-body-bytes" in body["error"]["message"]
+    # no Content-Length (chunked): cut off once past the limit
+    part = b"x" * 65536
+    chunk = b"%x\r\n%s\r\n" % (len(part), part)
+    status, body = _http(srv.port, b"POST /tokenize HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n", [chunk] * 80)
+    assert status == 413 and body["error"]["type"] == "RequestTooLargeError"
+
+
+def test_health_answers_while_a_large_prompt_is_tokenized(servers, tok):
+    """The tokenization runs in the worker pool: /health requests sent one after another keep being answered
+    while the 3 MB prompt's /tokenize is still running (on the event loop they would all wait for it)."""
+    url = servers["table"].url
+    rng = np.random.default_rng(0)
+    words = np.array(["hello", "world", "the", "quick", "brown", "fox", "Zürich", "🤖", "12345", "\n"])
+    text = " ".join(rng.choice(words, 600_000))
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+            big = asyncio.ensure_future(c.post("/tokenize", json={"prompt": text}))
+            answered = 0
+            while not big.done():
+                r = await c.get("/health")
+                assert r.status_code == 200
+                answered += not big.done()
+            return answered, (await big).json()
+
+    answered, body = asyncio.run(run())
+    assert body["count"] == len(tok.encode(text))
+    assert answered >= 3
+
+
+def test_a_client_that_closes_mid_stream_frees_its_row(servers):
+    """A raw socket that closes after the first chunk: the request is aborted and its row freed at once."""
+    srv = servers["rand"]
+    abort = 'qwen3_jax_request_success_total{finished_reason="abort"}'
+    before = srv.metric(abort)
+    body = json.dumps({"model": "rand", "prompt": [1, 2, 3], "max_tokens": 500, "temperature": 0,
+                       "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=120) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: "
+                  b"%d\r\n\r\n%s" % (len(body), body))
+        data = b""
+        while b"data: " not in data:
+            data += s.recv(65536)
+    end = time.monotonic() + 120  # a hang guard, not a margin
+    while srv.metric(abort) < before + 1 or srv.metric("qwen3_jax_num_requests_running"):
+        assert time.monotonic() < end, "the row was not freed"
+        time.sleep(0.05)
+    assert srv.metric(abort) == before + 1
+
+
+def test_port_in_use_is_a_usage_error_before_the_model_loads(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # the model does not exist either: the port is checked first, before anything loads or compiles
+        out = subprocess.run([str(BIN / "qwen3-jax-serve"), "--model", str(tmp_path / "nope"), "--port", str(port)],
+                             capture_output=True, text=True, env=env, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if "qwen3-jax-serve: error:" in line]
+    assert out.returncode == 2 and len(errors) == 1 and f"--port {port}" in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
 @pytest.fixture(scope="module")
 def node_modules():
     """node, with tests/node's packages installed (.ci/run installs node, npm and them; a bare checkout with node
@@ -455,6 +689,19 @@ def test_tool_choice_named_and_required(servers):
     assert args.get("city") in ("Paris", "Rome") or isinstance(args.get("a"), int)
 
 
+def test_forced_tool_call_cut_by_max_tokens_leaks_no_tag(servers):
+    """The grammar writes `<tool_call>\n{"name": ...` from the first token: cut after a few tokens, nothing of it
+    may reach the content (OpenAI: no content beside a forced call)."""
+    url = servers["rand"].url
+    body = {"model": "rand", "messages": USER, "temperature": 0, "max_tokens": 3, "tools": ENUM_TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, **NO_THINK}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300).json()["choices"][0]
+    assert r["finish_reason"] == "length" and not r["message"]["content"] and "tool_calls" not in r["message"]
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=300) as s:
+        text = "".join(s.iter_text())
+    assert "<tool" not in text and '"finish_reason":"length"' in text
+
+
 def test_server_runs_mcp_tools(servers, weather_log):
     srv = servers["rand"]
     before = weather_log.read_text().splitlines() if weather_log.exists() else []
@@ -498,20 +745,30 @@ def test_setup_errors_are_one_line(ids_dir, tmp_path):
         assert "Traceback" not in out.stderr
 
 
-def test_queue_full_answers_429():
-    """An app whose scheduler never runs: submitted requests stay queued, so the bound is reached exactly."""
+def _inproc(model, tokenizer=None, *, max_batch=1, max_len=64, max_queue=2, **app_kw):
+    """(service, app): an in-process app (its scheduler not started: start_service False) for httpx's ASGI
+    transport."""
     from qwen3_jax.infer.cli import SamplingDefaults
     from qwen3_jax.infer.server import Defaults, Metrics, create_app
     from qwen3_jax.infer.serving import EngineService
 
-    model = Qwen3ForCausalLM(_tiny(512, 64, eos_token_id=None), rngs=nnx.Rngs(0))
     holder = {}
-    service = EngineService(model, None, max_batch=1, max_len=64, max_queue=2,
+    service = EngineService(model, tokenizer, max_batch=max_batch, max_len=max_len, max_queue=max_queue,
                             metrics=Metrics(lambda: holder["s"].scheduler))
     holder["s"] = service
     defaults = Defaults(SamplingDefaults("/nonexistent", argparse.Namespace(**{k: None for k in (
         "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")})))
-    app = create_app(service, served_model_name="m", defaults=defaults, start_service=False)
+    return service, create_app(service, served_model_name="m", defaults=defaults, start_service=False, **app_kw)
+
+
+def _asgi(app):
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=300)
+
+
+def test_queue_full_answers_429():
+    """An app whose scheduler never runs: submitted requests stay queued, so the bound is reached exactly."""
+    model = Qwen3ForCausalLM(_tiny(512, 64, eos_token_id=None), rngs=nnx.Rngs(0))
+    service, app = _inproc(model)
 
     async def run():
         transport = httpx.ASGITransport(app=app)
@@ -540,7 +797,7 @@ def test_contract_token_ids_without_tokenizer(servers, ids_dir):
     assert choice["token_ids"] == generate(model, [body["prompt"]], GREEDY, 7, [])[0].token_ids
     assert choice["text"] == "" and choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 7
     client = _client(srv, KEY)
-    c = client.completions.create(model="ids", prompt=[[1, 2], [3]], max_tokens=3, temperature=0, n=2, seed=1)
+    c = client.completions.create(model=ids_dir.name, prompt=[[1, 2], [3]], max_tokens=3, temperature=0, n=2, seed=1)
     assert [x.index for x in c.choices] == [0, 1, 2, 3] and c.usage.prompt_tokens == 3
     for name, body in (("prompt", {"prompt": "text needs a tokenizer"}), ("messages", None)):
         url = "/v1/completions" if body else "/v1/chat/completions"
@@ -557,7 +814,9 @@ def test_auth(servers, ids_dir):
     assert httpx.get(srv.url + "/health").status_code == 200
     with pytest.raises(openai.AuthenticationError):
         _client(srv, "wrong").models.list()
-    assert _client(srv, KEY).models.list().data[0].id == str(ids_dir)  # --served-model-name defaults to --model
+    # --served-model-name defaults to the model directory's name; no path is shown
+    models = httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert _client(srv, KEY).models.list().data[0].id == ids_dir.name and str(ids_dir.parent) not in json.dumps(models)
 
 
 def test_disconnect_frees_the_row(servers):
@@ -600,3 +859,136 @@ def test_sigterm_drains_requests_in_flight(servers):
     assert srv.proc.wait(120) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(srv.url + "/health", timeout=5)
+
+
+# ------------------------------------------------------------------------------------------- in-process apps
+def test_request_timeout_ends_what_the_engine_never_serves():
+    """The scheduler never runs here (stuck engine): at the deadline the request ends anyway, 408 (or an error
+    event in a stream), and its sequences are cancelled."""
+    model = Qwen3ForCausalLM(_tiny(512, 64, eos_token_id=None), rngs=nnx.Rngs(0))
+    service, app = _inproc(model, max_queue=8, request_timeout=0.5)
+
+    async def run():
+        async with _asgi(app) as c:
+            full = await c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 4})
+            stream = await c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 4, "stream": True})
+            return full, stream
+
+    full, stream = asyncio.run(run())
+    assert _openai_error(full, 408)["type"] == "TimeoutError"
+    lines = [json.loads(x[6:]) for x in stream.text.splitlines() if x.startswith("data: {")]
+    assert stream.status_code == 200 and stream.text.rstrip().endswith("data: [DONE]")
+    assert [c["choices"][0]["finish_reason"] for c in lines if c.get("choices")] == ["abort"]
+    assert lines[-1]["error"]["code"] == 408 and "--request-timeout" in lines[-1]["error"]["message"]
+    assert len(service.scheduler._cancelled) == 2  # both sequences cancelled (their rows would be freed)
+
+
+def test_engine_errors_answer_500_without_internals_and_a_dead_engine_503():
+    model = Qwen3ForCausalLM(_tiny(512, 64, eos_token_id=None), rngs=nnx.Rngs(0))
+    service, app = _inproc(model, max_queue=8)
+    real = service.scheduler.engine.decode_ex
+    body = {"prompt": [1, 2], "max_tokens": 3, "temperature": 0}
+
+    def fails(*a, **k):
+        raise RuntimeError("/very/secret/site-packages/jax/x.py: device exploded")
+
+    def dies(*a, **k):
+        raise SystemExit("the scheduler thread is killed")
+
+    async def run():
+        out = {}
+        async with _asgi(app) as c:
+            out["health"] = (await c.get("/health")).status_code
+            service.scheduler.engine.decode_ex = fails
+            out["fails"] = await c.post("/v1/completions", json=body)
+            out["fails_stream"] = (await c.post("/v1/completions", json={**body, "stream": True})).text
+            service.scheduler.engine.decode_ex = real
+            out["recovers"] = await c.post("/v1/completions", json=body)
+            service.scheduler.engine.decode_ex = dies
+            out["dies"] = await c.post("/v1/completions", json=body)
+            out["dead_health"] = await c.get("/health")
+            out["dead"] = await c.post("/v1/completions", json=body)
+        return out
+
+    service.start()
+    try:
+        out = asyncio.run(run())
+    finally:
+        service.stop()
+    assert out["health"] == 200
+    err = _openai_error(out["fails"], 500)
+    assert "secret" not in out["fails"].text and "exploded" not in out["fails"].text and "server log" in err["message"]
+    assert "secret" not in out["fails_stream"] and '"code":500' in out["fails_stream"]
+    assert out["recovers"].status_code == 200 and len(out["recovers"].json()["choices"][0]["token_ids"]) == 3
+    assert _openai_error(out["dies"], 500) and "killed" not in out["dies"].text
+    assert _openai_error(out["dead_health"], 503)["type"] == "ServiceUnavailableError"
+    assert _openai_error(out["dead"], 503)
+
+
+def test_worker_pool_keeps_the_loop_free_bounded_and_timed():
+    """Request bodies over 64 KB are parsed in the worker pool, like tokenization, templates and grammars. With
+    its one worker held: /health still answers while a large request waits for the pool; the next one past
+    max_pending is answered 429; with a timeout, a request the pool cannot serve in time gets 503."""
+    import threading
+
+    from qwen3_jax.infer.serving import WorkerPool
+
+    model = Qwen3ForCausalLM(_tiny(512, 64, eos_token_id=None), rngs=nnx.Rngs(0))
+    large = {"prompt": "x" * 70_000, "max_tokens": 0}  # parsed, then refused (max_tokens): 400 once parsed
+    release = threading.Event()
+
+    async def run(pool):
+        service, app = _inproc(model, max_queue=4096, pool=pool)
+        async with _asgi(app) as c:
+            held = asyncio.ensure_future(pool.run(release.wait, timeout=300))
+            while pool.pending < 1:
+                await asyncio.sleep(0.01)
+            waiting = asyncio.ensure_future(c.post("/v1/completions", json=large))
+            while pool.pending < 2:
+                await asyncio.sleep(0.01)
+            health = await c.get("/health")  # 503: the scheduler is not started here, but answered at once
+            busy = await c.post("/v1/completions", json=large)
+            state = (waiting.done(), service.scheduler.num_waiting)
+            release.set()
+            await held
+            r = await waiting
+            return health, busy, state, r, service
+
+    health, busy, state, r, service = asyncio.run(run(WorkerPool(workers=1, max_pending=2, timeout=300)))
+    assert health.status_code == 503 and state == (False, 0)
+    assert _openai_error(busy, 429)["type"] == "RateLimitError"
+    assert _openai_error(r, 400, "max_tokens")  # parsed once the worker was free
+    release.clear()
+
+    async def timed(pool):
+        service, app = _inproc(model, max_queue=4096, pool=pool)
+        async with _asgi(app) as c:
+            held = asyncio.ensure_future(pool.run(release.wait, timeout=300))
+            while pool.pending < 1:
+                await asyncio.sleep(0.01)
+            r = await c.post("/v1/completions", json=large)
+            release.set()
+            await held
+            return r
+
+    assert "took longer" in _openai_error(asyncio.run(timed(WorkerPool(workers=1, timeout=0.2))), 503)["message"]
+
+
+def test_trusted_request_chat_template(tok):
+    model = Qwen3ForCausalLM(_tiny(151936, 64), rngs=nnx.Rngs(0))
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template": template}
+
+    async def run(trust):
+        _, app = _inproc(model, tok, trust_request_chat_template=trust, api_key="k")
+        async with _asgi(app) as c:
+            no_key = await c.post("/tokenize", json=body)
+            r = await c.post("/tokenize", json=body, headers={"Authorization": "Bearer k"})
+            d = await c.post("/detokenize", json={"tokens": [1]})
+            return no_key, r, d
+
+    no_key, r, d = asyncio.run(run(True))
+    assert _openai_error(no_key, 401) and _openai_error(d, 401)  # --api-key guards /tokenize and /detokenize too
+    assert r.json()["tokens"] == tok.encode("<<hi>>", add_special_tokens=False)
+    _, r, _ = asyncio.run(run(False))
+    assert _openai_error(r, 400, "chat_template")
