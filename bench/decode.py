@@ -1,18 +1,24 @@
-"""Decode benchmark: ratios measured in one run on this machine (same small Qwen3-MoE config and weights as
-bench/forward.py: 4 layers, hidden 256, 32 experts top-4, vocab 4096, fp32).
+"""Decode benchmark: what a user's `generate` call does, as ratios measured in one run on this machine (same small
+Qwen3-MoE config and weights as bench/forward.py: 4 layers, hidden 256, 32 experts top-4, vocab 4096, fp32).
 
     python bench/decode.py                 # everything
-    python bench/decode.py --only hf       # one of: hf, prefill, position, batch
+    python bench/decode.py --only hf       # one of: hf, late, prefill, batch
+    python bench/decode.py --ab            # the KV-cache strategies side by side (hf and late, interleaved)
 
-1. hf:       greedy decode tokens/s, batch 1, 32-token prompt, 128 new tokens: our engine (jitted prefill, on-device
-             decode loop over the KV cache; on CPU the decode kernels of qwen3_jax.kernels.cpu_decode read experts, weights
-             and cache in place, QWEN3_JAX_CPU_KERNELS=0 for the XLA path) vs transformers
-             `generate(do_sample=False)` with its KV cache. Target >= 5x.
-2. prefill:  prefill tokens/s (batch 1 x 2000 tokens into the cache).
-3. position: per-token decode time at position ~2000 vs ~100 (the same 2112-slot cache, and ~100 in a 256-slot
-             cache: a decode step reads the whole cache row, masked), and the 2000-token prefill (what a cache-less
-             model recomputes for every token) / one decode token at ~2000. Target >= 20x.
-4. batch:    decode throughput (new tokens/s over all rows) at batch 1 / 8 / 32.
+1. hf:      greedy tokens/s of the public `generate`, batch 1, 32-token prompt, 128 new tokens (the call includes
+            the prefill and the host loop; on CPU the decode kernels of qwen3_jax.kernels.cpu_decode read experts,
+            weights and cache in place, QWEN3_JAX_CPU_KERNELS=0 for the XLA path) vs transformers
+            `generate(do_sample=False)` with its KV cache. Target >= 5x.
+2. late:    the cost of a late token through the public `generate`: a 1920-token prompt, 1 and 129 new tokens
+            (the same 2048-slot cache: generate sizes it from prompt + new tokens), (t129 - t1) / 128 per token at
+            positions 1920-2047, against the 2000-token forward without a cache that a cache-less model recomputes
+            for every token. Target >= 100x.
+3. prefill: prefill tokens/s (batch 1 x 2000 tokens into the cache, the engine's prefill call).
+4. batch:   decode throughput of `generate` (new tokens/s over all rows, 32-token prompts, 64 new tokens) at
+            batch 1 / 8 / 32.
+
+--kv-cache carried|deferred runs the model with that KV-cache strategy (qwen3_jax.kernels `kv_cache`; default: the
+platform's); --ab times hf and late for both in one run, the calls alternating.
 """
 
 from __future__ import annotations
@@ -22,16 +28,18 @@ import os
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import qwen3_jax
 from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
 from qwen3_jax.hostmem import tune_malloc
-from qwen3_jax.infer import Request, SamplingParams, iter_generate
-from qwen3_jax.infer.engine import Engine
+from qwen3_jax.infer import SamplingParams, generate
+from qwen3_jax.infer.engine import Engine, pow2
+from qwen3_jax.kernels import KV_CACHE
 
-from forward import timeit as _timeit, timeit_interleaved  # bench/forward.py (this script's folder is on sys.path)
+from forward import jitted_forward, timeit as _timeit, timeit_interleaved  # bench/forward.py (this folder: sys.path)
 
 SMALL = dict(
     model_type="qwen3_moe", vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
@@ -40,6 +48,7 @@ SMALL = dict(
     eos_token_id=None,
 )
 GREEDY = SamplingParams(temperature=0.0)
+LATE_PROMPT, LATE_NEW, RECOMPUTE = 1920, 128, 2000
 
 
 def median_time(fn):
@@ -58,48 +67,81 @@ def prompts(cfg, b, n, seed=0):
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, (b, n)).tolist()
 
 
-def bench_hf(model):
+def with_kv_cache(model, kv_cache):
+    """A model sharing `model`'s parameters that runs with KV-cache strategy `kv_cache` (None: the platform's)."""
+    graphdef, state = nnx.split(model)
+    twin = nnx.merge(graphdef, state)
+    twin.runtime = twin.runtime.replace(kv_cache=kv_cache or "auto")
+    return twin
+
+
+def generate_fn(model, ps, n_new, out=None, key=None):
+    """A call of the public generate (greedy, no stop token: every row runs n_new tokens)."""
+    def fn():
+        res = generate(model, ps, GREEDY, max_new_tokens=n_new, stop_token_ids=[])
+        assert all(len(r.token_ids) == n_new for r in res)
+        if out is not None:
+            out[key] = [r.token_ids for r in res]
+    return fn
+
+
+def bench_hf(models):
     import torch
     from transformers import AutoModelForCausalLM
 
+    model = next(iter(models.values()))
     cfg = model.config
     with tempfile.TemporaryDirectory() as d:
         qwen3_jax.save_pretrained(model, d)
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     n_new = 128
     (prompt,) = prompts(cfg, 1, 32)
-    reqs = [Request(prompt, GREEDY, n_new, stop_token_ids=[])]
-    ours = {}
-
-    def run_ours():
-        ours["ids"] = next(iter_generate(model, reqs, batch_size=1, max_len=256))[1].token_ids
+    ids = {}
 
     def run_hf():
         with torch.inference_mode():
             out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
                               use_cache=True, pad_token_id=0)
-        ours["hf"] = out[0, len(prompt):].tolist()
+        ids["hf"] = out[0, len(prompt):].tolist()
 
-    t = timeit_interleaved({"ours": run_ours, "hf": run_hf}, warmup=1, iters=5)
-    t_ours, t_hf = t["ours"], t["hf"]
-    same = ours["ids"] == ours["hf"]
-    print(f"[hf] greedy batch 1, 32-token prompt + {n_new} new tokens, fp32 (torch threads {torch.get_num_threads()})")
-    print(f"[hf]   ours         {t_ours * 1e3:8.1f} ms  ({n_new / t_ours:8.1f} tok/s)")
-    print(f"[hf]   transformers {t_hf * 1e3:8.1f} ms  ({n_new / t_hf:8.1f} tok/s)   same tokens: {same}")
-    print(f"[hf]   speed-up = {t_hf / t_ours:.2f}x   (target >= 5)")
-
-
-def engine_at(model, b, max_len, prompt_len):
-    """(engine, slots) with b rows prefilled with prompt_len-token prompts; returns also the prefill time."""
-    eng = Engine(model, chunk=32)
-    slots = eng.new_slots(b, max_len, 16)
-    ps = prompts(model.config, b, prompt_len, seed=prompt_len)
-    slots = eng.prefill(slots, ps, list(range(b)), row_params(b))
-    jax.block_until_ready(slots)
-    return eng, slots, ps
+    fns = {name: generate_fn(m, [prompt], n_new, ids, name) for name, m in models.items()}
+    t = timeit_interleaved({**fns, "hf": run_hf}, warmup=1, iters=5)
+    print(f"[hf] greedy batch 1, public generate: 32-token prompt + {n_new} new tokens, fp32 "
+          f"(torch threads {torch.get_num_threads()})")
+    for name in models:
+        print(f"[hf]   ours {name:9s} {t[name] * 1e3:8.1f} ms  ({n_new / t[name]:8.1f} tok/s)   "
+              f"same tokens as transformers: {ids[name][0] == ids['hf']}")
+    print(f"[hf]   transformers   {t['hf'] * 1e3:8.1f} ms  ({n_new / t['hf']:8.1f} tok/s)")
+    for name in models:
+        print(f"[hf]   speed-up ({name}) = {t['hf'] / t[name]:.2f}x   (target >= 5)")
 
 
-def prefill_time(model, n):
+def bench_late(models):
+    """Per-token time at positions LATE_PROMPT.. through generate, and the cache-less forward of RECOMPUTE tokens."""
+    model = next(iter(models.values()))
+    (prompt,) = prompts(model.config, 1, LATE_PROMPT, seed=1)
+    (long,) = prompts(model.config, 1, RECOMPUTE, seed=1)
+    fwd = jitted_forward(model)
+    ids = jnp.asarray([long])
+    fns = {"forward": lambda: fwd(ids)}
+    n = 1 + LATE_NEW
+    for name, m in models.items():
+        fns[f"{name}/1"] = generate_fn(m, [prompt], 1)
+        fns[f"{name}/{n}"] = generate_fn(m, [prompt], n)
+    t = timeit_interleaved(fns, warmup=1, iters=5)
+    print(f"[late] public generate, batch 1, {LATE_PROMPT}-token prompt, 1 and {n} new tokens (generate's cache: "
+          f"{pow2(LATE_PROMPT + n - 1, 64)} slots)")
+    print(f"[late]   {RECOMPUTE}-token forward without a cache: {t['forward'] * 1e3:8.1f} ms")
+    for name in models:
+        t1, tn = t[f"{name}/1"], t[f"{name}/{n}"]
+        per_tok = (tn - t1) / LATE_NEW
+        print(f"[late]   {name:9s} 1 token {t1 * 1e3:7.1f} ms, {n} tokens {tn * 1e3:7.1f} ms: "
+              f"{per_tok * 1e3:5.2f} ms / token at {LATE_PROMPT}-{LATE_PROMPT + LATE_NEW - 1}; "
+              f"forward / late token = {t['forward'] / per_tok:6.1f}x   (target >= 100)")
+
+
+def bench_prefill(model):
+    n = 2000
     eng = Engine(model)
     ps = prompts(model.config, 1, n + 1)  # prefill writes n tokens (the last prompt token is the first decode input)
     state = {"slots": eng.new_slots(1, n + 64, 16)}
@@ -108,66 +150,41 @@ def prefill_time(model, n):
         state["slots"] = eng.prefill(state["slots"], ps, [0], row_params(1))
         jax.block_until_ready(state["slots"])
 
-    return median_time(run)
-
-
-def decode_time(eng, slots, steps=32):
-    """Seconds per decode step (one token per row) of a `steps`-token chunk; returns (time, slots)."""
-    state = {"slots": slots}
-
-    def run():
-        state["slots"], toks, _ = eng.decode(state["slots"], steps, stop_on_finish=False, n_max=steps)
-        assert toks.shape[1] == steps
-
-    return median_time(run) / steps, state["slots"]
-
-
-def bench_prefill(model):
-    n = 2000
-    t = prefill_time(model, n)
+    t = median_time(run)
     print(f"[prefill] batch 1 x {n} tokens: {t * 1e3:8.1f} ms  ({n / t:8.0f} tok/s)")
-    return t
-
-
-def bench_position(model, t_prefill=None):
-    max_len = 2112
-    t_prefill = t_prefill or prefill_time(model, 2000)
-    times = {}
-    for pos, s in ((100, max_len), (2000, max_len), (100, 256)):
-        eng, slots, _ = engine_at(model, 1, s, pos)
-        times[pos, s], _ = decode_time(eng, slots, steps=16)
-        print(f"[position] decode at ~{pos:4d} (cache of {s:4d} slots): {times[pos, s] * 1e3:7.2f} ms / token")
-    print(f"[position]   token at ~2000 / token at ~100 = {times[2000, max_len] / times[100, max_len]:.2f}x (same cache), "
-          f"{times[2000, max_len] / times[100, 256]:.2f}x (each in its own cache bucket)")
-    times = {2000: times[2000, max_len]}
-    print(f"[position]   2000-token recompute (prefill) / cached token at ~2000 = {t_prefill / times[2000]:.1f}x"
-          f"   (target >= 20)")
 
 
 def bench_batch(model):
     base = None
+    n_new = 64
     for b in (1, 8, 32):
-        eng, slots, _ = engine_at(model, b, 256, 32)
-        t, _ = decode_time(eng, slots, steps=32)
-        tps = b / t
+        t = median_time(generate_fn(model, prompts(model.config, b, 32), n_new))
+        tps = b * n_new / t
         base = base or tps
-        print(f"[batch] batch {b:2d}: {t * 1e3:7.2f} ms / step  {tps:9.1f} tok/s  ({tps / base:5.2f}x batch 1)")
+        print(f"[batch] generate, batch {b:2d}, 32-token prompts + {n_new} new tokens: {t * 1e3:8.1f} ms  "
+              f"{tps:9.1f} tok/s  ({tps / base:5.2f}x batch 1)")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["hf", "prefill", "position", "batch"])
+    ap.add_argument("--only", choices=["hf", "late", "prefill", "batch"])
+    ap.add_argument("--kv-cache", choices=KV_CACHE, help="KV-cache strategy (default: the platform's)")
+    ap.add_argument("--ab", action="store_true", help="hf and late for every KV-cache strategy, interleaved")
     args = ap.parse_args()
     print(f"host malloc tuned for XLA:CPU (qwen3_jax.hostmem, both sides): {tune_malloc()}")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores)")
-    model = Qwen3ForCausalLM(Qwen3Config.from_dict(SMALL), rngs=nnx.Rngs(0))
-    t_prefill = None
+    base = Qwen3ForCausalLM(Qwen3Config.from_dict(SMALL), rngs=nnx.Rngs(0))
+    model = with_kv_cache(base, args.kv_cache)
+    print(f"KV cache: {model.runtime.kernels.kv_cache}" + (" (the platform's)" if not args.kv_cache else ""))
+    models = {k: with_kv_cache(base, k) for k in KV_CACHE} if args.ab else {model.runtime.kernels.kv_cache: model}
     if args.only in (None, "hf"):
-        bench_hf(model)
+        bench_hf(models)
+    if args.only in (None, "late"):
+        bench_late(models)
+    if args.ab:
+        return
     if args.only in (None, "prefill"):
-        t_prefill = bench_prefill(model)
-    if args.only in (None, "position"):
-        bench_position(model, t_prefill)
+        bench_prefill(model)
     if args.only in (None, "batch"):
         bench_batch(model)
 

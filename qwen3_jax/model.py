@@ -637,9 +637,11 @@ class Qwen3ForCausalLM(nnx.Module):
 
         seg_bt: segment ids of a forward without a cache (None: plain causal); valid_bt: real tokens (None: all).
         kv: None, or (k [L,B,S,K,hd], v [L,B,S,K,hd], write slots [B,T], cached-slot mask [B,S], new-token mask
-        [B,T,T]). The cache stacks are carried through the layer loop: each layer reads its slice, attends over the
-        cached tokens plus its new keys/values, and writes those into its slots in place (a donated cache is
-        updated without a copy of the stack). lora: adapters, sliced per layer with the attention weights.
+        [B,T,T]). Each layer attends over its cached tokens plus its new keys/values; the kernels' `kv_cache`
+        choice (qwen3_jax.kernels) says how those are stored: "carried", the stacks carried through the layer loop
+        and each layer's slots written in place (a donated cache is updated without a copy of the stack); or
+        "deferred", the loop only reads the stacks and the new keys/values come out of it [L,B,T,K,hd], scattered
+        into the cache once after it. lora: adapters, sliced per layer with the attention weights.
         Returns (h, router logits [L_moe,B,T,E] or None, dropped token copies [L_moe] or None (one device),
         (k, v) or None, the MoE layers' inputs [L_moe,B,T,D] (runtime.routing.moe_inputs) or None).
         """
@@ -657,6 +659,8 @@ class Qwen3ForCausalLM(nnx.Module):
         ops = LayerOps(self, attn_p, moe_p, kv, h_btd.shape[0] * h_btd.shape[1])
         b, t, _ = h_btd.shape
         keep_x = rt.routing is not None and rt.routing.moe_inputs
+        carried = kv is not None and ops.ks.kv_cache == "carried"
+        kv_read = None if kv is None else (kv[0], kv[1])          # "deferred": read in the loop, never carried
 
         def mlp(x, kind, moe_l, dense_l, layer):
             """(y, router logits, dropped); kind 'moe' / 'dense' (static) or a traced bool (mixed stacks)."""
@@ -678,20 +682,23 @@ class Qwen3ForCausalLM(nnx.Module):
                 if lora is not None:
                     proj = lora_proj(proj, a, a["lora"], lora, layer)
                 q, k, v = attention_qkv(x, a, cos, sin, eps, proj)
-                o = ops.attend(q, k, v, layer, kvc, seg_bt)
-                if kvc is not None:
+                o = ops.attend(q, k, v, layer, kvc if carried else kv_read, seg_bt)
+                new_kv = None
+                if carried:
                     kvc = write_cache(kvc, layer, k, v, kv[2])
+                elif kv is not None:
+                    new_kv = (k, v)
                 h = h + attention_out(o, a, proj)
                 x = self._shard(rms_norm(h, a["post_attention_layernorm"], eps), "btd")
                 y, rl, dropped = mlp(x, flag if kind == "mixed" else kind, moe_l, dense_l, layer)
                 h = h + self._shard(y, "btd")
-                return (h, kvc), (rl, dropped, x if keep_x else None)
+                return (h, kvc), (rl, dropped, x if keep_x else None, new_kv)
 
             if rt.remat == "none":
                 return body
             return jax.checkpoint(body, policy=remat_policy(rt.remat), prevent_cse=not rt.scan_layers)
 
-        carry = (h_btd, None if kv is None else (kv[0], kv[1]))
+        carry = (h_btd, kv_read if carried else None)
         take = lambda tree, i: jax.tree.map(lambda w: w[i], tree)  # noqa: E731
         if rt.scan_layers:
             if mixed:
@@ -706,7 +713,8 @@ class Qwen3ForCausalLM(nnx.Module):
                 body = layer_fn("dense")
                 scanned = lambda c, xs: body(c, (xs[0], xs[1], None, None, xs[2]))  # noqa: E731
                 extra = (dense_p,)
-            (h, kv_out), (rl, dropped, moe_x) = jax.lax.scan(scanned, carry, (jnp.arange(n_layers), attn_p, *extra))
+            (h, kv_out), (rl, dropped, moe_x, new_kv) = jax.lax.scan(scanned, carry,
+                                                                     (jnp.arange(n_layers), attn_p, *extra))
             if mixed:
                 sel = jnp.asarray(np.nonzero(is_moe)[0])
                 rl, dropped = rl[sel], dropped[sel]
@@ -726,15 +734,19 @@ class Qwen3ForCausalLM(nnx.Module):
             rl = jnp.stack([o[0] for o in moe_outs]) if moe_outs else None
             dropped = jnp.stack([o[1] for o in moe_outs]) if moe_outs else None
             moe_x = jnp.stack([o[2] for o in moe_outs]) if moe_outs and keep_x else None
+            new_kv = None if outs[0][3] is None else jax.tree.map(lambda *a: jnp.stack(a), *[o[3] for o in outs])
         if dropped is not None and not self._sharded():
             dropped = None        # one device never drops
+        if kv is not None and not carried:
+            kv_out = write_cache(kv_read, slice(None), *new_kv, kv[2])
         return h, rl, dropped, kv_out, moe_x
 
 
 def write_cache(kv_c, layer, k_btkd, v_btkd, write_bt):
     """Store layer `layer`'s new keys/values in slots write_bt [B,T] of the stacks (k [L,B,S,K,hd], v); slots past
-    the cache are dropped. Inside the layer loop, on the carried stacks: XLA updates them in place."""
-    rows = jnp.arange(k_btkd.shape[0])[:, None]
+    the cache are dropped. Inside the layer loop, on the carried stacks: XLA updates them in place. layer =
+    slice(None): every layer's, k/v [L,B,T,K,hd] (the "deferred" write after the loop)."""
+    rows = jnp.arange(write_bt.shape[0])[:, None]
     ck = kv_c[0].at[layer, rows, write_bt].set(k_btkd.astype(kv_c[0].dtype), mode="drop")
     cv = kv_c[1].at[layer, rows, write_bt].set(v_btkd.astype(kv_c[1].dtype), mode="drop")
     return ck, cv

@@ -29,6 +29,7 @@ class Runtime:
     gmm: str = "auto"                     # auto | megablox | ragged_dot | cpu
     attention: str = "auto"               # auto | splash | cudnn | xla | chunked
     ep_dispatch: str = "auto"             # auto | ragged | padded | ragged_emulated
+    kv_cache: str = "auto"                # auto | carried | deferred (how a KV-cached forward writes the cache)
     cpu_decode_kernels: bool = True       # allow the XLA:CPU FFI decode kernels where they serve
     routing: Any = None                   # a qwen3_jax.routing.Intervention (top-k, disabled/forced experts, temperature)
 

@@ -56,17 +56,21 @@ def test_platform_comes_from_the_mesh_devices(v5p8):
     """Abstract TPU chips pick the TPU kernels although this process's backend is the CPU."""
     assert jax.default_backend() == "cpu"
     tpu = Runtime(mesh=make_mesh(expert=8, devices=v5p8)).kernels
-    assert (tpu.platform, tpu.gmm, tpu.attention, tpu.ep_dispatch, tpu.decode_kernels) == \
-        ("tpu", "megablox", "splash", "ragged", False)
+    assert (tpu.platform, tpu.gmm, tpu.attention, tpu.ep_dispatch, tpu.decode_kernels, tpu.kv_cache) == \
+        ("tpu", "megablox", "splash", "ragged", False, "carried")
     assert not tpu.interpret and tpu.gather_rows(128, True) == 0
     cpu = Runtime(mesh=make_mesh(expert=8, devices=jax.devices()[:8])).kernels
-    assert (cpu.platform, cpu.gmm, cpu.attention, cpu.ep_dispatch) == ("cpu", "cpu", "chunked", "padded")
+    assert (cpu.platform, cpu.gmm, cpu.attention, cpu.ep_dispatch, cpu.kv_cache) == \
+        ("cpu", "cpu", "chunked", "padded", "deferred")
     assert Runtime(mesh=make_mesh(expert=8, devices=v5p8), gmm="ragged_dot").kernels.gmm == "ragged_dot"
     gpu = Runtime(mesh=make_mesh(expert=8, devices=topology_devices("h100:1x8"))).kernels
     assert (gpu.platform, gpu.gmm, gpu.attention, gpu.ep_dispatch, gpu.decode_kernels, gpu.interpret) == \
         ("gpu", "tokamax", "cudnn", "ragged", False, True)
     assert gpu.device.device_kind == "NVIDIA H100 80GB HBM3" and gpu.gather_rows(128, True) == 0
     assert not gpu.off_platform("tokamax") and tpu.off_platform("tokamax") and cpu.off_platform("megablox")
+    assert Runtime(mesh=make_mesh(expert=8, devices=v5p8), kv_cache="deferred").kernels.kv_cache == "deferred"
+    with pytest.raises(ValueError, match="kv_cache='copied': choose from auto, carried, deferred"):
+        Runtime(kv_cache="copied").kernels
 
 
 def test_v5e_over_16_chips_falls_back_to_the_padded_dispatch():

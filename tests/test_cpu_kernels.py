@@ -197,3 +197,27 @@ def test_no_compiler_falls_back_to_xla(monkeypatch, tmp_path):
         monkeypatch.undo()
         cpu_kernels.load.cache_clear()
     assert cpu_kernels.load()  # the real cache again
+
+
+@pytest.mark.parametrize("kernels", [pytest.param(True, marks=needs_compiler), False])
+def test_cpu_decode_step_copies_no_cache_stack(reference, kernels):
+    """The engine's compiled decode step on CPU (the platform's KV-cache strategy, "deferred") updates the donated
+    cache without copying a cache stack: with the stacks carried through the layer loop, XLA:CPU copied them in
+    every step, which made a token at position ~2000 cost 5x (bench/decode.py)."""
+    import re
+
+    from flax import nnx
+
+    from qwen3_jax.infer.engine import Engine
+
+    _, _, model = reference("moe_uniform")
+    model = nnx.merge(*nnx.split(model))
+    model.runtime = model.runtime.replace(cpu_decode_kernels=kernels)
+    assert model.runtime.kernels.kv_cache == "deferred"
+    cfg = model.config
+    eng = Engine(model, chunk=4)
+    slots = eng.new_slots(2, 64, 16)
+    hlo = eng.fns.decode.lower(eng.params, slots, np.int32(4), np.bool_(False), n_max=4).compile().as_text()
+    stack = f"[{cfg.num_hidden_layers},2,64,{cfg.num_key_value_heads},{cfg.head_dim}]"
+    copies = [ln.strip() for ln in hlo.splitlines() if re.search(r"\bcopy\(", ln) and stack in ln]
+    assert not copies, "\n".join(copies)

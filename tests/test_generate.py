@@ -55,12 +55,20 @@ def test_cached_decode_equals_full_recompute_argmax_every_step(reference):
         np.testing.assert_array_equal(logits[i, len(p) - 1:len(p) + 8].argmax(-1), r.token_ids)
 
 
-def test_cache_in_chunks_equals_full_forward(reference):
+@pytest.mark.parametrize("name,kv_cache,scan", [
+    ("moe_uniform", "carried", True), ("moe_uniform", "deferred", True), ("moe_mixed_yarn_tied", "carried", True),
+    ("moe_mixed_yarn_tied", "deferred", True), ("moe_mixed_yarn_tied", "carried", False),
+    ("moe_mixed_yarn_tied", "deferred", False)])
+def test_cache_in_chunks_equals_full_forward(reference, name, kv_cache, scan):
     """Model-level cache contract: ragged prefill, a ragged multi-token append onto a non-empty cache (T > 1 path),
-    then single-token steps (T == 1 path): logits equal the uncached forward at the same positions."""
+    then single-token steps (T == 1 path): logits equal the uncached forward at the same positions. For both
+    KV-cache strategies of the kernel seam (qwen3_jax.kernels `kv_cache`), the layers scanned or unrolled."""
     from qwen3_jax.model import KVCache
 
-    _, _, model = reference("moe_uniform")
+    _, _, model = reference(name)
+    model = nnx.merge(*nnx.split(model))
+    model.runtime = model.runtime.replace(kv_cache=kv_cache, scan_layers=scan)
+    assert model.runtime.kernels.kv_cache == kv_cache
     ids = np.asarray(_rand_prompts(model.config.vocab_size, [12, 12], seed=5), np.int32)
     full = np.asarray(model(jnp.asarray(ids)).logits)
     cache = KVCache.init(model.config, 2, 16)
