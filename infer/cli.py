@@ -183,8 +183,9 @@ def _check_multiprocess_mesh(p, mesh):
 
 
 def _agreed(p, fn):
-    """fn() (which may call p.error); in a multi-process run a usage error on any process stops every process
-    with that error, instead of the others going on to wait for it in the first collective."""
+    """fn() (which may call p.error); in a multi-process run a usage error or any exception on any process stops
+    every process with the same line (`process K: ...`, exit 2), instead of the others going on to wait for it in
+    their next collective. Every step that can fail on one host only (its files, its memory) runs in one."""
     import jax
 
     if jax.process_count() == 1:
@@ -205,6 +206,8 @@ def _agreed(p, fn):
         out = fn()
     except _Stop:
         out = None
+    except Exception as e:  # noqa: BLE001  (a bad file, an unexpected error, memory: the others must hear of it)
+        out, err = None, e
     finally:
         del p.error  # the class's method again
     first = first_error(err)
@@ -219,6 +222,15 @@ def _load_tokenizer(args):
 
     path = Path(args.tokenizer or args.model)
     return Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
+
+
+def _checked_tokenizer(p, args):
+    """_load_tokenizer, a tokenizer.json that does not load being a usage error (one line, exit 2)."""
+    try:
+        return _load_tokenizer(args)
+    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for a malformed file)
+        p.error(f"{'--tokenizer ' + args.tokenizer if args.tokenizer else '--model ' + args.model}: cannot load "
+                f"tokenizer.json: {' '.join(str(e).split())[:300]}")
 
 
 def _load_model(args):
@@ -635,7 +647,9 @@ def main(argv=None) -> int:
     writer = jax.process_index() == 0  # the output file is process 0's: it scans it and writes every line
     if jax.process_count() > 1 and args.seed is None:  # the processes must sample alike: one random base seed
         args.seed = allgather_json(int.from_bytes(os.urandom(4), "little"))[0]
-    tokenizer = _load_tokenizer(args)
+    # every step that reads this host's files (tokenizer, output, input, checkpoint) is agreed on by all processes
+    # before the next collective: a failure on one host stops every host with its error
+    tokenizer = _agreed(p, lambda: _checked_tokenizer(p, args))
     parser = LineParser(args, cfg, tokenizer, SamplingDefaults(args.model, args))
     out_path = Path(args.output)
 
@@ -649,11 +663,16 @@ def main(argv=None) -> int:
     if jax.process_count() > 1:  # what process 0 found: [ids], [lines] (ids keep their JSON type)
         done, lines = allgather_json([sorted(done_ids, key=json.dumps), sorted(error_lines)])[0]
         done_ids, error_lines = set(done), set(lines)
-    if writer:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    jobs, first_line, failed, skipped = [], {}, 0, 0
-    with (open(out_path, "a", encoding="utf-8") if writer else contextlib.nullcontext()) as out:
+    def plan():
+        try:
+            return _plan(parser, done_ids, error_lines)
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"--input {args.input}: {e}")
+
+    def _plan(parser, done_ids, error_lines):
+        """(jobs to run, error records to write, failed lines, skipped lines) of the input file."""
+        jobs, errors, first_line, failed, skipped = [], [], {}, 0, 0
         with open(args.input, encoding="utf-8") as f:
             for n, raw in enumerate(f, 1):
                 if not raw.strip():
@@ -672,7 +691,7 @@ def main(argv=None) -> int:
                     if e.id is not None:
                         first_line.setdefault(e.id, n)
                     if n not in error_lines:
-                        _write(out, {"line": n, **({"id": e.id} if e.id is not None else {}), "error": e.reason})
+                        errors.append({"line": n, **({"id": e.id} if e.id is not None else {}), "error": e.reason})
                     continue
                 first_line[job.id] = n
                 if n in error_lines:  # an earlier run could not run this line (e.g. a smaller --max-len)
@@ -681,12 +700,25 @@ def main(argv=None) -> int:
                     skipped += 1
                 else:
                     jobs.append(job)
+        return jobs, errors, failed, skipped
+
+    jobs, errors, failed, skipped = _agreed(p, plan)
+    model = _agreed(p, lambda: _load_model(args)) if jobs else None
+
+    def open_output():
+        if not writer:
+            return contextlib.nullcontext()
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        return open(out_path, "a", encoding="utf-8")
+
+    with _agreed(p, open_output) as out:
+        for record in errors:
+            _write(out, record)
         if failed and writer:
             print(f"{failed} input line(s) failed (error lines in {out_path})", file=sys.stderr)
         if skipped and writer:
             print(f"resuming: {skipped} request(s) already in {out_path}", file=sys.stderr)
         if jobs:
-            model = _load_model(args)
             if routing is not None:
                 model.runtime = model.runtime.replace(routing=routing)
             stats = None

@@ -6,6 +6,7 @@ command; process 0 writes).
     add_launch_args(p)
     args = p.parse_args()
     launch(p, args)              # jax.distributed (flags, or auto-detected on TPU pods / SLURM); usage errors exit 2
+    model = agree(lambda: load(args))   # a failure on any host: every host raises AgreedError, the same line
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def error_line(prog: str, error) -> str:
     """`prog: error: message` on one line (a KeyError's message without its quotes)."""
     msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     return f"{prog}: error: " + " ".join(str(msg).split())
+
+
+def describe(error: BaseException) -> str:
+    """An exception as one line: its message (a KeyError's without its quotes). The kinds that bad input raises
+    (ValueError, OSError, KeyError) speak for themselves; any other is named by its type (`RuntimeError: ...`)."""
+    msg = " ".join(str(error.args[0] if isinstance(error, KeyError) and error.args else error).split())
+    if isinstance(error, (ValueError, OSError, KeyError)):
+        return msg
+    return f"{type(error).__name__}: {msg}" if msg else type(error).__name__
 
 
 def fail(prog: str, error, code: int = 2) -> int:
@@ -114,13 +124,44 @@ def allgather_json(obj) -> list:
     return [json.loads(bytes(r[:s]).decode()) for r, s in zip(rows, sizes)]
 
 
-def first_error(error: str | None) -> str | None:
-    """The error of the first process that has one (None: every process is fine). Every process calls it
-    after a step that can fail on one host only (reading its share of the data, its slices of the
-    checkpoint), so that all stop together instead of waiting in a collective for the one that stopped."""
-    import jax
-
+def first_error(error: str | BaseException | None) -> str | None:
+    """The error of the first process that has one, as `process K: message` (the same line on every process;
+    None: every process is fine). Every process calls it after a step that can fail on one host only (reading its
+    share of the data, its slices of the checkpoint, its local files; running out of memory), so that all stop
+    together instead of waiting in a collective for the one that stopped. `error`: this process's message or
+    exception (any kind: see `describe`), None when it is fine."""
+    if isinstance(error, BaseException):
+        error = describe(error)
     for k, e in enumerate(allgather_json(error)):
         if e is not None:
-            return e if k == jax.process_index() else f"process {k}: {e}"
+            return f"process {k}: {e}"
     return None
+
+
+class AgreedError(Exception):
+    """Raised by `agree` on every process when the step failed on one of them: the same message everywhere,
+    `process K: <error>` (K: the first process that failed). `kind`: the class name of that process's exception."""
+
+    def __init__(self, message: str, kind: str = "Exception"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def agree(fn):
+    """fn() on every process of a multi-process run, then one exchange: when fn raised on any process (any
+    Exception), every process raises AgreedError with the first failing process's error, instead of the others
+    going on to wait for it in their next collective. Put every step that can fail on one host only (its files,
+    its memory) inside one, before the next collective. In a one-process run: fn() as it is."""
+    import jax
+
+    if jax.process_count() == 1:
+        return fn()
+    out, mine, cause = None, None, None
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001  (any failure on this host: the others must hear of it)
+        mine, cause = {"msg": describe(e), "kind": type(e).__name__}, e
+    for k, err in enumerate(allgather_json(mine)):
+        if err is not None:
+            raise AgreedError(f"process {k}: {err['msg']}", err["kind"]) from cause
+    return out
