@@ -147,7 +147,7 @@ def _setup(p: argparse.ArgumentParser, args):
     import jax
 
     if args.mesh is None and jax.process_count() > 1:
-        args.mesh = {"tensor": -1}  # the model spread over every host (see _check_multiprocess_mesh)
+        args.mesh = {"tensor": -1}  # the model spread over every host, each running every row of the batch
     if args.mesh is not None:
         from qwen3_jax.sharding import check_experts, make_mesh
 
@@ -156,30 +156,7 @@ def _setup(p: argparse.ArgumentParser, args):
             args.mesh = make_mesh(**args.mesh)
         except ValueError as e:
             p.error(f"--mesh: {e}")
-        if jax.process_count() > 1:
-            _check_multiprocess_mesh(p, args.mesh)
     return cfg
-
-
-def _check_multiprocess_mesh(p, mesh):
-    """Every process fetches each decode chunk's tokens, so with several processes each one must hold every
-    row of the decode batch: the batch axes (data, fsdp, expert) may not be split across processes."""
-    import math
-
-    import jax
-
-    from qwen3_jax.sharding import activation_sharding
-
-    n = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
-    index = activation_sharding("bt", (n, 1), mesh).devices_indices_map((n, 1))
-    rows: dict = {}
-    for device, idx in index.items():
-        rows.setdefault(device.process_index, set()).add(idx[0].indices(n)[:2])
-    if len({frozenset(r) for r in rows.values()}) > 1:
-        p.error(f"--mesh {','.join(f'{a}={s}' for a, s in mesh.shape.items() if s > 1)}: with "
-                f"{jax.process_count()} processes the decode batch may not be split across processes (each fetches "
-                "every row's tokens); put the devices that span processes on 'tensor', e.g. --mesh "
-                f"tensor={jax.device_count()} (the default)")
 
 
 def _agreed(p, fn):

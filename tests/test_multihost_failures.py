@@ -1,13 +1,16 @@
 """Multi-host runs fail together: 2 processes x 4 simulated CPU devices (jax.distributed, gloo) where one host meets
 a bad file of its own or an exception that is not bad input (a RuntimeError, as running out of memory would raise):
 both processes exit 2 with the same one-line `<prog>: error: process 1: ...`, none waits in a collective for the
-other, and nothing is written. Each command has a timeout (a hang guard, not a speed check)."""
+other, and nothing is written. Each command has a timeout (a hang guard, not a speed check). Also: qwen3-jax-infer
+with the decode batch split across the hosts (the engine's outputs leave the program replicated, so every host
+reads every row) writes the tokens of one process."""
 
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import qwen3_jax
@@ -117,3 +120,21 @@ def test_train_bad_checkpoint_file_on_one_host_stops_both(files, tmp_path):
                         lambda i: _train_flags(files, files / ("damaged" if i else "model"), out))
     _both_fail_alike(files, "traindamaged", procs, "qwen3-jax-train", str(files / "damaged"))
     assert not out.exists()
+
+
+def test_infer_with_the_batch_split_across_hosts_equals_one_process(files, tmp_path):
+    """--mesh data=2,expert=4 over 2 processes: each host runs half of every batch's rows; the engine's tokens and
+    finish reasons leave the program replicated, so process 0 writes every row, as one process does."""
+    from qwen3_jax.infer import cli
+
+    ref = tmp_path / "one.jsonl"
+    assert cli.main(_infer_flags(files, ref)) == 0
+    out = tmp_path / "two.jsonl"
+    procs = _start_each(files, "split", "infer", lambda i: [*_infer_flags(files, out), "--mesh", "data=2,expert=4"])
+    assert _finish(files, "split", procs) == [0, 0], _logs(files, "split")
+    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    want = {r["id"]: r for r in map(json.loads, ref.read_text().splitlines())}
+    assert sorted(got) == sorted(want) and len(got) == 8
+    for i, r in want.items():
+        assert (got[i]["token_ids"], got[i]["finish_reason"]) == (r["token_ids"], r["finish_reason"]), i
+    assert np.mean([len(r["token_ids"]) for r in got.values()]) == 3
