@@ -107,6 +107,29 @@ def test_make_mesh_axes_sizes_and_errors():
         param_shardings(dense, make_mesh(expert=8))
 
 
+def test_make_mesh_says_why_it_has_no_device_layout(monkeypatch):
+    """A mesh the devices' topology cannot lay out (a subset of a slice's chips, a topology jax does not know) is
+    still built, in the devices' order, with a warning that says so and why; CPU meshes have no topology."""
+    import warnings
+
+    from jax.experimental import mesh_utils
+
+    from qwen3_jax.sharding import MeshLayoutWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MeshLayoutWarning)
+        assert make_mesh(data=2, expert=4).size == 8
+
+    def no_layout(shape, devices, **kw):
+        raise NotImplementedError("axes (2, 4) do not map onto the physical torus (1, 3, 2)")
+
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", no_layout)
+    with pytest.warns(MeshLayoutWarning, match=r"no topology-aware device layout for data=2, fsdp=1, expert=4, "
+                      r"tensor=1 over 8 cpu devices \(NotImplementedError: axes \(2, 4\) do not map"):
+        mesh = make_mesh(data=2, expert=4)
+    assert list(mesh.devices.flat) == jax.devices()[:8]
+
+
 def test_rules_degrade_gracefully_when_not_divisible():
     sizes = {"data": 2, "fsdp": 2, "expert": 4, "tensor": 2}
     assert fit_spec(("tensor", ("fsdp", "expert")), (7, 64), sizes) == P(None, ("fsdp", "expert"))
