@@ -394,5 +394,7 @@ def test_generate_on_a_mesh_equals_single_device():
     ref = [r.token_ids for r in generate(m, prompts, GREEDY, 5, stop_token_ids=[])]
     shard_model(m, make_mesh(data=2, expert=2, devices=jax.devices()[:4]))
     assert [r.token_ids for r in generate(m, prompts, GREEDY, 5, stop_token_ids=[])] == ref
+    m.runtime = m.runtime.replace(capacity_factor=0.1)          # a training option: inference never drops
+    assert [r.token_ids for r in generate(m, prompts, GREEDY, 5, stop_token_ids=[])] == ref
     slots = Engine(m).new_slots(4, 64, 16)
     assert slots["cache"].k.sharding.spec[1] == ("data", "expert") and slots["tok_b"].sharding.spec[0] is not None
