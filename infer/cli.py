@@ -53,7 +53,7 @@ import uuid
 from pathlib import Path
 
 from qwen3_jax.hostmem import tune_malloc
-from qwen3_jax.launch import ArgumentParser, add_launch_args, allgather_json, first_error, launch
+from qwen3_jax.launch import ArgumentParser, add_launch_args, agree, allgather_json, launch
 
 from .chat import THINK_END, THINK_START
 
@@ -157,40 +157,6 @@ def _setup(p: argparse.ArgumentParser, args):
         except ValueError as e:
             p.error(f"--mesh: {e}")
     return cfg
-
-
-def _agreed(p, fn):
-    """fn() (which may call p.error); in a multi-process run a usage error or any exception on any process stops
-    every process with the same line (`process K: ...`, exit 2), instead of the others going on to wait for it in
-    their next collective. Every step that can fail on one host only (its files, its memory) runs in one."""
-    import jax
-
-    if jax.process_count() == 1:
-        return fn()
-
-    class _Stop(Exception):
-        pass
-
-    err = None
-
-    def capture(message):
-        nonlocal err
-        err = message
-        raise _Stop
-
-    p.error = capture
-    try:
-        out = fn()
-    except _Stop:
-        out = None
-    except Exception as e:  # noqa: BLE001  (a bad file, an unexpected error, memory: the others must hear of it)
-        out, err = None, e
-    finally:
-        del p.error  # the class's method again
-    first = first_error(err)
-    if first is not None:
-        p.error(first)
-    return out
 
 
 def _load_tokenizer(args):
@@ -611,7 +577,7 @@ def main(argv=None) -> int:
     if Path(args.output).resolve() == Path(args.input).resolve():
         p.error("--output must not be the --input file")
     launch(p, args)
-    cfg = _agreed(p, lambda: _setup(p, args))
+    cfg = agree(lambda: _setup(p, args), p)
     routing = _routing_setup(p, args, cfg)
     if args.routing_stats and not cfg.is_moe:
         p.error("--routing-stats: the model has no MoE layers")
@@ -626,7 +592,7 @@ def main(argv=None) -> int:
         args.seed = allgather_json(int.from_bytes(os.urandom(4), "little"))[0]
     # every step that reads this host's files (tokenizer, output, input, checkpoint) is agreed on by all processes
     # before the next collective: a failure on one host stops every host with its error
-    tokenizer = _agreed(p, lambda: _checked_tokenizer(p, args))
+    tokenizer = agree(lambda: _checked_tokenizer(p, args), p)
     parser = LineParser(args, cfg, tokenizer, SamplingDefaults(args.model, args))
     out_path = Path(args.output)
 
@@ -636,7 +602,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             p.error(str(e))
 
-    done_ids, error_lines = _agreed(p, scan)
+    done_ids, error_lines = agree(scan, p)
     if jax.process_count() > 1:  # what process 0 found: [ids], [lines] (ids keep their JSON type)
         done, lines = allgather_json([sorted(done_ids, key=json.dumps), sorted(error_lines)])[0]
         done_ids, error_lines = set(done), set(lines)
@@ -679,8 +645,8 @@ def main(argv=None) -> int:
                     jobs.append(job)
         return jobs, errors, failed, skipped
 
-    jobs, errors, failed, skipped = _agreed(p, plan)
-    model = _agreed(p, lambda: _load_model(args)) if jobs else None
+    jobs, errors, failed, skipped = agree(plan, p)
+    model = agree(lambda: _load_model(args), p) if jobs else None
 
     def open_output():
         if not writer:
@@ -688,7 +654,7 @@ def main(argv=None) -> int:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         return open(out_path, "a", encoding="utf-8")
 
-    with _agreed(p, open_output) as out:
+    with agree(open_output, p) as out:
         for record in errors:
             _write(out, record)
         if failed and writer:

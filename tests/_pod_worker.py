@@ -1,6 +1,6 @@
 """One process of a multi-process command line in tests/test_multihost.py (run by the test, not by pytest).
 
-    python -m tests._pod_worker [--hold-at N] [--read-log FILE] [--fail MODULE:NAME] train|infer|export ARGS...
+    python -m tests._pod_worker [--hold-at N] [--read-log FILE] [--fail MODULE:NAME] train|infer|export|routing ARGS...
 
 Four simulated CPU devices per process (set before jax is imported); ARGS carry the launch flags
 (--coordinator, --num-processes, --process-id). The command's exit code is this process's.
@@ -76,6 +76,8 @@ def main(argv):
         from qwen3_jax.train.cli import main as run
     elif command == "export":
         from qwen3_jax.train.cli import export_main as run
+    elif command == "routing":
+        from qwen3_jax.routing.cli import main as run
     else:
         from qwen3_jax.infer.cli import main as run
     try:

@@ -122,6 +122,16 @@ def test_train_bad_checkpoint_file_on_one_host_stops_both(files, tmp_path):
     assert not out.exists()
 
 
+def test_routing_capture_missing_file_on_one_host_stops_both(files, tmp_path):
+    """qwen3-jax-routing capture: host 1 has no such --data file (a usage error on that host only)."""
+    out = tmp_path / "cap"
+    procs = _start_each(files, "routing", "routing", lambda i: [
+        "capture", "--model", str(files / "model"), "--data", str(files / ("train.jsonl" if i == 0 else "gone.jsonl")),
+        "--output", str(out)])
+    _both_fail_alike(files, "routing", procs, "qwen3-jax-routing capture", f"--data {files / 'gone.jsonl'}: no such file")
+    assert not out.exists()
+
+
 def test_infer_with_the_batch_split_across_hosts_equals_one_process(files, tmp_path):
     """--mesh data=2,expert=4 over 2 processes: each host runs half of every batch's rows; the engine's tokens and
     finish reasons leave the program replicated, so process 0 writes every row, as one process does."""
