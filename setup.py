@@ -40,10 +40,12 @@ setup(
         # qwen3-jax-serve and qwen3-jax-chat --mcp: HTTP server, metrics, MCP client, constrained decoding
         "serve": SERVE,
         "gpu": GPU,
-        # jax[tpu] brings libtpu and the gpu extra the CUDA plugin: the tests compile the TPU and GPU programs ahead
-        # of time for abstract chips (no TPU or GPU needed); the server's tests also drive it with the openai client
-        # (and npm's `ai`, installed by tests/node)
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "psutil", "jax[tpu]", *GPU, *SERVE,
+        # TPU VMs, and qwen3-jax-compile anywhere: libtpu holds the TPU compiler (no TPU needed to compile)
+        "tpu": ["jax[tpu]"],
+        # contributors: the tests check parity against transformers (torch CPU), compile the TPU and GPU programs ahead
+        # of time for abstract chips (libtpu, and the gpu extra's CUDA plugin and kernels), and drive the server with
+        # the openai client (and npm's `ai`: see scripts/setup-test-machine.sh); peft: the LoRA adapters' round trip
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "peft>=0.17", "psutil", "jax[tpu]", *GPU, *SERVE,
                  "openai>=1.40", "httpx>=0.27"],
     },
     entry_points={

@@ -53,7 +53,7 @@ import uuid
 from pathlib import Path
 
 from qwen3_jax.hostmem import tune_malloc
-from qwen3_jax.launch import ArgumentParser, add_launch_args, agree, allgather_json, launch
+from qwen3_jax.launch import ArgumentParser, add_launch_args, agree, allgather_json, default_platform, launch
 
 from .chat import THINK_END, THINK_START
 
@@ -77,6 +77,8 @@ def _add_model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
     g.add_argument("--tokenizer", help="directory with tokenizer.json (+ tokenizer_config.json); default: --model")
+    g.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter (adapter_config.json + "
+                   "adapter_model.safetensors, e.g. qwen3-jax-train --lora-rank's export), merged into the weights")
     g.add_argument("--dtype", default="auto",
                    help="compute/parameter dtype: float32, bfloat16, ...; 'auto' = the checkpoint's torch_dtype")
     g.add_argument("--mesh", type=_mesh_arg, metavar="AXIS=N,...",
@@ -140,6 +142,13 @@ def _setup(p: argparse.ArgumentParser, args):
         check_checkpoint(args.model, cfg)
     except CheckpointError as e:
         p.error(f"--model: {e}")
+    if getattr(args, "adapter", None) is not None:
+        from qwen3_jax.lora import AdapterError, check_adapter
+
+        try:
+            check_adapter(args.adapter, cfg)
+        except AdapterError as e:
+            p.error(f"--adapter: {e}")
     try:
         args.dtype = jnp.dtype((cfg.torch_dtype or "float32") if args.dtype == "auto" else args.dtype).name
     except TypeError:
@@ -184,8 +193,11 @@ def _load_model(args):
     t0 = time.perf_counter()
     # the serving layout: no weight is gathered per decoded token (experts over 'expert', the rest over 'tensor')
     rules = SERVE_PARAM_RULES if args.mesh is not None else None
-    model = qwen3_jax.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh, rules=rules)
-    print(f"loaded {args.model} ({args.dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    adapter = getattr(args, "adapter", None)
+    model = qwen3_jax.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh, rules=rules, adapter=adapter)
+    with_adapter = f" with adapter {adapter}" if adapter else ""
+    print(f"loaded {args.model}{with_adapter} ({args.dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr,
+          flush=True)
     return model
 
 
@@ -572,6 +584,7 @@ def main(argv=None) -> int:
     tune_malloc()
     p = batch_parser()
     args = p.parse_args(argv)
+    default_platform()
     if not Path(args.input).is_file():
         p.error(f"--input {args.input}: no such file")
     if Path(args.output).resolve() == Path(args.input).resolve():
@@ -779,6 +792,7 @@ def chat_main(argv=None) -> int:
     tune_malloc()
     p = chat_parser()
     args = p.parse_args(argv)
+    default_platform()
     cfg = _setup(p, args)
 
     from qwen3_jax import infer

@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from qwen3_jax.hostmem import tune_malloc
-from qwen3_jax.launch import ArgumentParser
+from qwen3_jax.launch import ArgumentParser, default_platform
 
 from . import protocol as P
 from .cli import SAMPLING_FLAGS, SamplingDefaults, _add_model_args, _load_model, _load_tokenizer, _setup, add_sampling_flags
@@ -579,6 +579,7 @@ def main(argv=None) -> int:
     tune_malloc()
     p = serve_parser()
     args = p.parse_args(argv)
+    default_platform()
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                              ("--stream-interval", args.stream_interval, 1), ("--warmup-len", args.warmup_len, 1),
                              ("--max-tool-rounds", args.max_tool_rounds, 1)):

@@ -25,7 +25,6 @@ layers unrolled (cost analysis counts a loop body once): per layer = FLOPs(2 lay
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -65,11 +64,13 @@ def gpu_spec(name: str) -> str:
 
 def topology_devices(topology: str):
     """Abstract devices of a topology, nothing allocated:
-    - TPU slices such as "v5e:16x16" or "v5p:2x2x2" (needs libtpu: the `jax[tpu]` extra; no TPU). Set
+    - TPU slices such as "v5e:16x16" or "v5p:2x2x2" (needs libtpu: the `tpu` extra; no TPU). Set
       ALLOW_MULTIPLE_LIBTPU_LOAD=1 when several processes load libtpu.
     - GPU nodes "h100:NODESxGPUS" such as "h100:2x8" (2 nodes of 8 H100 SXM), "h200:1x8" (needs the CUDA plugin:
       the `gpu` extra; no GPU)."""
     from jax.experimental import topologies
+
+    from qwen3_jax.kernels import accelerator_present
 
     gpu = _GPU_TOPOLOGY.match(topology.strip().lower())
     if gpu:
@@ -84,12 +85,21 @@ def topology_devices(topology: str):
             raise ValueError(f"GPU topology {topology!r}: {str(e).strip().splitlines()[0]} (needs the CUDA plugin: "
                              f"pip install 'jax[cuda12]=={jax.__version__}', or the qwen3-jax `gpu` extra)") from None
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if accelerator_present() != "tpu":
+        # libtpu is loaded for its compiler only: without these it looks for a TPU VM's hosts and prints errors
+        # about host bounds and worker hostnames (the abstract topology's devices are the same with them)
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
     try:
         return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
     except Exception as e:  # noqa: BLE001 -- libtpu missing or an unknown name: say which
-        raise ValueError(f"TPU topology {topology!r}: {e} (needs libtpu: pip install 'jax[tpu]=={jax.__version__}'; "
-                         "names like v5e:16x16, v5p:4x4x4, v6e:8x8, v4:2x2x2; GPU nodes: "
-                         f"{', '.join(n + ':2x8' for n in GPU_SPECS)})") from None
+        import importlib.util
+
+        names = "names like v5e:16x16, v5p:4x4x4, v6e:8x8, v4:2x2x2; GPU nodes: " + ", ".join(
+            n + ":2x8" for n in GPU_SPECS)
+        hint = (names if importlib.util.find_spec("libtpu") else
+                f"needs libtpu: the tpu extra, pip install -e .[tpu], or pip install jax[tpu]=={jax.__version__}")
+        raise ValueError(f"TPU topology {topology}: {e} ({hint})") from None
 
 
 def hbm_bytes(device) -> int | None:
@@ -126,14 +136,20 @@ def layer_matmul_params(cfg: Qwen3Config, moe: bool = True) -> int:
     return attn + 3 * d * cfg.intermediate_size
 
 
-def model_flops(cfg: Qwen3Config, program: str, batch: int, seq_len: int) -> dict:
+def model_flops(cfg: Qwen3Config, program: str, batch: int, seq_len: int, lora_rank: int | None = None) -> dict:
     """Global FLOPs of one step, per layer and in all (matmuls and attention apart).
     train: 6 x tokens x matmul parameters + causal attention 6 x tokens x H x hd x T (half of the full 12);
+    LoRA (lora_rank, the four attention projections): the frozen weights 4 x (forward and input gradient, no weight
+    gradient), the adapters 6 x their parameters;
     decode: 2 x batch x matmul parameters + attention over the seq_len-slot cache 4 x batch x H x hd x S."""
     h_hd = cfg.num_attention_heads * cfg.head_dim
     tokens = batch * seq_len if program == "train" else batch
     mul, attn = (6, 6 * tokens * h_hd * seq_len) if program == "train" else (2, 4 * batch * h_hd * seq_len)
-    layer = mul * tokens * layer_matmul_params(cfg)
+    adapters = 0
+    if program == "train" and lora_rank:
+        d, kv_hd = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
+        mul, adapters = 4, 6 * tokens * lora_rank * (2 * (d + h_hd) + 2 * (d + kv_hd))
+    layer = mul * tokens * layer_matmul_params(cfg) + adapters
     head = mul * tokens * cfg.hidden_size * cfg.vocab_size
     return {"layer_matmul": layer, "layer_attention": attn, "layer": layer + attn,
             "total": cfg.num_hidden_layers * (layer + attn) + head}
@@ -260,14 +276,23 @@ def lower(cfg, mesh, program: str, *, batch: int, seq_len: int, dtype="bfloat16"
 
 
 def compile_report(cfg: Qwen3Config, topology: str, mesh_sizes: dict, *, program: str, batch: int, seq_len: int,
-                   dtype="bfloat16", param_dtype="float32", remat="full", count_flops: bool = True,
+                   dtype="bfloat16", param_dtype=None, remat="full", count_flops: bool = True,
                    plan_estimate: bool = True, devices=None, **kw) -> dict:
-    """Compile `program` for `topology` on a mesh of `mesh_sizes` and read it (see the module docstring)."""
+    """Compile `program` for `topology` on a mesh of `mesh_sizes` and read it (see the module docstring).
+    kw: the program's options (train: lower_train_step's, e.g. lora_rank=16; param_dtype then defaults to bfloat16
+    for the frozen base, else float32)."""
     from qwen3_jax.sharding import make_mesh
+
+    lora_rank = kw.get("lora_rank") if program == "train" else None
+    if param_dtype is None:
+        param_dtype = "bfloat16" if lora_rank else "float32"
 
     devices = devices if devices is not None else topology_devices(topology)
     mesh = make_mesh(**mesh_sizes, devices=devices)
     chips = mesh.size
+    problem = megablox_tiling_error(cfg, mesh, program, kw.get("gmm", "auto"))
+    if problem:
+        raise ValueError(problem)
     t0 = time.perf_counter()
     lowered = lower(cfg, mesh, program, batch=batch, seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,
                     remat=remat, **kw)
@@ -281,7 +306,9 @@ def compile_report(cfg: Qwen3Config, topology: str, mesh_sizes: dict, *, program
            "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2), "memory": memory(compiled, devices[0]),
            "collectives": collectives(text), "kernels": kernels_in(text),
            "gmm": Runtime(mesh=mesh, gmm=kw.get("gmm", "auto")).kernels.gmm}
-    math_f = model_flops(cfg, program, batch, seq_len)
+    if lora_rank:
+        rep["lora_rank"] = lora_rank
+    math_f = model_flops(cfg, program, batch, seq_len, lora_rank)
     rep["model_flops_per_chip"] = {k: v / chips for k, v in math_f.items()}
     if count_flops:
         rep["flops"] = layer_flops(cfg, mesh, program, batch=batch, seq_len=seq_len, dtype=dtype,
@@ -303,10 +330,51 @@ def compile_report(cfg: Qwen3Config, topology: str, mesh_sizes: dict, *, program
         padded = ks.ep_dispatch == "padded"          # e.g. v5e over 16 chips: the dispatch the program compiled
         est = plan(cfg, dict(rep["mesh"]), dtype, batch, seq_len, remat=remat, program=program,
                    param_dtype=param_dtype, buffer_factor=bf, dispatch="padded" if padded else "ragged",
-                   capacity_factor=(kw.get("capacity_factor") or ks.padded_capacity) if padded else None)
+                   capacity_factor=(kw.get("capacity_factor") or ks.padded_capacity) if padded else None,
+                   lora_rank=lora_rank, lora_targets=kw.get("lora_targets"))
         rep["ep_dispatch"] = ks.ep_dispatch
         rep["plan_total"] = est["total"]
     return rep
+
+
+def megablox_tiling_error(cfg: Qwen3Config, mesh, program: str, gmm: str = "auto") -> str | None:
+    """Why the TPU grouped matmul (megablox) cannot compile `program`'s MoE layers on `mesh`, as one sentence that
+    names the dimension and what would work; None when it can (or the program does not use megablox). Checked
+    before lowering, so that the answer is not the Pallas lowering's multi-line block-shape error."""
+    from qwen3_jax.kernels.gmm import megablox_tile_problem
+    from qwen3_jax.sharding.rules import fit_spec
+
+    uses = gmm == "megablox" or (gmm == "auto" and Runtime(mesh=mesh).kernels.gmm == "megablox")
+    if not (cfg.is_moe and uses):
+        return None
+    d, f = cfg.hidden_size, cfg.moe_intermediate_size
+    split = fit_spec((None, None, "tensor"), (cfg.num_experts, d, f), mesh.shape)[2] is not None
+    f = f // mesh.shape["tensor"] if split else f           # each device's experts are F / tensor wide
+    f_name = "moe_intermediate_size" + (f" / tensor ({cfg.moe_intermediate_size} / {mesh.shape['tensor']})"
+                                        if split else "")
+    backward = program == "train"
+    for dims in ((("hidden_size", d), (f_name, f)), ((f_name, f), ("hidden_size", d))):
+        problem = megablox_tile_problem(dims[0][1], dims[1][1], backward)
+        if problem is None:
+            continue
+        which, tile, spanned = problem
+        (name, size), (other, over) = (dims[0] if which == "k" else dims[1]), (dims[0] if spanned == "k" else dims[1])
+        train_only = backward and megablox_tile_problem(dims[0][1], dims[1][1], False) is None
+        where = f"spans {other} ({over}) in the train step's backward" if train_only else "does not span it"
+        fix = (f"{name.split(' (')[0]} a multiple of 128 (e.g. {-(-size // 128) * 128})"
+               + (f" or equal to {other}" if other != name else "") + " compiles")
+        if split and name == f_name:
+            ok = [t for t in range(mesh.shape["tensor"] - 1, 0, -1) if mesh.shape["tensor"] % t == 0
+                  and cfg.moe_intermediate_size % t == 0
+                  and not any(megablox_tile_problem(a, b, backward) for a, b in
+                              ((d, cfg.moe_intermediate_size // t), (cfg.moe_intermediate_size // t, d)))]
+            if ok:
+                fix = f"a mesh with tensor={ok[0]} compiles (moe_intermediate_size / {ok[0]} = " \
+                      f"{cfg.moe_intermediate_size // ok[0]})"
+        return (f"{name} {size} cannot be tiled by the TPU grouped matmul (megablox): its tile of {tile} {where}, "
+                f"and a TPU tile must be a multiple of 128 or the whole dimension; {fix}"
+                + ("; --program decode compiles as it is" if train_only else ""))
+    return None
 
 
 def layer_flops(cfg, mesh, program, *, batch, seq_len, dtype, param_dtype, **kw) -> dict:
@@ -334,7 +402,8 @@ def format_report(r: dict) -> str:
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one chip"
     lines = [f"{r['program']} step on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh {mesh}; "
              f"batch {r['batch']} x {'seq' if r['program'] == 'train' else 'cache'} {r['seq_len']}, {r['dtype']}"
-             + (f" (master {r['param_dtype']}), remat {r['remat']}" if r["program"] == "train" else ""),
+             + ((f" (frozen {r['param_dtype']} weights, LoRA rank {r['lora_rank']} adapters)" if r.get("lora_rank")
+                 else f" (master {r['param_dtype']})") + f", remat {r['remat']}" if r["program"] == "train" else ""),
              f"  compile {r['compile_s']:.1f} s (lower {r['lower_s']:.1f} s)",
              "  HBM per chip (memory_analysis):",
              f"    arguments {g(m['arguments'])}   outputs {g(m['outputs'])}   temporaries {g(m['temporaries'])}   "
@@ -368,48 +437,78 @@ def parse_mesh(text: str) -> dict[str, int]:
     return {k: v for k, v in pm(text).items()}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qwen3-jax-compile", description="Compile the train or decode step for a TPU "
-                                 "topology or GPU nodes ahead of time (no TPU or GPU needed) and print HBM, FLOPs, "
-                                 "collectives and kernels per chip.")
+def parser():
+    from qwen3_jax.launch import ArgumentParser
+
+    ap = ArgumentParser(prog="qwen3-jax-compile", description="Compile the train or decode step for a TPU "
+                        "topology or GPU nodes ahead of time (no TPU or GPU needed) and print HBM, FLOPs, "
+                        "collectives and kernels per chip.")
     ap.add_argument("--preset", default="Qwen3-30B-A3B", help=f"one of {', '.join(Qwen3Config.presets())}")
     ap.add_argument("--config", help="a config.json or checkpoint directory (instead of --preset)")
-    ap.add_argument("--topology", default="v5e:16x16", help="TPU topology, e.g. v5e:16x16, v5p:4x4x4, v6e:8x8; or GPU nodes "
-                    "NODESxGPUS: h100:2x8, h200:1x8")
+    ap.add_argument("--topology", default="v5e:16x16", help="TPU topology, e.g. v5e:16x16, v5p:4x4x4, v6e:8x8; "
+                    "or GPU nodes NODESxGPUS: h100:2x8, h200:1x8")
     ap.add_argument("--mesh", default="fsdp=32,expert=8", help="axis sizes, e.g. fsdp=32,expert=8 (data, fsdp, expert, "
                     "tensor); their product is the topology's chip count")
     ap.add_argument("--program", choices=("train", "decode"), default="train")
-    ap.add_argument("--batch", type=int, default=256, help="global batch: sequences (train) or rows (decode)")
-    ap.add_argument("--seq-len", type=int, default=4096, help="sequence length (train) or cache slots (decode)")
+    ap.add_argument("--batch-size", "--batch", dest="batch", type=int, default=256, metavar="N",
+                    help="global batch: sequences (train) or rows (decode)")
+    ap.add_argument("--seq-len", "--seq", dest="seq_len", type=int, default=4096, metavar="N",
+                    help="sequence length (train) or cache slots (decode)")
     ap.add_argument("--remat", choices=("full", "dots", "none"), default="full", help="train: rematerialisation")
-    ap.add_argument("--dtype", default="bfloat16", help="compute dtype (decode: also the weights and cache)")
-    ap.add_argument("--param-dtype", default="float32", help="train: master weight dtype")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
+                    help="compute dtype (decode: also the weights and cache)")
+    ap.add_argument("--param-dtype", choices=("bfloat16", "float32", "float16"),
+                    help="train: master weight dtype, float32 unless given; with --lora-rank the frozen base's, "
+                    "bfloat16 unless given")
     ap.add_argument("--ep-buffer-factor", type=float, default=Runtime.ep_buffer_factor,
                     help="ragged EP dispatch receive buffer, x the mean routed rows (0: worst case, never drops)")
     ap.add_argument("--gmm", default="auto", choices=("auto",) + GMM_CHOICES,
                     help="the experts' grouped matmul (auto: the platform's, see qwen3_jax.kernels)")
+    ap.add_argument("--lora-rank", type=int, metavar="R", help="train: LoRA adapters of rank R on the frozen model "
+                    "(lower_train_step(lora_rank=R), as qwen3-jax-train --lora-rank)")
+    ap.add_argument("--lora-targets", metavar="q_proj,k_proj,v_proj,o_proj", help="train: the adapted projections")
     ap.add_argument("--no-flops", action="store_true", help="skip the two unrolled programs that count FLOPs")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
-    a = ap.parse_args(argv)
-    from jax._src import xla_bridge
+    return ap
 
-    if not xla_bridge.backends_are_initialized():
-        # nothing runs on a device here: the host's CPU backend compiles for the abstract chips (on a GPU or TPU
-        # host too, where starting the accelerator backend would only cost time, or fail on a busy chip)
-        jax.config.update("jax_platforms", "cpu")
+
+def main(argv=None) -> int:
+    from qwen3_jax.launch import AT_LEAST_0, AT_LEAST_1, check_bounds, default_platform, fail
+
+    ap = parser()
+    try:
+        a = ap.parse_args(argv)
+        check_bounds(ap, a, batch=AT_LEAST_1, seq_len=AT_LEAST_1, ep_buffer_factor=AT_LEAST_0)
+    except SystemExit as e:  # --help, --version (0) or a usage error (2, its one line already printed)
+        return int(e.code or 0)
+    default_platform()
+    if not jax.config.jax_platforms:
+        from jax._src import xla_bridge
+
+        if not xla_bridge.backends_are_initialized():
+            # nothing runs on a device here: the host's CPU backend compiles for the abstract chips (on a GPU or
+            # TPU host too, where starting the accelerator backend would only cost time, or fail on a busy chip)
+            jax.config.update("jax_platforms", "cpu")
     try:
         cfg = Qwen3Config.from_pretrained(a.config) if a.config else Qwen3Config.preset(a.preset)
         kw = {"ep_buffer_factor": a.ep_buffer_factor or None, "gmm": a.gmm}
+        if a.lora_rank is not None or a.lora_targets:
+            if a.program != "train" or not a.lora_rank or a.lora_rank < 1:
+                raise ValueError("--lora-rank R (>= 1) applies to --program train" + (
+                    "; --lora-targets needs it" if a.lora_targets else ""))
+            from qwen3_jax.lora import parse_targets
+
+            kw["lora_rank"] = a.lora_rank
+            if a.lora_targets:
+                kw["lora_targets"] = parse_targets(a.lora_targets)
         rep = compile_report(cfg, a.topology, parse_mesh(a.mesh), program=a.program, batch=a.batch,
                              seq_len=a.seq_len, dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat,
                              count_flops=not a.no_flops, **kw)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"qwen3-jax-compile: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, KeyError, OSError) as e:
+        return fail(ap.prog, e, 2)
     except Exception as e:  # noqa: BLE001 -- the compiler's own errors (e.g. RESOURCE_EXHAUSTED): one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"qwen3-jax-compile: error: the program does not compile: {msg[:2000]}", file=sys.stderr)
-        return 1
+        return fail(ap.prog, f"the program does not compile: {msg[:2000]}", 1)
     rep["preset"] = a.config or a.preset
     print(json.dumps(rep, indent=1, default=float) if a.json else format_report(rep))
     return 0

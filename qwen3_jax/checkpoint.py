@@ -317,12 +317,21 @@ def load_params(path: str, cfg: Qwen3Config, param_dtype, shardings: dict | None
     return out
 
 
-def from_pretrained(path, dtype="float32", param_dtype=None, *, mesh=None, rules=None, **model_kw) -> Qwen3ForCausalLM:
-    """Load a Hugging Face Qwen3 / Qwen3-MoE checkpoint directory (config.json + safetensors)."""
+def from_pretrained(path, dtype="float32", param_dtype=None, *, mesh=None, rules=None, adapter=None,
+                    **model_kw) -> Qwen3ForCausalLM:
+    """Load a Hugging Face Qwen3 / Qwen3-MoE checkpoint directory (config.json + safetensors).
+
+    adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, qwen3_jax.lora), merged
+    into the weights it adapts (W + alpha / r * B A, computed in fp32): the model then runs as fast as the base."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
     cfg = Qwen3Config.from_pretrained(path)
+    lora = None
+    if adapter is not None:
+        from .lora import load_adapter
+
+        lora = load_adapter(adapter, cfg)  # checked against the config before the weights are read
     dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else dtype
     abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **model_kw))
@@ -339,6 +348,10 @@ def from_pretrained(path, dtype="float32", param_dtype=None, *, mesh=None, rules
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     if mesh is not None:
         model.mesh = mesh
+    if lora is not None:
+        from .lora import merge_into_model
+
+        merge_into_model(model, lora[1], lora[0])
     return model
 
 
@@ -413,6 +426,7 @@ def save_pretrained(model: Qwen3ForCausalLM, path, max_shard_size="5GB") -> None
             weight_map[name] = fn
         if writer:
             save_file(tensors, os.path.join(path, fn), metadata={"format": "pt"})
+            _readable(os.path.join(path, fn))
         del tensors
     cache.clear()
     if not writer:
@@ -423,6 +437,13 @@ def save_pretrained(model: Qwen3ForCausalLM, path, max_shard_size="5GB") -> None
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     torch_dtype = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}.get(dtype.name, dtype.name)
     cfg.replace(torch_dtype=torch_dtype).save_pretrained(path)
+
+
+def _readable(path: str):
+    """The mode an ordinary file gets (0644 under umask 022): safetensors writes its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _layer_of(name: str) -> tuple[int, int]:

@@ -159,25 +159,63 @@ def parser():
     from .launch import ArgumentParser
 
     ap = ArgumentParser(prog="qwen3-jax", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="build, load, run a small random Qwen3-MoE (no download)")
+    sub = ap.add_subparsers(dest="cmd", metavar="{demo,params}")
+    d = sub.add_parser("demo", help="build, load, run a small random Qwen3-MoE (no download)",
+                       description="The whole pipeline on a small random Qwen3-MoE, no download: the real Qwen "
+                       "tokenizer, fine-tuning with global-batch load balancing, orbax and Hugging Face checkpoints, "
+                       "a plot of the run, streamed generation from the export.")
     d.add_argument("--out", default="qwen3-jax-demo", help="output directory (default ./qwen3-jax-demo)")
     d.add_argument("--seed", type=int, default=0, help="random init, data order and sampling")
-    d.add_argument("--steps", type=int, default=100, help="fine-tuning steps (default 100: 1-2 minutes of training on 2 cores)")
+    d.add_argument("--steps", type=int, default=100, help="fine-tuning steps (default 100)")
     d.add_argument("--batch-size", type=int, default=8, help="global batch, sequences")
     d.add_argument("--seq-len", type=int, default=128, help="tokens per training row (sequence length)")
     d.add_argument("--lbl-coef", type=float, default=0.1, help="load-balancing loss coefficient (default 0.1)")
     d.add_argument("--prompt", default="json.dumps: Serialize", help="start of the generated text")
     d.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated after the prompt")
-    d.set_defaults(fn=demo)
-    p = sub.add_parser("params", help="parameter counts of published configs")
+    d.set_defaults(fn=demo, check=check_demo)
+    p = sub.add_parser("params", help="parameter counts of published configs",
+                       description="Total and active (per token) parameter counts of the published configs.")
     p.add_argument("preset", nargs="*", help="preset names (default: all)")
-    p.set_defaults(fn=params)
+    p.set_defaults(fn=params, check=check_params)
     return ap
 
 
+def check_demo(p, args):
+    """The demo's usage errors, before it writes anything."""
+    from .launch import AT_LEAST_0, AT_LEAST_1, check_bounds
+
+    check_bounds(p, args, steps=AT_LEAST_1, batch_size=AT_LEAST_1, seq_len=(2, None, True),
+                 max_new_tokens=AT_LEAST_1, lbl_coef=AT_LEAST_0)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(args.out) and not os.access(_existing_ancestor(parent), os.W_OK):
+        p.error(f"--out {args.out}: cannot create it here (no write permission in {_existing_ancestor(parent)})")
+
+
+def _existing_ancestor(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_params(p, args):
+    from .config import Qwen3Config
+
+    unknown = [n for n in args.preset if n not in Qwen3Config.presets()]
+    if unknown:
+        p.error(f"unknown preset {', '.join(unknown)}; known: {', '.join(Qwen3Config.presets())}")
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    from .launch import default_platform
+
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.cmd is None:
+        ap.error("give a command: demo (the whole pipeline on a small model, no download) or params [PRESET ...]")
+    args.check(ap._subparsers._group_actions[0].choices[args.cmd], args)
+    default_platform()
     tune_malloc()
     return args.fn(args)
 

@@ -33,14 +33,43 @@ class HelpFormatter(argparse.HelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with our conventions: a usage error is the one line `prog: error: message` (exit 2, no usage
-    dump: `--help` has it), and the help formatter is `HelpFormatter`."""
+    dump: `--help` has it), `--version`, and the help formatter is `HelpFormatter`."""
 
     def __init__(self, *a, **kw):
         kw.setdefault("formatter_class", HelpFormatter)
         super().__init__(*a, **kw)
+        if self.add_help:
+            from qwen3_jax import __version__
+
+            self.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                              help="print the version and exit")
 
     def error(self, message):
         self.exit(2, error_line(self.prog, message) + "\n")
+
+
+def check_bounds(p: argparse.ArgumentParser, args, **bounds):
+    """Usage errors (one line, exit 2) for numbers out of range, before any work: bounds maps a dest to
+    (low, high, inclusive_low) with None for no bound, e.g. batch_size=(1, None, True), lr=(0, None, False).
+    A value of None (an optional flag not given) is not checked."""
+    flags = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
+    for dest, (low, high, inclusive) in bounds.items():
+        v = getattr(args, dest, None)
+        if v is None or isinstance(v, bool):
+            continue
+        flag = flags.get(dest, dest)
+        if not isinstance(v, (int, float)):  # e.g. a list from a --config file
+            p.error(f"{flag} {v}: expected a number")
+        if low is not None and (v < low if inclusive else v <= low):
+            p.error(f"{flag} {v}: must be {'>=' if inclusive else '>'} {low}")
+        if high is not None and v > high:
+            p.error(f"{flag} {v}: must be <= {high}")
+
+
+# the ranges the numeric flags shared by several tools take (see check_bounds)
+AT_LEAST_1 = (1, None, True)
+AT_LEAST_0 = (0, None, True)
+POSITIVE = (0, None, False)
 
 
 def error_line(prog: str, error) -> str:
@@ -62,6 +91,23 @@ def fail(prog: str, error, code: int = 2) -> int:
     """Print the one-line error to stderr and return the exit code (2: setup / usage, 1: bad records)."""
     print(error_line(prog, error), file=sys.stderr, flush=True)
     return code
+
+
+# ----------------------------------------------------------------------------------------------- platform
+def default_platform() -> str | None:
+    """Run on the CPU when the user chose no platform (JAX_PLATFORMS / jax_platforms) and the machine has no
+    accelerator device files: jax then never starts libtpu (which the tpu and test extras install), whose start-up
+    on a machine without a TPU prints errors that read like failures. Every command line calls it first.
+    Returns the platform set, or None (left to jax: a TPU or GPU host, or the user's choice)."""
+    import jax
+    from jax._src import xla_bridge
+
+    from qwen3_jax.kernels import host_platform
+
+    if jax.config.jax_platforms or xla_bridge.backends_are_initialized() or host_platform() != "cpu":
+        return None
+    jax.config.update("jax_platforms", "cpu")
+    return "cpu"
 
 
 # ----------------------------------------------------------------------------------------------- launching

@@ -165,6 +165,54 @@ def attention_out(o_bthd, p, proj=None):
     return jnp.einsum("bthk,hkd->btd", o_bthd, p["o_proj"].astype(o_bthd.dtype))
 
 
+# ============================================================================ LoRA
+# Low-rank adapters on the attention projections, in PEFT's orientation (lora_A [r, in], lora_B [out, r]) laid out
+# like the weight they adapt: q/k/v  a [r, D], b [N, hd, r];  o  a [r, H, hd], b [D, r].
+# A projection's output gains scale * B(A(dropout(x))) (PEFT: lora_B(lora_A(lora_dropout(x))) * scaling).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclasses.dataclass
+class LoRA:
+    """Adapters a forward adds: params {target: {"a": [L, ...], "b": [L, ...]}} stacked over the layers, the scale
+    alpha / r, and the dropout on the adapters' input (active only with a key; each layer and target folds in its
+    own, so the masks are a function of the key alone: remat and a resumed run draw the same ones)."""
+
+    params: dict
+    scale: float = 1.0
+    dropout: float = 0.0
+    key: jax.Array | None = None
+
+
+jax.tree_util.register_dataclass(LoRA, data_fields=["params", "key"], meta_fields=["scale", "dropout"])
+
+
+def lora_delta(name, x, ab, dt):
+    """B(A(x)) of projection `name` for one layer's adapter ab = {"a", "b"}: x [B,T,D] -> [B,T,N,hd] for q/k/v,
+    x = attention output [B,T,H,hd] -> [B,T,D] for o_proj."""
+    a, b = ab["a"].astype(dt), ab["b"].astype(dt)
+    if name == "o_proj":
+        return jnp.einsum("btr,dr->btd", jnp.einsum("bthk,rhk->btr", x, a), b)
+    return jnp.einsum("btr,nhr->btnh", jnp.einsum("btd,rd->btr", x, a), b)
+
+
+def lora_proj(proj, p, lo, lora: LoRA, layer):
+    """proj(name, x) -> the projection plus its adapter's scale * B(A(dropout(x))). proj: the base projection (None:
+    the XLA einsums over p); lo: this layer's slices of lora.params; layer: its index (for the dropout keys)."""
+    def run(name, x):
+        dt = x.dtype
+        y = proj(name, x) if proj is not None else (
+            _head_proj(name, x, p=p, dt=dt) if name != "o_proj" else attention_out(x, p))
+        if name not in lo:
+            return y
+        if lora.dropout > 0 and lora.key is not None:
+            key = jax.random.fold_in(jax.random.fold_in(lora.key, layer), LORA_TARGETS.index(name))
+            keep = jax.random.bernoulli(key, 1.0 - lora.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(dt)
+        return y.astype(dt) + jnp.asarray(lora.scale, dt) * lora_delta(name, x, lo[name], dt)
+    return run
+
+
 def swiglu_mlp(x, p):
     dt = x.dtype
     h = jax.nn.silu(x @ p["gate_proj"].astype(dt)) * (x @ p["up_proj"].astype(dt))
@@ -553,7 +601,7 @@ class Qwen3ForCausalLM(nnx.Module):
         return constrain(x, self.runtime.mesh, kind)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
-                 return_hidden: bool = False, cache: KVCache | None = None) -> CausalLMOutput:
+                 return_hidden: bool = False, cache: KVCache | None = None, lora: LoRA | None = None) -> CausalLMOutput:
         """Logits for `input_ids` [B, T].
 
         Without `cache`: attention_mask [B, T] marks real tokens (left or right padding); positions default
@@ -566,6 +614,8 @@ class Qwen3ForCausalLM(nnx.Module):
         stops at max_len (the flag: it advanced by fewer than the row's new tokens) and their logits mean nothing.
         Padding (mask 0, segment 0) takes no expert: it is not routed, so it uses no expert capacity and is
         never counted as dropped.
+        lora: low-rank adapters added to the attention projections (LoRA; training keeps them apart from the frozen
+        weights, `from_pretrained(..., adapter=)` merges a PEFT adapter into them instead).
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim == 1:
@@ -594,14 +644,14 @@ class Qwen3ForCausalLM(nnx.Module):
             kv = (cache.k, cache.v, write_bt, old_bs, new_btt)
         cos, sin = self.rope(positions)
         h = self.embed(input_ids)
-        h, router_logits, dropped, kv_out, moe_x = self.decoder(h, cos, sin, seg_bt, valid_bt, kv)
+        h, router_logits, dropped, kv_out, moe_x = self.decoder(h, cos, sin, seg_bt, valid_bt, kv, lora)
         new_cache = None if cache is None else KVCache(kv_out[0], kv_out[1], cache.lengths + n_new)
         h = rms_norm(h, self.norm[...], self.config.rms_norm_eps)
         logits = self.unembed(h)
         return CausalLMOutput(logits=logits, router_logits=router_logits, hidden_states=h if return_hidden else None,
                               dropped_tokens=dropped, cache=new_cache, moe_inputs=moe_x)
 
-    def decoder(self, h_btd, cos, sin, seg_bt, valid_bt, kv=None):
+    def decoder(self, h_btd, cos, sin, seg_bt, valid_bt, kv=None, lora: LoRA | None = None):
         """Run the layer stack: one `lax.scan` (a single compiled layer body whatever the depth), or unrolled
         (runtime.scan_layers False: per-layer cost figures, see qwen3_jax.aot).
 
@@ -609,13 +659,15 @@ class Qwen3ForCausalLM(nnx.Module):
         kv: None, or (k [L,B,S,K,hd], v [L,B,S,K,hd], write slots [B,T], cached-slot mask [B,S], new-token mask
         [B,T,T]). The cache stacks are carried through the layer loop: each layer reads its slice, attends over the
         cached tokens plus its new keys/values, and writes those into its slots in place (a donated cache is
-        updated without a copy of the stack).
+        updated without a copy of the stack). lora: adapters, sliced per layer with the attention weights.
         Returns (h, router logits [L_moe,B,T,E] or None, dropped token copies [L_moe] or None (one device),
         (k, v) or None, the MoE layers' inputs [L_moe,B,T,D] (runtime.routing.moe_inputs) or None).
         """
         cfg, rt = self.config, self.runtime
         eps = cfg.rms_norm_eps
         attn_p = _pure(self.layers.attn)
+        if lora is not None:
+            attn_p = {**attn_p, "lora": lora.params}
         moe_p, dense_p = _pure(self.layers.moe), _pure(self.layers.mlp)
         n_layers = cfg.num_hidden_layers
         is_moe = np.array([cfg.is_moe_layer(i) for i in range(n_layers)])
@@ -642,11 +694,14 @@ class Qwen3ForCausalLM(nnx.Module):
                 h, kvc = carry
                 layer, a, flag, moe_l, dense_l = xs
                 x = rms_norm(h, a["input_layernorm"], eps)
-                q, k, v = attention_qkv(x, a, cos, sin, eps, ops.proj(layer))
+                proj = ops.proj(layer)
+                if lora is not None:
+                    proj = lora_proj(proj, a, a["lora"], lora, layer)
+                q, k, v = attention_qkv(x, a, cos, sin, eps, proj)
                 o = ops.attend(q, k, v, layer, kvc, seg_bt)
                 if kvc is not None:
                     kvc = write_cache(kvc, layer, k, v, kv[2])
-                h = h + attention_out(o, a, ops.proj(layer))
+                h = h + attention_out(o, a, proj)
                 x = self._shard(rms_norm(h, a["post_attention_layernorm"], eps), "btd")
                 y, rl, dropped = mlp(x, flag if kind == "mixed" else kind, moe_l, dense_l, layer)
                 h = h + self._shard(y, "btd")

@@ -54,6 +54,13 @@ SERVE_PARAM_RULES: tuple[tuple[str, tuple], ...] = (
     (r"layers/mlp/down_proj",      (None, "tensor", None)),                # [Ld, I, D]
 )
 
+# LoRA adapters (qwen3_jax.lora, paths target/a|b): rank-r matrices, replicated but for the head axes, which follow
+# the weights they adapt over 'tensor'. A of q/k/v [L, r, D] and B of o_proj [L, D, r] stay whole on every device.
+LORA_RULES: tuple[tuple[str, tuple], ...] = (
+    (r"[qkv]_proj/b",              (None, "tensor", None, None)),          # [L, H|K, hd, r]
+    (r"o_proj/a",                  (None, None, "tensor", None)),          # [L, r, H, hd]
+)
+
 ACTIVATION_RULES: dict[str, tuple] = {
     "bt":       (BATCH, None),                    # token ids, masks, positions
     "btd":      (BATCH, None, None),              # hidden states

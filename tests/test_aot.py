@@ -163,3 +163,29 @@ def test_model_flops_arithmetic():
     assert f["total"] == 2 * f["layer"] + 2 * 4 * 256 * 1024
     assert collectives("%a = f32[] all-reduce(x)\n%b = all-gather-start(y)\n%c = all-gather-done(b)") == \
         {"all-gather": 1, "all-reduce": 1}
+
+
+def test_lora_train_step_fits_one_v5e_host():
+    """LoRA on a frozen bf16 base (lower_train_step(lora_rank=16)), compiled for one v5e host (v5e:2x4, expert=8):
+    the arguments are the bf16 base's shards plus fp32 adapters and their AdamW moments -- no master copy, no
+    moments of the base -- and the experts' weights get no gradient (no transposed grouped matmul)."""
+    import numpy as np
+
+    from qwen3_jax.sharding.plan import lora_elems
+    from qwen3_jax.sharding.rules import param_shapes, param_specs, shard_bytes
+
+    cfg = Qwen3Config(**SMALL)
+    rep = compile_report(cfg, "v5e:2x4", {"expert": 8}, program="train", batch=8, seq_len=512, lora_rank=16,
+                         count_flops=False)
+    text = format_report(rep)
+    assert rep["lora_rank"] == 16 and rep["param_dtype"] == "bfloat16" and "LoRA rank 16" in text, text
+    assert rep["memory"]["fits"] and rep["device_kind"].startswith("TPU v5"), text
+    assert rep["kernels"]["gmm"] >= 2 and rep["kernels"]["tgmm"] == 0, text    # forward and dx; no expert dW
+    mesh = {"data": 1, "fsdp": 1, "expert": 8, "tensor": 1}
+    specs = param_specs(cfg, mesh)
+    base = sum(shard_bytes(shape, np.float16, specs[p], mesh) for p, shape in param_shapes(cfg).items())
+    adapters = 4 * lora_elems(cfg, mesh, 16)
+    batch = 4 * 512 * 4                                   # inputs, targets, segment ids, positions: a row per chip
+    want = base + 3 * adapters + batch                    # adapters, AdamW m and v (+ a few scalars)
+    assert want <= rep["memory"]["arguments"] <= 1.01 * want, (rep["memory"]["arguments"], want)
+    assert 0.5 < rep["plan_total"] / rep["memory"]["total"] < 2, text

@@ -273,3 +273,37 @@ def test_cluster_auto_detection(monkeypatch):
                  "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "node[1-2]"}.items():
         monkeypatch.setenv(k, v)
     assert detect_cluster() == "slurm"  # srun's job step: jax.distributed.initialize() reads it
+
+
+def test_lora_over_two_processes_equals_one(pod, tmp_path):
+    """qwen3-jax-train --lora-rank on 2 processes (adapters, their optimizer state and the dropout masks spread over
+    both hosts' devices; the routing capture on the merged model) logs the single process's losses and exports the
+    same PEFT adapter; qwen3-jax-export --merge-lora over 2 processes writes the merged checkpoint one process writes."""
+    from safetensors.numpy import load_file
+
+    from qwen3_jax.train.cli import export_main, main
+
+    lora = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1", "--steps", "4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*pod["flags"], *lora, "--output", str(one), "--export-hf", str(one / "ad")]) == 1  # the bad record
+    codes = _run2(pod["root"], "lora", "train", [*pod["flags"], *lora, "--output", str(two), "--export-hf",
+                                                 str(two / "ad")])
+    assert codes == [1, 1], _logs(pod["root"], "lora")
+    ma, mb = _metrics(one), _metrics(two)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == [1, 2, 3, 4]
+    for a, b in zip(ma, mb):
+        for k in ("loss", "lm_loss", "lbl", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (a["step"], k, a[k], b[k])
+    assert mb[-1]["routing_stats"] == "routing/step_4" and (two / "routing" / "step_4" / "stats.json").exists()
+    a, b = (load_file(str(d / "ad" / "adapter_model.safetensors")) for d in (one, two))
+    assert sorted(a) == sorted(b) and len(a) == 2 * 4 * 2
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+    assert export_main(["--checkpoint", str(one), "--out", str(tmp_path / "m1"), "--merge-lora"]) == 0
+    codes = _run2(pod["root"], "lora-merge", "export", ["--checkpoint", str(two), "--out", str(tmp_path / "m2"),
+                                                        "--merge-lora"])
+    assert codes == [0, 0], _logs(pod["root"], "lora-merge")
+    a, b = _tensors(tmp_path / "m1"), _tensors(tmp_path / "m2")
+    assert sorted(a) == sorted(b) and len(a) > 10
+    for k in a:
+        np.testing.assert_allclose(b[k].astype(np.float32), a[k].astype(np.float32), rtol=0, atol=1e-3, err_msg=k)

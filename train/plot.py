@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 
+KEYS = ("step", "loss", "lm_loss", "lbl", "lr")  # in every row of qwen3-jax-train's metrics.jsonl; the plot draws them
+
+
 def read_metrics(output: str) -> list[dict]:
-    path = output if output.endswith(".jsonl") else os.path.join(output, "metrics.jsonl")
+    path = output if os.path.isfile(output) or output.endswith(".jsonl") else os.path.join(output, "metrics.jsonl")
     with open(path) as f:
         return [json.loads(ln) for ln in f if ln.strip()]
 
@@ -79,6 +81,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="PNG path (default: OUTPUT/metrics.png)")
     try:
         args = p.parse_args(argv)
+        if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            p.error(f"--out {args.out}: no such directory {os.path.dirname(os.path.abspath(args.out))}")
+        if args.out and os.path.isdir(args.out):
+            p.error(f"--out {args.out}: is a directory (give the PNG file's path)")
     except SystemExit as e:
         return int(e.code or 0)
     try:
@@ -89,6 +95,11 @@ def main(argv=None) -> int:
         return fail(p.prog, f"{args.output}: not a metrics.jsonl of qwen3-jax-train ({e})", 2)
     if not rows:
         return fail(p.prog, f"{args.output}: no metrics yet", 2)
+    bad = next((n for n, r in enumerate(rows, 1) if not isinstance(r, dict) or not set(KEYS) <= set(r)), None)
+    if bad is not None:
+        missing = sorted(set(KEYS) - set(rows[bad - 1])) if isinstance(rows[bad - 1], dict) else list(KEYS)
+        return fail(p.prog, f"{args.output}: not a metrics.jsonl of qwen3-jax-train (line {bad} has no "
+                    f"{', '.join(missing)})", 2)
     base = args.output if os.path.isdir(args.output) else os.path.dirname(args.output)
     print(plot(rows, args.out or os.path.join(base, "metrics.png")))
     return 0

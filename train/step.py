@@ -11,6 +11,11 @@ is the global batch (jit's arrays are global, every data-parallel shard included
 forward. `lbl_scope="micro"` is the per-micro-batch LBL averaged over micro-batches (HF / MaxText).
 The LM loss (masked mean over the global batch's target tokens) and the z-loss (mean over its real tokens)
 likewise divide by global counts, so accumulation is exact for every term.
+
+LoRA (StepConfig.lora): the trained parameters are the adapters (qwen3_jax.lora) and the model's weights come in
+as a separate, frozen argument (`base`: not differentiated, not donated, not in the optimizer state). The adapters'
+dropout draws from fold_in(key(seed), step, micro-batch), so a resumed run draws the same masks, and the router
+pre-pass sees the same dropout as the micro-batch it counts for.
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ class StepConfig:
     z_loss_coef: float = 0.0
     freeze: tuple = ()
     ce_chunk: int = 512
+    lora: object = None      # a qwen3_jax.lora.LoRAConfig: train its adapters on the frozen weights
+    seed: int = 0            # the LoRA dropout's keys
 
 
 def _micro(batch, a: int):
@@ -99,21 +106,31 @@ def _micro(batch, a: int):
 
 
 def make_grad_fn(graphdef, abstract_state, scfg: StepConfig):
-    """grads(params, batch) -> (gradients, aux): the loss terms of the global batch and their gradients,
-    accumulated over scfg.grad_accum micro-batches (lax.scan). Frozen parameters get zero gradients.
+    """grads(params, batch, base=None, step_no=None) -> (gradients, aux): the loss terms of the global batch and
+    their gradients, accumulated over scfg.grad_accum micro-batches (lax.scan). Frozen parameters get zero gradients.
 
-    params: pure dict of the model's nnx.Param arrays; batch: dict of global [B, T] int32 arrays
-    (inputs, targets (-100 = no loss), segment_ids (0 = padding), positions).
+    params: pure dict of the model's nnx.Param arrays (with scfg.lora: the adapters, and `base` the model's
+    frozen params); batch: dict of global [B, T] int32 arrays (inputs, targets (-100 = no loss), segment_ids
+    (0 = padding), positions); step_no: the step (the LoRA dropout's key).
     """
+    from qwen3_jax.model import LoRA
+
     cfg = model_from(graphdef, abstract_state, None).config
     top_k = routed_top_k(model_from(graphdef, abstract_state, None))   # the routing the model runs
+    lcfg = scfg.lora
 
-    def forward(params, mb):
-        model = model_from(graphdef, abstract_state, params)
-        return model, model(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"], return_hidden=True)
+    def forward(params, mb, base, key):
+        if lcfg is None:
+            model = model_from(graphdef, abstract_state, params)
+            lora = None
+        else:
+            model = model_from(graphdef, abstract_state, base)
+            lora = LoRA(params, lcfg.scale, lcfg.dropout, key)
+        return model, model(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"], return_hidden=True,
+                            lora=lora)
 
-    def micro_loss(params, mb, counts_global, n_tgt, n_tok):
-        model, out = forward(params, mb)
+    def micro_loss(params, mb, counts_global, n_tgt, n_tok, base, key):
+        model, out = forward(params, mb, base, key)
         w = (mb["targets"] >= 0).astype(jnp.float32)
         lm = cross_entropy_sum(model.unembed, out.hidden_states, mb["targets"], w, scfg.ce_chunk) / n_tgt
         lbl = z = jnp.float32(0)
@@ -134,35 +151,44 @@ def make_grad_fn(graphdef, abstract_state, scfg: StepConfig):
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
-    def grads(params, batch):
+    def grads(params, batch, base=None, step_no=None):
+        if (lcfg is None) != (base is None):
+            raise ValueError("LoRA steps take the frozen params as `base`; full fine-tuning takes none")
         frozen = frozen_mask(params, scfg.freeze)
         a = scfg.grad_accum
         n_tgt = jnp.maximum(jnp.sum(batch["targets"] >= 0), 1).astype(jnp.float32)
         n_tok = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
         mbs = _micro(batch, a)
         live = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+        keys = None                                                # micro-batch m's dropout key
+        if lcfg is not None and lcfg.dropout > 0:
+            step_key = jax.random.fold_in(jax.random.key(scfg.seed), jnp.int32(0) if step_no is None else step_no)
+            keys = jax.vmap(lambda m: jax.random.fold_in(step_key, m))(jnp.arange(a))
 
         counts_global = None
         if cfg.is_moe and scfg.lbl_scope == "global" and a > 1:   # router pre-pass: global f, no backward
-            def count(acc, mb):
-                _, out = forward(jax.lax.stop_gradient(params), mb)
+            def count(acc, xs):
+                mb, key = xs
+                _, out = forward(jax.lax.stop_gradient(params), mb, base, key)
                 return acc + lbl_stats(out.router_logits, top_k, mb["segment_ids"] > 0)[0], None
             zeros = jnp.zeros((len(cfg.moe_layers), cfg.num_experts), jnp.float32)
-            counts_global, _ = jax.lax.scan(count, zeros, mbs)
+            counts_global, _ = jax.lax.scan(count, zeros, (mbs, keys))
 
         first = jax.tree.map(lambda x: x[0], mbs)
+        key0 = None if keys is None else keys[0]
         if a == 1:
-            g, aux = grad_fn(live, first, None, n_tgt, n_tok)
+            g, aux = grad_fn(live, first, None, n_tgt, n_tok, base, key0)
         else:
-            def accumulate(carry, mb):
+            def accumulate(carry, xs):
                 g_acc, aux_acc = carry
-                g, aux = grad_fn(live, mb, counts_global, n_tgt, n_tok)
+                mb, key = xs
+                g, aux = grad_fn(live, mb, counts_global, n_tgt, n_tok, base, key)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
 
             zero_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-            aux0 = jax.eval_shape(lambda: grad_fn(live, first, counts_global, n_tgt, n_tok)[1])
+            aux0 = jax.eval_shape(lambda: grad_fn(live, first, counts_global, n_tgt, n_tok, base, key0)[1])
             aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
-            (g, aux), _ = jax.lax.scan(accumulate, (zero_g, aux0), mbs)
+            (g, aux), _ = jax.lax.scan(accumulate, (zero_g, aux0), (mbs, keys))
         g = jax.tree.map(lambda g, p, f: jnp.zeros(p.shape, p.dtype) if f else g.astype(p.dtype), g, params, frozen)
         if counts_global is not None:
             aux["counts"] = counts_global
@@ -174,12 +200,13 @@ def make_grad_fn(graphdef, abstract_state, scfg: StepConfig):
 
 
 def make_train_step(graphdef, abstract_state, tx, schedule, scfg: StepConfig, shardings=None):
-    """Returns step(params, opt_state, batch, step_no) -> (params, opt_state, metrics), one jit.
-    `shardings`: the (params, opt_state) shardings the outputs keep."""
+    """Returns step(params, opt_state, batch, step_no, base=None) -> (params, opt_state, metrics), one jit.
+    `shardings`: the (params, opt_state) shardings the outputs keep. With scfg.lora, params are the adapters and
+    `base` the frozen model params (read, never donated nor returned)."""
     grads_fn = make_grad_fn(graphdef, abstract_state, scfg)
 
-    def step(params, opt_state, batch, step_no):
-        grads, aux = grads_fn(params, batch)
+    def step(params, opt_state, batch, step_no, base=None):
+        grads, aux = grads_fn(params, batch, base, step_no)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {**aux, "grad_norm": optax.tree.norm(grads), "lr": schedule(step_no)}
@@ -188,11 +215,15 @@ def make_train_step(graphdef, abstract_state, tx, schedule, scfg: StepConfig, sh
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
-def make_eval_step(graphdef, abstract_state, ce_chunk: int = 512):
-    """eval(params, batch) -> (sum of target nll, number of target tokens)."""
-    def run(params, batch):
-        model = model_from(graphdef, abstract_state, params)
-        out = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True)
+def make_eval_step(graphdef, abstract_state, ce_chunk: int = 512, lora=None):
+    """eval(params, batch, base=None) -> (sum of target nll, number of target tokens). lora: a LoRAConfig (params
+    are then its adapters on the frozen `base`; no dropout)."""
+    from qwen3_jax.model import LoRA
+
+    def run(params, batch, base=None):
+        model = model_from(graphdef, abstract_state, params if lora is None else base)
+        out = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True,
+                    lora=None if lora is None else LoRA(params, lora.scale))
         w = (batch["targets"] >= 0).astype(jnp.float32)
         return cross_entropy_sum(model.unembed, out.hidden_states, batch["targets"], w, ce_chunk), jnp.sum(w)
     return jax.jit(run)
@@ -213,11 +244,13 @@ def model_from(graphdef, abstract_state, params):
     return nnx.merge(graphdef, state)
 
 
-def flops_per_token(cfg, seq_len: int, active_params: int) -> float:
+def flops_per_token(cfg, seq_len: int, active_params: int, adapter_params: int | None = None) -> float:
     """Training FLOPs per token: 6 x active matmul parameters (embedding lookup excluded) + causal attention
-    6 x L x H x hd x T (half of the full 12 L H hd T)."""
+    6 x L x H x hd x T (half of the full 12 L H hd T). LoRA (adapter_params: the adapters' parameter count): the
+    frozen weights 4 x (forward and input gradient, no weight gradient) and the adapters 6 x."""
     matmul = active_params - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
-    return 6.0 * matmul + 6.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+    weights = 6.0 * matmul if adapter_params is None else 4.0 * matmul + 6.0 * adapter_params
+    return weights + 6.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
 
 
 def host_metrics(m) -> dict:
@@ -252,34 +285,51 @@ def opt_state_shardings(abstract_opt_state, params, mesh):
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def lower_train_step(cfg, mesh, *, batch_size: int, seq_len: int, dtype="bfloat16", param_dtype="float32",
+def lower_train_step(cfg, mesh, *, batch_size: int, seq_len: int, dtype="bfloat16", param_dtype=None,
                      remat: str = "full", scan_layers: bool = True, lr: float = 1e-5, steps: int = 1000,
                      warmup: int = 0, schedule: str = "cosine", weight_decay: float = 0.0, clip: float = 1.0,
                      grad_accum: int = 1, lbl_coef: float | None = None, lbl_scope: str = "global",
                      z_loss_coef: float = 0.0, freeze=(), ce_chunk: int = 512, ep_buffer_factor="default",
-                     capacity_factor: float | None = None, gmm: str = "auto"):
+                     capacity_factor: float | None = None, gmm: str = "auto", lora_rank: int | None = None,
+                     lora_alpha: float | None = None, lora_dropout: float = 0.0, lora_targets=None):
     """The train step qwen3-jax-train runs (chunked cross-entropy, global-batch LBL, AdamW with clipping,
     remat, accumulation), lowered for `mesh` (e.g. abstract TPU chips, see qwen3_jax.aot) with abstract sharded
     parameters, optimizer state and batch: nothing is allocated. Returns a jax.stages.Lowered (`.compile()` it).
-    scan_layers=False unrolls the layers; gmm overrides the platform's grouped matmul (qwen3_jax.kernels)."""
+    scan_layers=False unrolls the layers; gmm overrides the platform's grouped matmul (qwen3_jax.kernels).
+    param_dtype: the master weights (default float32), or with lora_rank the frozen base (default bfloat16) beside
+    fp32 adapters that alone have gradients and AdamW moments (plain XLA matmuls: the same on every platform)."""
     from qwen3_jax.aot import abstract_model
     from qwen3_jax.runtime import Runtime
     from qwen3_jax.sharding import activation_sharding
 
+    if param_dtype is None:
+        param_dtype = "bfloat16" if lora_rank else "float32"
     rt_kw = {} if ep_buffer_factor == "default" else {"ep_buffer_factor": ep_buffer_factor}
     runtime = Runtime(mesh=mesh, remat=remat, scan_layers=scan_layers, capacity_factor=capacity_factor, gmm=gmm,
                       **rt_kw)
     graphdef, abstract_state, params = abstract_model(cfg, runtime, dtype=dtype, param_dtype=param_dtype)
+    lcfg, base = None, None
+    if lora_rank:
+        from qwen3_jax.lora import DEFAULT_TARGETS, LoRAConfig, adapter_shapes, adapter_shardings
+
+        if freeze:
+            raise ValueError("freeze: with LoRA the whole model is frozen")
+        lcfg = LoRAConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                          targets=lora_targets or DEFAULT_TARGETS)
+        sh = adapter_shardings(cfg, lcfg, mesh)
+        base, params = params, {t: {ab: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh[t][ab])
+                                    for ab, shape in s.items()} for t, s in adapter_shapes(cfg, lcfg).items()}
     sched = make_schedule(schedule, lr, warmup, steps)
     tx = make_optimizer(params, schedule=sched, weight_decay=weight_decay, clip=clip, freeze=tuple(freeze))
     opt_abstract = jax.eval_shape(tx.init, params)
     opt_sh = opt_state_shardings(opt_abstract, params, mesh)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_abstract, opt_sh)
     scfg = StepConfig(grad_accum=grad_accum, lbl_coef=cfg.router_aux_loss_coef if lbl_coef is None else lbl_coef,
-                      lbl_scope=lbl_scope, z_loss_coef=z_loss_coef, freeze=tuple(freeze), ce_chunk=ce_chunk)
+                      lbl_scope=lbl_scope, z_loss_coef=z_loss_coef, freeze=tuple(freeze), ce_chunk=ce_chunk,
+                      lora=lcfg)
     shardings = (jax.tree.map(lambda x: x.sharding, params), opt_sh)
     step = make_train_step(graphdef, abstract_state, tx, sched, scfg, shardings)
     bt = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32,
                               sharding=activation_sharding("bt", (batch_size, seq_len), mesh))
     batch = {k: bt for k in ("inputs", "targets", "segment_ids", "positions")}
-    return step.lower(params, opt_state, batch, jax.ShapeDtypeStruct((), jnp.int32))
+    return step.lower(params, opt_state, batch, jax.ShapeDtypeStruct((), jnp.int32), base)

@@ -5,6 +5,10 @@
 and the skipped records), `metrics.jsonl`, and with --routing-stats-every `routing/step_<step>/` (the held-out set's
 routing capture, qwen3_jax.routing). On several processes (a pod slice), process 0 writes everything
 but the checkpoints, which orbax writes from every process.
+
+With --lora-rank the checkpoints hold the adapters and their optimizer state only (meta adds the LoRA config): the
+frozen base is read again from --model on resume, and the export is a PEFT adapter (or with --merge-lora the base
+with the adapters merged in).
 """
 
 from __future__ import annotations
@@ -59,6 +63,27 @@ def build_model(args, mesh):
     model = qwen3_jax.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(args.seed), dtype=jnp.dtype(args.dtype),
                                        param_dtype=jnp.dtype(args.param_dtype), **kw)
     return shard_model(model, mesh)
+
+
+def lora_config(args):
+    """The run's qwen3_jax.lora.LoRAConfig, or None for full fine-tuning."""
+    if not getattr(args, "lora_rank", None):
+        return None
+    from qwen3_jax.lora import DEFAULT_TARGETS, LoRAConfig
+
+    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout or 0.0,
+                      targets=args.lora_targets or DEFAULT_TARGETS)
+
+
+def merged_model(graphdef, abstract_state, base, adapters, lcfg):
+    """The model of `base` params with the adapters merged into new attention weights (base is left as it is)."""
+    from qwen3_jax.lora import merge_params
+
+    model = model_from(graphdef, abstract_state, base)
+    merged = merge_params(base["layers"]["attn"], adapters, lcfg)
+    for t, w in merged.items():
+        getattr(model.layers.attn, t).set_value(w)
+    return model
 
 
 def tokenizer_dir(args):
@@ -181,12 +206,16 @@ def _global_max(value: int) -> int:
 
 
 def summary(rows: list[dict]) -> str:
-    """A readable per-step table (at most ~20 rows) of loss, lbl and expert load."""
+    """A readable per-step table (about 20 rows, and every step with an eval loss) of loss, eval loss, lbl and
+    expert load."""
     if not rows:
         return "no steps run"
-    pick = rows if len(rows) <= 20 else [rows[i] for i in sorted({*range(0, len(rows), math.ceil(len(rows) / 19)), len(rows) - 1})]
-    lines = [f"{'step':>6} {'loss':>9} {'lm_loss':>9} {'lbl':>7} {'grad_norm':>9} {'lr':>9} {'tok/s':>9} "
-             f"{'load max/min (worst layer)':>27} {'cv':>6}"]
+    evals = {i for i, r in enumerate(rows) if r.get("eval_loss") is not None}
+    every = 1 if len(rows) <= 20 else math.ceil(len(rows) / 19)
+    pick = [rows[i] for i in sorted({*range(0, len(rows), every), len(rows) - 1, *evals})]
+    ev = bool(evals)
+    lines = [f"{'step':>6} {'loss':>9} {'lm_loss':>9}" + (f" {'eval_loss':>9}" if ev else "")
+             + f" {'lbl':>7} {'grad_norm':>9} {'lr':>9} {'tok/s':>9} {'load max/min (worst layer)':>27} {'cv':>6}"]
     for r in pick:
         load = r.get("expert_load")
         ld = ""
@@ -194,8 +223,11 @@ def summary(rows: list[dict]) -> str:
         if load:
             i = int(np.argmax(load["cv"]))
             ld, cv = f"{load['max'][i]:.3f}/{load['min'][i]:.3f} (L{i})", f"{load['cv'][i]:.3f}"
-        lines.append(f"{r['step']:>6} {r['loss']:>9.4f} {r['lm_loss']:>9.4f} {r['lbl']:>7.4f} {r['grad_norm']:>9.3f} "
-                     f"{r['lr']:>9.2e} {r['tokens_per_s']:>9.0f} {ld:>27} {cv:>6}")
+        e = r.get("eval_loss")
+        lines.append(f"{r['step']:>6} {r['loss']:>9.4f} {r['lm_loss']:>9.4f}"
+                     + ((f" {e:>9.4f}" if e is not None else f" {'':>9}") if ev else "")
+                     + f" {r['lbl']:>7.4f} {r['grad_norm']:>9.3f} {r['lr']:>9.2e} {r['tokens_per_s']:>9.0f} "
+                     f"{ld:>27} {cv:>6}")
     return "\n".join(lines)
 
 
@@ -284,22 +316,27 @@ def _setup(args, log) -> dict:
 
     graphdef, abstract_state, params = split_model(model)
     del model
+    lcfg, base = lora_config(args), None
+    if lcfg is not None:  # the model's params stay as they are; the trained params are the adapters
+        from qwen3_jax.lora import init_adapters
+
+        base, params = params, init_adapters(cfg, lcfg, args.seed, mesh)
     schedule = make_schedule(args.schedule, args.lr, args.warmup, steps)
     tx = make_optimizer(params, schedule=schedule, weight_decay=args.weight_decay, clip=args.clip,
                         freeze=tuple(args.freeze))
     opt_state = init_opt_state(tx, params, mesh)
     lbl_coef = cfg.router_aux_loss_coef if args.lbl_coef is None else args.lbl_coef
     scfg = StepConfig(grad_accum=args.grad_accum, lbl_coef=lbl_coef, lbl_scope=args.lbl_scope,
-                      z_loss_coef=args.z_loss_coef, freeze=tuple(args.freeze))
+                      z_loss_coef=args.z_loss_coef, freeze=tuple(args.freeze), lora=lcfg, seed=args.seed)
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     return dict(mesh=mesh, cfg=cfg, rows=rows, corpus=corpus, eval_corpus=eval_corpus, skipped=skipped, long=long,
                 steps=steps, eval_steps=eval_steps, graphdef=graphdef, abstract_state=abstract_state, params=params,
-                schedule=schedule, tx=tx, opt_state=opt_state, scfg=scfg, routing=routing)
+                schedule=schedule, tx=tx, opt_state=opt_state, scfg=scfg, routing=routing, base=base)
 
 
 def _run(args, log, *, mesh, cfg, rows, corpus, eval_corpus, skipped, long, steps, eval_steps, graphdef,
-         abstract_state, params, schedule, tx, opt_state, scfg, routing) -> dict:
+         abstract_state, params, schedule, tx, opt_state, scfg, routing, base=None) -> dict:
     from qwen3_jax.launch import allgather_json
 
     writer = jax.process_index() == 0
@@ -325,7 +362,21 @@ def _run(args, log, *, mesh, cfg, rows, corpus, eval_corpus, skipped, long, step
     start = 0
     latest = mngr.latest_step()
     opt_def = jax.tree.structure(opt_state)
+    lcfg = scfg.lora
     if latest is not None:
+        try:
+            meta = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except (ValueError, OSError, KeyError) as e:
+            raise SetupError(f"{mngr.directory}/{latest}: cannot resume from this checkpoint: {e}") from e
+        was = meta.get("lora")
+        if was != (None if lcfg is None else lcfg.to_json()):
+            def flags(d):
+                return "full fine-tuning" if d is None else (
+                    f"--lora-rank {d['rank']} --lora-alpha {d['alpha']:g} --lora-dropout {d['dropout']:g} "
+                    f"--lora-targets {','.join(d['targets'])}")
+            raise SetupError(f"{mngr.directory}/{latest}: this run was {flags(was)}, not "
+                             f"{flags(None if lcfg is None else lcfg.to_json())}: resume it with its own flags "
+                             "(or give a new --output)")
         try:
             restored = mngr.restore(latest, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_of(params)),
@@ -347,25 +398,32 @@ def _run(args, log, *, mesh, cfg, rows, corpus, eval_corpus, skipped, long, step
         nonlocal saved
         saved = step
         state = {"shards": {k: v for part in allgather_json(it.get_state()) for k, v in part["shards"].items()}}
+        meta = {"step": step, "skipped_records": skipped}
+        if lcfg is not None:
+            meta["lora"] = lcfg.to_json()
         mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(jax.tree.leaves(opt_state)),
-            data=ocp.args.JsonSave(state), meta=ocp.args.JsonSave({"step": step, "skipped_records": skipped})))
+            data=ocp.args.JsonSave(state), meta=ocp.args.JsonSave(meta)))
 
     def routing_stats(step) -> str:
         """The held-out set's routing capture under the current params (every process runs it; process 0 writes)."""
         from qwen3_jax.routing import capture
 
-        stats = capture(model_from(graphdef, abstract_state, params), routing, batch_size=args.batch_size,
-                        max_len=args.seq_len)
+        model = (model_from(graphdef, abstract_state, params) if lcfg is None else
+                 merged_model(graphdef, abstract_state, base, params, lcfg))
+        stats = capture(model, routing, batch_size=args.batch_size, max_len=args.seq_len)
         stats.model_name = f"{os.path.abspath(args.output)} step {step}"
         out_dir = os.path.join(args.output, "routing", f"step_{step}")
         if writer:
             stats.save(out_dir)
         return os.path.relpath(out_dir, args.output)
 
-    eval_fn = make_eval_step(graphdef, abstract_state) if eval_corpus else None
+    eval_fn = make_eval_step(graphdef, abstract_state, lora=lcfg) if eval_corpus else None
+    if eval_fn is not None and base is not None:
+        eval_fn = (lambda fn: lambda p, batch: fn(p, batch, base))(eval_fn)
     active = qwen3_jax.param_count(cfg)["active"]
-    fpt = flops_per_token(cfg, args.seq_len, active)
+    fpt = flops_per_token(cfg, args.seq_len, active,
+                          None if lcfg is None else sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
     out_rows = []
     bar = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, disable=not (args.progress and writer))
     mf = open(metrics_path, "a") if writer else None
@@ -373,7 +431,7 @@ def _run(args, log, *, mesh, cfg, rows, corpus, eval_corpus, skipped, long, step
         for step in range(start, steps):
             t0 = time.perf_counter()
             batch = global_batch(next(it), mesh, args.batch_size)
-            params, opt_state, m = train_step(params, opt_state, batch, jnp.int32(step))
+            params, opt_state, m = train_step(params, opt_state, batch, jnp.int32(step), base)
             m = _host_values(m)
             row = {"step": step + 1, **host_metrics(m)}
             dt = time.perf_counter() - t0
@@ -409,9 +467,16 @@ def _run(args, log, *, mesh, cfg, rows, corpus, eval_corpus, skipped, long, step
     mngr.wait_until_finished()
     mngr.close()
     if args.export_hf and (out_rows[-1]["step"] if out_rows else start) == steps:  # only a finished run is exported
-        export(model_from(graphdef, abstract_state, params), args.export_hf, tokenizer_dir(args))
+        if lcfg is None:
+            export(model_from(graphdef, abstract_state, params), args.export_hf, tokenizer_dir(args))
+        elif getattr(args, "merge_lora", False):
+            export(merged_model(graphdef, abstract_state, base, params, lcfg), args.export_hf, tokenizer_dir(args))
+        else:
+            export_adapter(params, lcfg, cfg, args.export_hf, _base_name(args.model), tokenizer_dir(args))
         if writer:
-            log(f"exported Hugging Face checkpoint to {args.export_hf}")
+            what = "PEFT LoRA adapter" if lcfg is not None and not getattr(args, "merge_lora", False) else \
+                "Hugging Face checkpoint"
+            log(f"exported {what} to {args.export_hf}")
     return {"rows": out_rows, "params": params, "steps": steps, "skipped": corpus.skipped, "skipped_total": skipped}
 
 
@@ -422,11 +487,26 @@ def export(model, out, tok_dir=None):
         copy_tokenizer(tok_dir, out)
 
 
+def export_adapter(adapters, lcfg, cfg, out, base_model=None, tok_dir=None):
+    """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) + tokenizer files (every process calls
+    it; process 0 writes)."""
+    from qwen3_jax.lora import save_adapter
+
+    save_adapter(adapters, lcfg, cfg, out, base_model)
+    if jax.process_index() == 0:
+        copy_tokenizer(tok_dir, out)
+
+
+def _base_name(model: str) -> str:
+    """adapter_config.json's base_model_name_or_path: a checkpoint directory's absolute path, or the preset."""
+    return os.path.abspath(model) if os.path.isdir(model) else model
+
+
 def restore_params(checkpoint: str, mesh=None):
     """(config, params pure dict, step, run output dir) of an orbax step: `checkpoint` is a training --output
     directory (latest step) or one step's directory `<output>/checkpoints/<step>`. The params are restored
     straight into their shards on `mesh` (default: every device of every process on 'fsdp'), so no host
-    holds the whole model."""
+    holds the whole model. A LoRA run's params are its adapters (run_lora_config says so)."""
     checkpoint = os.path.abspath(checkpoint)
     base = os.path.basename(checkpoint.rstrip("/"))
     if base.isdigit():
@@ -447,14 +527,23 @@ def restore_params(checkpoint: str, mesh=None):
     meta = mngr.item_metadata(step)
     leaf = jax.tree.leaves(meta.params)[0] if meta is not None and meta.params is not None else None
     dtype = jnp.dtype(leaf.dtype) if leaf is not None else jnp.float32
-    abstract = nnx.eval_shape(lambda: qwen3_jax.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=dtype))
-    _, _, abstract_params = split_model(abstract)
-    from qwen3_jax.sharding import param_shardings
+    mesh = mesh if mesh is not None else make_mesh(fsdp=-1)
+    lcfg = _checkpoint_lora(mngr, step)
+    if lcfg is not None:
+        from qwen3_jax.lora import adapter_shapes, adapter_shardings
 
-    shardings = param_shardings(cfg, mesh if mesh is not None else make_mesh(fsdp=-1))
-    target = jax.tree_util.tree_map_with_path(
-        lambda kp, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[tuple(str(k.key) for k in kp)]),
-        abstract_params)
+        sh = adapter_shardings(cfg, lcfg, mesh)
+        target = {t: {ab: jax.ShapeDtypeStruct(shape, dtype, sharding=sh[t][ab]) for ab, shape in s.items()}
+                  for t, s in adapter_shapes(cfg, lcfg).items()}
+    else:
+        abstract = nnx.eval_shape(lambda: qwen3_jax.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=dtype))
+        _, _, abstract_params = split_model(abstract)
+        from qwen3_jax.sharding import param_shardings
+
+        shardings = param_shardings(cfg, mesh)
+        target = jax.tree_util.tree_map_with_path(
+            lambda kp, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[tuple(str(k.key) for k in kp)]),
+            abstract_params)
     try:
         params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
     finally:
@@ -462,16 +551,71 @@ def restore_params(checkpoint: str, mesh=None):
     return cfg, params, step, output
 
 
-def export_checkpoint(checkpoint: str, out: str, tokenizer: str | None = None) -> int:
-    """Write the params of an orbax step as a Hugging Face checkpoint (+ the run's tokenizer files)."""
+def _checkpoint_lora(mngr, step):
+    """The LoRAConfig a checkpoint's meta records, or None (full fine-tuning)."""
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if not meta or not meta.get("lora"):
+        return None
+    from qwen3_jax.lora import LoRAConfig
+
+    return LoRAConfig.from_json(meta["lora"])
+
+
+def run_lora_config(checkpoint: str):
+    """The LoRAConfig of a training run's latest step (or of one step's directory), None for full fine-tuning."""
+    checkpoint = os.path.abspath(checkpoint)
+    base = os.path.basename(checkpoint.rstrip("/"))
+    ckpt_dir = os.path.dirname(checkpoint) if base.isdigit() else os.path.join(checkpoint, "checkpoints")
+    mngr = ocp.CheckpointManager(ckpt_dir)
+    try:
+        step = int(base) if base.isdigit() else mngr.latest_step()
+        return None if step is None else _checkpoint_lora(mngr, step)
+    finally:
+        mngr.close()
+
+
+def export_checkpoint(checkpoint: str, out: str, tokenizer: str | None = None, merge_lora: bool = False,
+                      base: str | None = None) -> int:
+    """Write the params of an orbax step as a Hugging Face checkpoint (+ the run's tokenizer files). A LoRA run's
+    step is written as a PEFT adapter, or with merge_lora merged into its base (`base`: a checkpoint directory;
+    default the run's --model, in the run's --param-dtype)."""
     cfg, params, step, output = restore_params(checkpoint)
-    dtype = jax.tree.leaves(params)[0].dtype
-    model = nnx.eval_shape(lambda: qwen3_jax.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=dtype))
-    graphdef, abstract_state, _ = split_model(model)
-    tok_dir = tokenizer
-    if tok_dir is None and os.path.exists(os.path.join(output, "train_args.json")):
+    args = {}
+    if os.path.exists(os.path.join(output, "train_args.json")):
         with open(os.path.join(output, "train_args.json")) as f:
-            a = json.load(f)
-        tok_dir = a.get("tokenizer") or (a.get("model") if os.path.isdir(a.get("model") or "") else None)
-    export(model_from(graphdef, abstract_state, params), out, tok_dir)
+            args = json.load(f)
+    tok_dir = tokenizer
+    if tok_dir is None:
+        tok_dir = args.get("tokenizer") or (args.get("model") if os.path.isdir(args.get("model") or "") else None)
+    lcfg = run_lora_config(checkpoint)
+    if lcfg is None:
+        if merge_lora or base:
+            raise ValueError(f"{checkpoint}: not a LoRA run (--merge-lora and --base are for --lora-rank runs)")
+        dtype = jax.tree.leaves(params)[0].dtype
+        model = nnx.eval_shape(lambda: qwen3_jax.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=dtype))
+        graphdef, abstract_state, _ = split_model(model)
+        export(model_from(graphdef, abstract_state, params), out, tok_dir)
+        return step
+    model_arg = base or args.get("model")
+    if not merge_lora:
+        if base:
+            raise ValueError("--base is the checkpoint to merge into: it needs --merge-lora")
+        export_adapter(params, lcfg, cfg, out, None if model_arg is None else _base_name(model_arg), tok_dir)
+        return step
+    if not model_arg:
+        raise ValueError(f"{output}: no train_args.json naming the base model: give --base DIR")
+    import argparse
+
+    run = argparse.Namespace(model=model_arg, dtype=args.get("dtype", "float32"), seed=args.get("seed", 0),
+                             param_dtype=args.get("param_dtype") or "bfloat16", remat="none", capacity_factor=None)
+    if base and os.path.isdir(base):
+        keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+        other = qwen3_jax.Qwen3Config.from_pretrained(base)
+        if any(getattr(other, k) != getattr(cfg, k) for k in keys):
+            raise ValueError(f"--base {base}: its attention shapes are not those of the run's model "
+                             f"({output}/model/config.json)")
+    merge_into = build_model(run, make_mesh(fsdp=-1))
+    from qwen3_jax.lora import merge_into_model
+
+    export(merge_into_model(merge_into, params, lcfg), out, tok_dir)
     return step

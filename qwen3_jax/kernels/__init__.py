@@ -86,11 +86,16 @@ def host_platform() -> str:
     forced = (jax.config.jax_platforms or "").split(",")[0].strip()
     if forced:
         return normalize_platform(forced)
+    return accelerator_present() or "cpu"
+
+
+def accelerator_present() -> str | None:
+    """"tpu" or "gpu" when this machine has the device files of one (whatever jax was told), else None."""
     if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
         return "tpu"
     if glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/kfd"):
         return "gpu"
-    return "cpu"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

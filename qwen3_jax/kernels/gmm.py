@@ -76,6 +76,21 @@ def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
     return tm, min(k, 512), min(n, 512)
 
 
+def megablox_tile_problem(k: int, n: int, backward: bool) -> tuple[str, int, str] | None:
+    """None when the TPU compiler accepts megablox's blocks for x [m, k] @ w [E, k, n] with `megablox_tiling`'s
+    tiles, else (the tile's dimension "k" or "n", its size, the dimension it fails to span: "k" or "n"). A block's
+    last dimension must be a multiple of 128 or the whole array dimension. The backward (gmm with w transposed,
+    and tgmm) keeps the tiling, so there the k tile also spans n and the n tile spans k. (Checked against the TPU
+    compiler for v5e with k in {64, 96, 128, 192, 256, 640} x n in {64, 128, 192, 768}, forward and backward.)"""
+    _, tk, tn = megablox_tiling(8, k, n)
+    dims = {"k": k, "n": n}
+    spans = [("k", tk, "k"), ("n", tn, "n")] + ([("k", tk, "n"), ("n", tn, "k")] if backward else [])
+    for which, tile, spanned in spans:
+        if tile % 128 and tile != dims[spanned]:
+            return which, tile, spanned
+    return None
+
+
 def _megablox(x_mk, w_gkn, sizes, interpret):
     """megablox gmm (custom VJP: gmm for d(x), tgmm for d(w)); rows padded to the row tile."""
     from jax.experimental.pallas.ops.tpu.megablox import gmm

@@ -25,7 +25,7 @@ import re
 import sys
 from pathlib import Path
 
-from qwen3_jax.launch import ArgumentParser, add_launch_args, agree, launch
+from qwen3_jax.launch import ArgumentParser, add_launch_args, agree, default_platform, launch
 
 SPEC = re.compile(r"^(?P<value>[^@]+?)(?:@(?:layer)?(?P<layer>\d+))?$")
 
@@ -287,8 +287,9 @@ def cmd_report(p, args) -> int:
 def cmd_compare(p, args) -> int:
     from .reporting import compare
 
+    out = args.out or os.path.join(args.dir_b, "compare")
     try:
-        res = compare(args.dir_a, args.dir_b, args.out)
+        res = compare(args.dir_a, args.dir_b, out)
     except (ValueError, OSError, KeyError) as e:
         p.error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
     if res["note"]:
@@ -296,6 +297,7 @@ def cmd_compare(p, args) -> int:
     print(f"{'layer':>6} {'top-k overlap':>14} {'top-1 agree':>12}   ({res['tokens']} tokens)")
     for layer, o, t in zip(res["layers"], res["overlap"], res["top1_agreement"]):
         print(f"{layer:>6} {o:>14.4f} {t:>12.4f}")
+    print(f"wrote {os.path.join(out, 'compare.json')} and {os.path.join(out, 'compare.png')}")
     return 0
 
 
@@ -426,6 +428,7 @@ def main(argv=None) -> int:
     try:
         args = p.parse_args(argv)
         sub = p._subparsers._group_actions[0].choices[args.command]
+        default_platform()
         if hasattr(args, "coordinator"):
             launch(sub, args)
         return COMMANDS[args.command](sub, args)
