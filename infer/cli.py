@@ -53,7 +53,7 @@ import uuid
 from pathlib import Path
 
 from qwen3_jax.hostmem import tune_malloc
-from qwen3_jax.launch import ArgumentParser, add_launch_args, allgather_json, default_platform, first_error, launch
+from qwen3_jax.launch import ArgumentParser, add_launch_args, agree, allgather_json, default_platform, launch
 
 from .chat import THINK_END, THINK_START
 
@@ -156,7 +156,7 @@ def _setup(p: argparse.ArgumentParser, args):
     import jax
 
     if args.mesh is None and jax.process_count() > 1:
-        args.mesh = {"tensor": -1}  # the model spread over every host (see _check_multiprocess_mesh)
+        args.mesh = {"tensor": -1}  # the model spread over every host, each running every row of the batch
     if args.mesh is not None:
         from qwen3_jax.sharding import check_experts, make_mesh
 
@@ -165,61 +165,7 @@ def _setup(p: argparse.ArgumentParser, args):
             args.mesh = make_mesh(**args.mesh)
         except ValueError as e:
             p.error(f"--mesh: {e}")
-        if jax.process_count() > 1:
-            _check_multiprocess_mesh(p, args.mesh)
     return cfg
-
-
-def _check_multiprocess_mesh(p, mesh):
-    """Every process fetches each decode chunk's tokens, so with several processes each one must hold every
-    row of the decode batch: the batch axes (data, fsdp, expert) may not be split across processes."""
-    import math
-
-    import jax
-
-    from qwen3_jax.sharding import activation_sharding
-
-    n = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
-    index = activation_sharding("bt", (n, 1), mesh).devices_indices_map((n, 1))
-    rows: dict = {}
-    for device, idx in index.items():
-        rows.setdefault(device.process_index, set()).add(idx[0].indices(n)[:2])
-    if len({frozenset(r) for r in rows.values()}) > 1:
-        p.error(f"--mesh {','.join(f'{a}={s}' for a, s in mesh.shape.items() if s > 1)}: with "
-                f"{jax.process_count()} processes the decode batch may not be split across processes (each fetches "
-                "every row's tokens); put the devices that span processes on 'tensor', e.g. --mesh "
-                f"tensor={jax.device_count()} (the default)")
-
-
-def _agreed(p, fn):
-    """fn() (which may call p.error); in a multi-process run a usage error on any process stops every process
-    with that error, instead of the others going on to wait for it in the first collective."""
-    import jax
-
-    if jax.process_count() == 1:
-        return fn()
-
-    class _Stop(Exception):
-        pass
-
-    err = None
-
-    def capture(message):
-        nonlocal err
-        err = message
-        raise _Stop
-
-    p.error = capture
-    try:
-        out = fn()
-    except _Stop:
-        out = None
-    finally:
-        del p.error  # the class's method again
-    first = first_error(err)
-    if first is not None:
-        p.error(first)
-    return out
 
 
 def _load_tokenizer(args):
@@ -228,6 +174,15 @@ def _load_tokenizer(args):
 
     path = Path(args.tokenizer or args.model)
     return Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
+
+
+def _checked_tokenizer(p, args):
+    """_load_tokenizer, a tokenizer.json that does not load being a usage error (one line, exit 2)."""
+    try:
+        return _load_tokenizer(args)
+    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for a malformed file)
+        p.error(f"{'--tokenizer ' + args.tokenizer if args.tokenizer else '--model ' + args.model}: cannot load "
+                f"tokenizer.json: {' '.join(str(e).split())[:300]}")
 
 
 def _load_model(args):
@@ -635,7 +590,7 @@ def main(argv=None) -> int:
     if Path(args.output).resolve() == Path(args.input).resolve():
         p.error("--output must not be the --input file")
     launch(p, args)
-    cfg = _agreed(p, lambda: _setup(p, args))
+    cfg = agree(lambda: _setup(p, args), p)
     routing = _routing_setup(p, args, cfg)
     if args.routing_stats and not cfg.is_moe:
         p.error("--routing-stats: the model has no MoE layers")
@@ -648,7 +603,9 @@ def main(argv=None) -> int:
     writer = jax.process_index() == 0  # the output file is process 0's: it scans it and writes every line
     if jax.process_count() > 1 and args.seed is None:  # the processes must sample alike: one random base seed
         args.seed = allgather_json(int.from_bytes(os.urandom(4), "little"))[0]
-    tokenizer = _load_tokenizer(args)
+    # every step that reads this host's files (tokenizer, output, input, checkpoint) is agreed on by all processes
+    # before the next collective: a failure on one host stops every host with its error
+    tokenizer = agree(lambda: _checked_tokenizer(p, args), p)
     parser = LineParser(args, cfg, tokenizer, SamplingDefaults(args.model, args))
     out_path = Path(args.output)
 
@@ -658,15 +615,20 @@ def main(argv=None) -> int:
         except ValueError as e:
             p.error(str(e))
 
-    done_ids, error_lines = _agreed(p, scan)
+    done_ids, error_lines = agree(scan, p)
     if jax.process_count() > 1:  # what process 0 found: [ids], [lines] (ids keep their JSON type)
         done, lines = allgather_json([sorted(done_ids, key=json.dumps), sorted(error_lines)])[0]
         done_ids, error_lines = set(done), set(lines)
-    if writer:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    jobs, first_line, failed, skipped = [], {}, 0, 0
-    with (open(out_path, "a", encoding="utf-8") if writer else contextlib.nullcontext()) as out:
+    def plan():
+        try:
+            return _plan(parser, done_ids, error_lines)
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"--input {args.input}: {e}")
+
+    def _plan(parser, done_ids, error_lines):
+        """(jobs to run, error records to write, failed lines, skipped lines) of the input file."""
+        jobs, errors, first_line, failed, skipped = [], [], {}, 0, 0
         with open(args.input, encoding="utf-8") as f:
             for n, raw in enumerate(f, 1):
                 if not raw.strip():
@@ -685,7 +647,7 @@ def main(argv=None) -> int:
                     if e.id is not None:
                         first_line.setdefault(e.id, n)
                     if n not in error_lines:
-                        _write(out, {"line": n, **({"id": e.id} if e.id is not None else {}), "error": e.reason})
+                        errors.append({"line": n, **({"id": e.id} if e.id is not None else {}), "error": e.reason})
                     continue
                 first_line[job.id] = n
                 if n in error_lines:  # an earlier run could not run this line (e.g. a smaller --max-len)
@@ -694,12 +656,25 @@ def main(argv=None) -> int:
                     skipped += 1
                 else:
                     jobs.append(job)
+        return jobs, errors, failed, skipped
+
+    jobs, errors, failed, skipped = agree(plan, p)
+    model = agree(lambda: _load_model(args), p) if jobs else None
+
+    def open_output():
+        if not writer:
+            return contextlib.nullcontext()
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        return open(out_path, "a", encoding="utf-8")
+
+    with agree(open_output, p) as out:
+        for record in errors:
+            _write(out, record)
         if failed and writer:
             print(f"{failed} input line(s) failed (error lines in {out_path})", file=sys.stderr)
         if skipped and writer:
             print(f"resuming: {skipped} request(s) already in {out_path}", file=sys.stderr)
         if jobs:
-            model = _load_model(args)
             if routing is not None:
                 model.runtime = model.runtime.replace(routing=routing)
             stats = None

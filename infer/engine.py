@@ -135,7 +135,7 @@ class Engine:
         out = self.fns.decode(self.params, slots, np.int32(n_steps), np.bool_(stop_on_finish), n_max=n_max)
         slots, out_bn, n = out[:3]
         rs = out[-1] if self.routing_stats is not None else None
-        out_bn, n, reason_b, rs = jax.device_get((out_bn, n, slots["reason_b"], rs))
+        out_bn, n, reason_b, rs = jax.device_get((out_bn, n, out[3], rs))
         if rs is not None:
             self._add_decode_routing(rs)
         return slots, out_bn[:, : int(n)], reason_b
@@ -166,7 +166,7 @@ class Engine:
             _MASK_FNS.pop(key, None)
         slots, lp = out[0], (out[3] if logprobs else None)
         rs = out[-1] if self.routing_stats is not None else None
-        out_bn, n, reason_b, lp, rs = jax.device_get((out[1], out[2], slots["reason_b"], lp, rs))
+        out_bn, n, reason_b, lp, rs = jax.device_get((out[1], out[2], out[4 if logprobs else 3], lp, rs))
         if rs is not None:
             self._add_decode_routing(rs)
         n = int(n)
@@ -351,7 +351,10 @@ class _Compiled:
                        valid_bn=jnp.zeros((b, n_max), bool))
         init = (jnp.int32(0), slots, jnp.full((b, n_max), -1, jnp.int32), lp0, jnp.bool_(False), rs0, mask_bw)
         n, slots, out_bn, lp, _, rs, _ = jax.lax.while_loop(cond, step, init)
-        out = (slots, out_bn, n, lp) if n_top else (slots, out_bn, n)
+        # what the host fetches leaves the program replicated (the slots keep their layout): with the batch split
+        # across processes, every process reads every row's tokens, logprobs and finish reason
+        out_bn, n, lp, reason_b = _replicated(model, (out_bn, n, lp, slots["reason_b"]))
+        out = ((slots, out_bn, n, lp) if n_top else (slots, out_bn, n)) + (reason_b,)
         return out + (_replicated(model, rs),) if self.routing else out
 
 
@@ -378,7 +381,7 @@ def _routing_out(model, router_logits_lbte, valid_bt):
 
 
 def _replicated(model, tree):
-    """The statistics a program returns, replicated so that every process can read them."""
+    """Arrays a program returns to the host (statistics, tokens), replicated so that every process can read them."""
     mesh = model.runtime.mesh
     if mesh is None or mesh.size == 1:
         return tree

@@ -6,6 +6,8 @@ command; process 0 writes).
     add_launch_args(p)
     args = p.parse_args()
     launch(p, args)              # jax.distributed (flags, or auto-detected on TPU pods / SLURM); usage errors exit 2
+    model = agree(lambda: load(args), p)   # a failure on any host (its files, its memory, a usage error there):
+                                           # every host exits with the same line, `prog: error: process K: ...`
 """
 
 from __future__ import annotations
@@ -74,6 +76,15 @@ def error_line(prog: str, error) -> str:
     """`prog: error: message` on one line (a KeyError's message without its quotes)."""
     msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     return f"{prog}: error: " + " ".join(str(msg).split())
+
+
+def describe(error: BaseException) -> str:
+    """An exception as one line: its message (a KeyError's without its quotes). The kinds that bad input raises
+    (ValueError, OSError, KeyError) speak for themselves; any other is named by its type (`RuntimeError: ...`)."""
+    msg = " ".join(str(error.args[0] if isinstance(error, KeyError) and error.args else error).split())
+    if isinstance(error, (ValueError, OSError, KeyError)):
+        return msg
+    return f"{type(error).__name__}: {msg}" if msg else type(error).__name__
 
 
 def fail(prog: str, error, code: int = 2) -> int:
@@ -160,13 +171,49 @@ def allgather_json(obj) -> list:
     return [json.loads(bytes(r[:s]).decode()) for r, s in zip(rows, sizes)]
 
 
-def first_error(error: str | None) -> str | None:
-    """The error of the first process that has one (None: every process is fine). Every process calls it
-    after a step that can fail on one host only (reading its share of the data, its slices of the
-    checkpoint), so that all stop together instead of waiting in a collective for the one that stopped."""
+class AgreedError(Exception):
+    """Raised by `agree` on every process when the step failed on one of them: the same message everywhere,
+    `process K: <error>` (K: the first process that failed). `kind`: the class name of that process's exception."""
+
+    def __init__(self, message: str, kind: str = "Exception"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class _UsageError(Exception):
+    """A parser's usage error inside an agreed step (see `agree`)."""
+
+
+def agree(fn, parser=None):
+    """fn() on every process of a multi-process run, then one exchange: when fn raised on any process (any
+    Exception), every process raises AgreedError with the first failing process's error, `process K: ...`, instead
+    of the others going on to wait for it in their next collective. Put every step that can fail on one host only
+    (its files, its memory) inside one, before the next collective. parser: an ArgumentParser whose usage errors
+    (parser.error) inside fn count too; then every process exits through parser.error with the agreed line (one
+    line, exit 2). In a one-process run: fn() as it is."""
     import jax
 
-    for k, e in enumerate(allgather_json(error)):
-        if e is not None:
-            return e if k == jax.process_index() else f"process {k}: {e}"
-    return None
+    if jax.process_count() == 1:
+        return fn()
+
+    def usage(message):
+        raise _UsageError(message)
+
+    out, mine, cause = None, None, None
+    if parser is not None:
+        parser.error = usage
+    try:
+        out = fn()
+    except _UsageError as e:
+        mine = {"msg": " ".join(str(e).split()), "kind": "usage"}
+    except Exception as e:  # noqa: BLE001  (any failure on this host: the others must hear of it)
+        mine, cause = {"msg": describe(e), "kind": type(e).__name__}, e
+    finally:
+        if parser is not None:
+            del parser.error  # the class's method again
+    for k, err in enumerate(allgather_json(mine)):
+        if err is not None:
+            if parser is not None:
+                parser.error(f"process {k}: {err['msg']}")
+            raise AgreedError(f"process {k}: {err['msg']}", err["kind"]) from cause
+    return out

@@ -520,6 +520,22 @@ class KVCache:
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "lengths"], meta_fields=[])
 
 
+def _fit_cache(n_new_b, cache: KVCache, t: int):
+    """The new tokens per row that the cache takes: an error where shapes or (eager) values show that they do not
+    fit, else clamped to the free slots (under jit)."""
+    if t > cache.max_len:
+        raise ValueError(f"KVCache: {t} new tokens per row do not fit a cache of max_len {cache.max_len} slots")
+    room_b = cache.max_len - cache.lengths
+    if not isinstance(n_new_b, jax.core.Tracer) and not isinstance(room_b, jax.core.Tracer):
+        over = np.nonzero(np.asarray(n_new_b) > np.asarray(room_b))[0]
+        if over.size:
+            lengths, n_new = np.asarray(cache.lengths), np.asarray(n_new_b)
+            rows = ", ".join(f"row {r}: {lengths[r]} cached + {n_new[r]} new" for r in over[:4])
+            raise ValueError(f"KVCache: {rows} > max_len {cache.max_len} slots (a longer cache: KVCache.init(cfg, "
+                             f"batch, max_len))")
+    return jnp.minimum(n_new_b, room_b)
+
+
 def _pure(module) -> Any:
     """Parameter arrays of a module as a nested dict (None-safe)."""
     if module is None:
@@ -592,7 +608,10 @@ class Qwen3ForCausalLM(nnx.Module):
         to cumsum(mask) - 1. segment_ids [B, T] keep packed documents apart (0 = padding).
         With `cache`: the new tokens go to slots lengths[b] + t; attention_mask then marks the real new tokens
         as a prefix of each row (right padding), positions default to lengths[b] + t; `out.cache` is the
-        updated cache.
+        updated cache. The cache never advances past its slots: more new tokens than it has slots (T > max_len)
+        is a ValueError, and so is a row's lengths + new tokens > max_len when the lengths are known (an eager
+        call); under jit such a row's tokens past the last slot are not cached and not routed, out.cache.lengths
+        stops at max_len (the flag: it advanced by fewer than the row's new tokens) and their logits mean nothing.
         Padding (mask 0, segment 0) takes no expert: it is not routed, so it uses no expert capacity and is
         never counted as dropped.
         lora: low-rank adapters added to the attention projections (LoRA; training keeps them apart from the frozen
@@ -613,6 +632,7 @@ class Qwen3ForCausalLM(nnx.Module):
         else:
             write_bt = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
             n_new = jnp.sum(attention_mask, -1).astype(jnp.int32) if attention_mask is not None else jnp.full((b,), t, jnp.int32)
+            n_new = _fit_cache(n_new, cache, t)
             if positions is None:
                 positions = write_bt
             slot = jnp.arange(cache.max_len, dtype=jnp.int32)

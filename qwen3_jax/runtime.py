@@ -23,9 +23,11 @@ class Runtime:
     scan_layers: bool = True              # one compiled layer body (nnx.scan); False unrolls the layers
     # expert parallelism: the ragged dispatch (GPU/TPU) receives at most ep_buffer_factor x the mean routed rows
     # per device and round (None: the worst case, never dropping); training runs one round and drops (counted in
-    # dropped_tokens) what does not fit, KV-cached inference sends the rest in further rounds (never drops).
+    # dropped_tokens) what does not fit, later choices first, KV-cached inference sends the rest in further rounds.
     ep_buffer_factor: float | None = 1.25
-    capacity_factor: float | None = None  # fixed per (source, destination) buffers instead (padded dispatch)
+    # fixed per (source, destination) buffers instead (padded dispatch): a training option, KV-cached inference
+    # ignores it (never drops). A dropped choice contributes zero; the kept ones keep their weights.
+    capacity_factor: float | None = None
     gmm: str = "auto"                     # auto | megablox | ragged_dot | cpu
     attention: str = "auto"               # auto | splash | cudnn | xla | chunked
     ep_dispatch: str = "auto"             # auto | ragged | padded | ragged_emulated

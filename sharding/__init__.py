@@ -6,12 +6,12 @@
 """
 
 from .ep import ep_moe
-from .mesh import AXES, check_experts, initialize, make_mesh
+from .mesh import AXES, MeshLayoutWarning, check_experts, initialize, make_mesh
 from .rules import (ACTIVATION_RULES, PARAM_RULES, SERVE_PARAM_RULES, activation_sharding, constrain, fit_spec, param_shardings,
                     param_specs, shard_model)
 
 __all__ = [
-    "AXES", "make_mesh", "initialize", "check_experts",
+    "AXES", "make_mesh", "MeshLayoutWarning", "initialize", "check_experts",
     "PARAM_RULES", "SERVE_PARAM_RULES", "ACTIVATION_RULES", "fit_spec", "param_specs", "param_shardings", "activation_sharding",
     "constrain", "shard_model", "ep_moe",
 ]

@@ -9,20 +9,27 @@ In `jax.shard_map` over the whole mesh, each device holds n tokens (the batch sp
   3. all-to-all over 'expert' (the dispatch is chosen by qwen3_jax.kernels from the platform):
        ragged  `jax.lax.ragged_all_to_all` of the routed rows (GPU / TPU) into a receive buffer of
                R = ep_buffer_factor x n*k rows (the mean a device receives, with slack; None: the worst case
-               ep*n*min(k, E/ep)). Every device knows every (source, destination) row count (one all_gather of
-               [E] counts), so all agree which rows go in a round: each destination takes rows from sources
-               0, 1, ... until R are taken. Training (a differentiable program) runs one round: rows past R are
-               dropped and counted; KV-cached inference repeats rounds until every row was sent (never drops;
-               in a balanced batch one round).
+               ep*n*min(k, E/ep)). Every device knows every device's row counts per (destination, choice rank,
+               local expert) (one all_gather of [k, E] counts), so all agree which rows are sent. Training (a
+               differentiable program) runs one round and keeps, per destination, at most R rows (`kept_rows`):
+               whole choice ranks in order (every first choice, then second choices, ...), the rank that does
+               not fit shared max-min fairly between the (source, local expert) pairs, each keeping its first
+               rows in token order; the rest is dropped and counted. KV-cached inference repeats rounds until
+               every row was sent (never drops; in a balanced batch one round).
        padded  fixed buffers [ep, C, D]: C = ceil(capacity_factor * n*k / ep) slots per (source, dest)
-               pair, first choices before second choices, overflow dropped (counted); dropless = the
-               worst case C = n * min(k, E/ep). Runs everywhere (XLA:CPU, which has no ragged all-to-all;
-               TPU slices with limited ICI routing, v5e over 16 chips, where a training step's C then follows
-               ep_buffer_factor and inference keeps the worst case).
+               pair, taken by choice rank (every first choice, then second choices, ...; in token order within a
+               rank), overflow dropped (counted); dropless = the worst case C = n * min(k, E/ep). Runs everywhere
+               (XLA:CPU, which has no ragged all-to-all; TPU slices with limited ICI routing, v5e over 16 chips,
+               where a training step's C then follows ep_buffer_factor).
        ragged_emulated  the ragged algorithm with all_gather + scatter in place of ragged_all_to_all (CPU tests).
   4. the model's grouped matmul (`moe_experts`) over the received rows and the local experts;
   5. the reverse all-to-all, then combine: y[t] = sum_j w[t, j] * out[slot(t, j)];
   6. with F split over 'tensor', a psum over 'tensor' finishes the down projection.
+
+Dropping is a training matter. A dropped choice contributes zero and the kept choices keep their router weights
+(no renormalisation over the kept slots: GShard's and MaxText's semantics; a token whose every choice was dropped
+passes through the layer on its residual). KV-cached inference never drops: the ragged dispatch sends in further
+rounds, the padded one takes the worst case, whatever capacity_factor / ep_buffer_factor say.
 """
 
 from __future__ import annotations
@@ -128,21 +135,65 @@ def round_allocation(remaining, r: int):
     return jnp.clip(r - _excl(remaining, 0), 0, remaining)
 
 
+def kept_rows(counts_sdje, r: int):
+    """The rows a one-round ragged dispatch keeps when every destination receives at most r of them.
+
+    counts_sdje [src, dst, k, e_loc]: the rows each source routes to each destination's local experts, by choice
+    rank j (a token's first choice is rank 0). Every destination keeps whole ranks in order (all first choices,
+    then all second choices, ...); the rank that does not fit is shared max-min fairly between the (source, local
+    expert) pairs that hold it: each keeps min(its rows, a common level), the few rows left over going one each to
+    the pairs above the level (in an order that starts at the destination's own source). So no source and no
+    expert is always the one cut, and a pair's kept rows are its first ones (in token order). Every device
+    computes the same table from the all-gathered counts. Returns the kept rows [src, dst, k, e_loc]."""
+    ep_s, ep_d, k, e_loc = counts_sdje.shape
+    n_pairs = ep_s * e_loc
+    c = jnp.transpose(counts_sdje, (1, 2, 0, 3)).reshape(ep_d, k, n_pairs)   # [dst, j, pair = (src, local expert)]
+    tot = jnp.sum(c, -1)                                                                      # [dst, j]
+    budget = jnp.clip(r - _excl(tot, 1), 0, tot)                                              # rows of rank j kept
+    # the level: the largest L with sum(min(c, L)) <= budget, by binary search in [0, min(max c, r)] (L <= budget)
+    def search(_, lo_hi):
+        lo, hi = lo_hi
+        mid = (lo + hi + 1) // 2
+        fits = jnp.sum(jnp.minimum(c, mid[..., None]), -1) <= budget
+        return jnp.where(fits, mid, lo), jnp.where(fits, hi, mid - 1)
+
+    hi = jnp.minimum(jnp.max(c, -1), r)
+    level, _ = jax.lax.fori_loop(0, max(int(r), 1).bit_length() + 1, search, (jnp.zeros_like(hi), hi))
+    kept = jnp.minimum(c, level[..., None])
+    # one more row each for `left` of the pairs above the level, counted from the destination's own source
+    left = budget - jnp.sum(kept, -1)
+    shift = (jnp.arange(ep_d) * e_loc)[:, None, None]
+    rot = (jnp.arange(n_pairs)[None, None, :] + shift) % n_pairs                              # rotated -> pair
+    above = jnp.take_along_axis(c > level[..., None], jnp.broadcast_to(rot, c.shape), -1)
+    extra = above & (jnp.cumsum(above, -1) <= left[..., None])
+    unrot = (jnp.arange(n_pairs)[None, None, :] - shift) % n_pairs                            # pair -> rotated
+    kept = kept + jnp.take_along_axis(extra, jnp.broadcast_to(unrot, c.shape), -1)
+    return jnp.transpose(kept.reshape(ep_d, k, ep_s, e_loc), (2, 0, 1, 3))                    # [src, dst, j, e]
+
+
 def _moe_ragged(x_nd, w_nk, e_nk, valid_n, p_loc, *, ep, e_loc, r, rounds, ks, emulate=False):
-    """rounds: 1 (one round, rows past the receive buffer dropped) or None (rounds until all rows were sent)."""
+    """rounds: 1 (one round: the rows of `kept_rows`, the rest dropped) or None (rounds until all rows were sent)."""
     n, k = e_nk.shape
     d = x_nd.shape[1]
     n_exp = ep * e_loc
     a2a = functools.partial(_ragged_emulated if emulate else jax.lax.ragged_all_to_all, axis_name="expert")
-    e_m = mask_padding(e_nk, valid_n, n_exp).reshape(-1)                # token-major slots; padding -> E
-    order = jnp.argsort(e_m, stable=True)                               # by expert = by (dest, local expert)
-    x_md = x_nd[order // k]                                             # my rows in send order
-    counts_e = jnp.bincount(e_m, length=n_exp).astype(jnp.int32)        # [E] this shard's rows per expert
-    all_counts = jax.lax.all_gather(counts_e, "expert").reshape(ep, ep, e_loc)  # [src, dst, local expert]
-    sizes = all_counts.sum(-1)                                          # [src, dst] rows
-    starts = _excl(sizes, 1)                                            # chunk (src, dst) in src's send order
-    cum_e = jnp.cumsum(all_counts, -1)                                  # [src, dst, local expert]
+    # slots choice-major (m = j*n + t); the group of a slot is (destination, rank j, local expert), none for
+    # padding and the slots an intervention leaves empty
+    e_m = mask_padding(e_nk, valid_n, n_exp).T.reshape(-1)
+    none = ep * k * e_loc
+    j_m = jnp.repeat(jnp.arange(k, dtype=jnp.int32), n)
+    g_m = jnp.where(e_m < n_exp, (e_m // e_loc) * (k * e_loc) + j_m * e_loc + e_m % e_loc, none)
+    counts = jnp.bincount(g_m, length=none).astype(jnp.int32)                      # [dst * k * e_loc]
+    all_counts = jax.lax.all_gather(counts, "expert").reshape(ep, ep, k, e_loc)    # [src, dst, j, local expert]
+    kept = all_counts if rounds is None else kept_rows(all_counts, r)
     me = jax.lax.axis_index("expert")
+    # send order: the kept rows by group (= by destination), each group's first rows in token order; the rest last
+    keep_m = (g_m < none) & (_rank_in_group(g_m, none + 1) < kept[me].reshape(-1)[jnp.minimum(g_m, none - 1)])
+    order = jnp.argsort(jnp.where(keep_m, g_m, none), stable=True)
+    x_md = x_nd[order % n]                                                         # my rows in send order
+    sizes = jnp.sum(kept, (-2, -1))                                                # [src, dst] rows
+    starts = _excl(sizes, 1)                                                       # chunk (src, dst) in src's order
+    cum_g = jnp.cumsum(kept.reshape(ep, ep, k * e_loc), -1)                        # group ends in chunk (src, dst)
     rows_r = jnp.arange(r, dtype=jnp.int32)
 
     def one_round(sent, y_md):
@@ -150,26 +201,25 @@ def _moe_ragged(x_nd, w_nk, e_nk, valid_n, p_loc, *, ep, e_loc, r, rounds, ks, e
         recv_off = _excl(alloc, 0)                                      # chunk (src, dst) in dst's buffer
         x_rd = a2a(x_md, jnp.zeros((r, d), x_md.dtype), starts[me] + sent[me], alloc[me], recv_off[me],
                    alloc[:, me])
-        # local expert of each received row: its source, its place in that source's chunk for me, the chunk's
-        # per-expert counts
-        src_r = jnp.clip(jnp.searchsorted(jnp.cumsum(alloc[:, me]), rows_r, side="right"), 0, ep - 1)
-        pos_r = sent[src_r, me] + rows_r - recv_off[src_r, me]
-        id_r = jnp.sum(pos_r[:, None] >= cum_e[src_r, me], axis=-1).astype(jnp.int32)
-        id_r = jnp.where(rows_r < alloc[:, me].sum(), id_r, e_loc)
+        # local expert of each received row: the buffer holds each source's rows grouped by (rank, local
+        # expert), so the groups' ends in this round's buffer, in order, place every row
+        ends = recv_off[:, me, None] + jnp.clip(cum_g[:, me] - sent[:, me, None], 0, alloc[:, me, None])
+        group_r = jnp.searchsorted(ends.reshape(-1), rows_r, side="right")        # source * k * e_loc + group
+        id_r = jnp.where(rows_r < alloc[:, me].sum(), group_r % e_loc, e_loc).astype(jnp.int32)
         y_rd = _experts(x_rd, id_r, p_loc, e_loc, ks)
         y_md = a2a(y_rd, y_md, recv_off[:, me], alloc[:, me], starts[:, me] + sent[:, me], alloc[me])
         return sent + alloc, y_md
 
     sent0 = jnp.zeros((ep, ep), jnp.int32)
     y0 = jnp.zeros((n * k, d), x_nd.dtype)
-    if rounds == 1:
+    if rounds == 1:  # the kept rows fit the receive buffers: one round sends them all
         sent, y_md = one_round(sent0, y0)
     else:
         sent, y_md = jax.lax.while_loop(lambda c: jnp.any(c[0] < sizes), lambda c: one_round(*c), (sent0, y0))
-    dropped = jnp.sum(sizes[me] - sent[me]).astype(jnp.int32)           # my valid rows that were never sent
+    dropped = (jnp.sum(g_m < none) - jnp.sum(sent[me])).astype(jnp.int32)  # my routed rows that were never sent
     unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    y_nkd = y_md[unsort].reshape(n, k, d)
-    return jnp.einsum("nkd,nk->nd", y_nkd, w_nk.astype(x_nd.dtype)), dropped
+    y_knd = y_md[unsort].reshape(k, n, d)                                  # dropped slots: 0, no renormalisation
+    return jnp.einsum("knd,nk->nd", y_knd, w_nk.astype(x_nd.dtype)), dropped
 
 
 # ============================================================================ the layer
@@ -202,9 +252,10 @@ def token_layout(n: int, mesh):
 
 def ep_moe(x_btd, valid_bt, p, cfg, runtime, *, inference: bool = False, layer=None):
     """Expert-parallel MoE block on runtime.mesh. p: one layer's MoE params; valid_bt: real tokens (None: all).
-    inference: KV-cached decoding / prefill, where the ragged dispatch sends overflow in further rounds instead of
-    dropping it (a while loop: not differentiable). layer: the decoder layer, for runtime.routing (an intervention:
-    its top-k sets the slots per token; slots it leaves empty are sent nowhere and never counted as dropped).
+    inference: KV-cached decoding / prefill, which never drops: the ragged dispatch sends overflow in further rounds
+    (a while loop: not differentiable), the padded one takes the worst-case capacity (runtime.capacity_factor is
+    a training option). layer: the decoder layer, for runtime.routing (an intervention: its top-k sets the slots
+    per token; slots it leaves empty are sent nowhere and never counted as dropped).
 
     Returns y [B, T, D], router logits [B, T, E] fp32 and the number of (real) token copies dropped (int32, over
     the whole batch; 0 when nothing overflowed).
@@ -219,7 +270,8 @@ def ep_moe(x_btd, valid_bt, p, cfg, runtime, *, inference: bool = False, layer=N
     ep = mesh.shape["expert"]
     e_loc = n_exp // ep
     token_axes, n_pad, n_loc = token_layout(b * t, mesh)
-    cf = runtime.capacity_factor
+    # a capacity is a training option: KV-cached inference takes the worst case (never drops)
+    cf = None if inference else runtime.capacity_factor
     if cf is None and not inference:
         cf = ks.padded_capacity           # where the padded dispatch stands in for the ragged one
     cap = capacity(n_loc, k, ep, e_loc, cf)

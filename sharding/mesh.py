@@ -11,6 +11,7 @@ The innermost axis ('tensor', then 'expert') gets the devices that are closest (
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import numpy as np
@@ -42,11 +43,22 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, de
             f"{math.prod(sizes.values())}, but there are {n} devices (use -1 for one axis to take the rest)"
         )
     shape = tuple(sizes[a] for a in AXES)
-    try:  # physical-topology-aware order on TPU / GPU; a plain reshape elsewhere
+    try:  # physical-topology-aware order on TPU / GPU (XLA's order elsewhere: CPU devices have no topology)
         arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    except Exception:  # noqa: BLE001  (unknown topologies, subsets of devices)
+    except Exception as e:  # noqa: BLE001  (a subset of a slice's chips, a topology jax does not know)
+        # the run still works, but an axis's neighbours may sit far apart on the interconnect: say so and why
+        kind = getattr(devices[0], "device_kind", devices[0].platform)
+        warnings.warn(
+            f"make_mesh: no topology-aware device layout for {', '.join(f'{a}={sizes[a]}' for a in AXES)} over "
+            f"{n} {kind} devices ({type(e).__name__}: {' '.join(str(e).split())[:300]}); the devices are placed in "
+            "their listed order, so the collectives of an axis may cross more links than needed (give every "
+            "device of the slice, or axis sizes that map onto its physical axes)", MeshLayoutWarning, stacklevel=2)
         arr = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+class MeshLayoutWarning(UserWarning):
+    """make_mesh could not lay the mesh out on the devices' physical topology (the message says why)."""
 
 
 def check_experts(num_experts: int, mesh_shape) -> None:

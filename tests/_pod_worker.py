@@ -1,12 +1,14 @@
 """One process of a multi-process command line in tests/test_multihost.py (run by the test, not by pytest).
 
-    python -m tests._pod_worker [--hold-at N] [--read-log FILE] train|infer|export ARGS...
+    python -m tests._pod_worker [--hold-at N] [--read-log FILE] [--fail MODULE:NAME] train|infer|export|routing ARGS...
 
 Four simulated CPU devices per process (set before jax is imported); ARGS carry the launch flags
 (--coordinator, --num-processes, --process-id). The command's exit code is this process's.
 --hold-at N: at the N-th training step's metrics the process writes `<--output>/held-<process id>` and waits
 there to be killed, a deterministic point mid-run for a SIGKILL. --read-log FILE: at exit, the bytes of
 checkpoint tensors this process read, per tensor name (json; "{}" in FILE becomes the process id).
+--fail MODULE:NAME: in process 1 only, calling MODULE.NAME raises a RuntimeError (a failure that is not bad
+input, e.g. running out of memory while loading, on one host).
 """
 
 import json
@@ -28,8 +30,17 @@ def _take(argv, flag):
 
 
 def main(argv):
-    hold_at, read_log = _take(argv, "--hold-at"), _take(argv, "--read-log")
+    hold_at, read_log, fail = _take(argv, "--hold-at"), _take(argv, "--read-log"), _take(argv, "--fail")
     command, args = argv[0], argv[1:]
+    if fail and args[args.index("--process-id") + 1] == "1":
+        import importlib
+
+        module, name = fail.split(":")
+
+        def failing(*a, **kw):
+            raise RuntimeError(f"injected failure in {name} on this host")
+
+        setattr(importlib.import_module(module), name, failing)
     if read_log:
         from qwen3_jax import checkpoint
 
@@ -65,6 +76,8 @@ def main(argv):
         from qwen3_jax.train.cli import main as run
     elif command == "export":
         from qwen3_jax.train.cli import export_main as run
+    elif command == "routing":
+        from qwen3_jax.routing.cli import main as run
     else:
         from qwen3_jax.infer.cli import main as run
     try:

@@ -88,6 +88,27 @@ def test_cache_in_chunks_equals_full_forward(reference, name, kv_cache, scan):
         cache, pos = step.cache, pos + 1
 
 
+def test_cache_refuses_to_advance_past_its_slots(reference):
+    """More new tokens than a cache has slots is an error (T > max_len at trace time; a row past its slots when the
+    lengths are known, eagerly); under jit a row takes the slots it has left and its lengths stop at max_len."""
+    from qwen3_jax.model import KVCache
+
+    _, _, model = reference("moe_uniform")
+    ids = jnp.asarray(_rand_prompts(model.config.vocab_size, [9, 9], seed=7), jnp.int32)
+    six = model(ids[:, :6], cache=KVCache.init(model.config, 2, 8)).cache
+    with pytest.raises(ValueError, match=r"KVCache: row 0: 6 cached \+ 3 new, row 1: 6 cached \+ 3 new > max_len 8"):
+        model(ids[:, 6:], cache=six)
+    step = nnx.jit(lambda m, x, mask, c: m(x, attention_mask=mask, cache=c))
+    with pytest.raises(ValueError, match="9 new tokens per row do not fit a cache of max_len 8"):
+        step(model, ids, jnp.ones((2, 9), jnp.int32), KVCache.init(model.config, 2, 8))
+    out = step(model, ids[:, 6:], jnp.asarray([[1, 1, 1], [1, 0, 0]]), six)     # row 0: 2 of its 3 tokens fit
+    np.testing.assert_array_equal(np.asarray(out.cache.lengths), [8, 7])
+    fit = model(ids[:, 6:], attention_mask=jnp.asarray([[1, 1, 0], [1, 0, 0]]), cache=six)
+    np.testing.assert_array_equal(np.asarray(out.cache.k), np.asarray(fit.cache.k))
+    np.testing.assert_allclose(np.asarray(out.logits[0, :2]), np.asarray(fit.logits[0, :2]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.logits[1, :1]), np.asarray(fit.logits[1, :1]), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["moe_mixed_yarn_tied", "moe_uniform", "dense_yarn"])
 def test_greedy_equals_transformers_generate_ragged_batch(reference, name):
     hf, _, model = reference(name)
@@ -401,6 +422,8 @@ def test_generate_on_a_mesh_equals_single_device():
     prompts = _rand_prompts(m.config.vocab_size, [5, 9, 3, 7], seed=4)
     ref = [r.token_ids for r in generate(m, prompts, GREEDY, 5, stop_token_ids=[])]
     shard_model(m, make_mesh(data=2, expert=2, devices=jax.devices()[:4]))
+    assert [r.token_ids for r in generate(m, prompts, GREEDY, 5, stop_token_ids=[])] == ref
+    m.runtime = m.runtime.replace(capacity_factor=0.1)          # a training option: inference never drops
     assert [r.token_ids for r in generate(m, prompts, GREEDY, 5, stop_token_ids=[])] == ref
     slots = Engine(m).new_slots(4, 64, 16)
     assert slots["cache"].k.sharding.spec[1] == ("data", "expert") and slots["tok_b"].sharding.spec[0] is not None

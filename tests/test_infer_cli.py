@@ -167,6 +167,25 @@ def test_bad_arguments_exit_2(ids_dir, tmp_path, capsys):
         cli.main(["--model", str(tmp_path), "--input", str(inp), "--output", str(tmp_path / "o")])
 
 
+def test_unloadable_tokenizer_and_input_are_one_line_exit_2(ids_dir, tmp_path, capsys):
+    """A tokenizer.json that does not load (tokenizers raises a plain Exception) and an --input that is not UTF-8:
+    one line, exit 2, no output file."""
+    bad = tmp_path / "tok"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 3')
+    inp = _write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt_token_ids": [1]}])
+    out = tmp_path / "out.jsonl"
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b'{"id": 1, "prompt_token_ids": [1]}\n\xff\xfe\n')
+    for args, why in (((inp, out, "--tokenizer", str(bad)), f"--tokenizer {bad}: cannot load tokenizer.json: "),
+                      ((binary, out), f"--input {binary}: 'utf-8' codec can't decode")):
+        with pytest.raises(SystemExit) as e:
+            _run(ids_dir, *args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("qwen3-jax-infer: error: " + why), err
+    assert not out.exists()
+
+
 def test_routing_flags_parse_both_syntaxes(capsys):
     parse = lambda *f: cli.batch_parser().parse_args(["--model", "m", "--input", "-", "--output", "o", *f])  # noqa: E731
     # --top-k is the router's (alias --router-top-k); the sampling top-k is --sampling-top-k

@@ -107,6 +107,29 @@ def test_make_mesh_axes_sizes_and_errors():
         param_shardings(dense, make_mesh(expert=8))
 
 
+def test_make_mesh_says_why_it_has_no_device_layout(monkeypatch):
+    """A mesh the devices' topology cannot lay out (a subset of a slice's chips, a topology jax does not know) is
+    still built, in the devices' order, with a warning that says so and why; CPU meshes have no topology."""
+    import warnings
+
+    from jax.experimental import mesh_utils
+
+    from qwen3_jax.sharding import MeshLayoutWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MeshLayoutWarning)
+        assert make_mesh(data=2, expert=4).size == 8
+
+    def no_layout(shape, devices, **kw):
+        raise NotImplementedError("axes (2, 4) do not map onto the physical torus (1, 3, 2)")
+
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", no_layout)
+    with pytest.warns(MeshLayoutWarning, match=r"no topology-aware device layout for data=2, fsdp=1, expert=4, "
+                      r"tensor=1 over 8 cpu devices \(NotImplementedError: axes \(2, 4\) do not map"):
+        mesh = make_mesh(data=2, expert=4)
+    assert list(mesh.devices.flat) == jax.devices()[:8]
+
+
 def test_rules_degrade_gracefully_when_not_divisible():
     sizes = {"data": 2, "fsdp": 2, "expert": 4, "tensor": 2}
     assert fit_spec(("tensor", ("fsdp", "expert")), (7, 64), sizes) == P(None, ("fsdp", "expert"))
@@ -279,6 +302,153 @@ def test_ragged_dispatch_bounded_buffers_rounds_and_padding():
     assert text.count("ragged_all_to_all") == 4  # dispatch + combine, and their transposes
     with pytest.raises(ValueError, match="capacity_factor"):
         ep_moe(x, None, p, CFG, real.replace(capacity_factor=1.0))
+
+
+def test_kept_rows_whole_ranks_in_order_then_fair_shares():
+    """The one-round ragged dispatch's rule: a destination keeps whole choice ranks in order; the rank that does not
+    fit is shared max-min fairly over (source, local expert) pairs, not taken from the first sources."""
+    from qwen3_jax.sharding.ep import kept_rows
+
+    c = np.zeros((4, 2, 2, 2), np.int32)                  # [src, dst, rank, local expert]
+    c[:, 0, 0, 0] = 10                                    # every source: 10 first choices for dst 0, expert 0
+    c[:, 0, 1, 1] = 5                                     # and 5 second choices, expert 1
+    c[0, 1, 0, 1] = 3
+    kept = np.asarray(kept_rows(jnp.asarray(c), 16))
+    assert kept[:, 0, 0, 0].tolist() == [4, 4, 4, 4] and not kept[:, 0, 1].any()  # no source left out
+    assert kept[0, 1, 0, 1] == 3 and kept.sum() == 19
+    kept = np.asarray(kept_rows(jnp.asarray(c), 18))      # 2 rows left over: one each, from the dst's own source
+    assert kept[:, 0, 0, 0].tolist() == [5, 5, 4, 4]
+    kept = np.asarray(kept_rows(jnp.asarray(c), 50))      # all first choices, then 10 of the 20 second ones
+    assert (kept[:, 0, 0, 0] == 10).all() and kept[:, 0, 1, 1].tolist() == [3, 3, 2, 2]
+    c2 = np.zeros((2, 1, 1, 4), np.int32)
+    c2[0, 0, 0] = [6, 1, 0, 9]                            # one rank over 2 sources x 4 experts: 12 of 18 fit
+    c2[1, 0, 0] = [0, 2, 0, 0]
+    kept = np.asarray(kept_rows(jnp.asarray(c2), 12))
+    assert kept[0, 0, 0].tolist() == [5, 1, 0, 4] and kept[1, 0, 0].tolist() == [0, 2, 0, 0]  # level 4, +1
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        counts = rng.integers(0, 7, (4, 4, 3, 4)).astype(np.int32)
+        r = int(rng.choice([8, 16, 40, 200]))
+        kept = np.asarray(kept_rows(jnp.asarray(counts), r))
+        assert (kept >= 0).all() and (kept <= counts).all()
+        for d in range(4):
+            assert kept[:, d].sum() == min(r, counts[:, d].sum())
+            short = kept[:, d].sum((0, 2)) < counts[:, d].sum((0, 2))       # per rank: some row dropped
+            for j in np.nonzero(short)[0]:
+                assert not kept[:, d, j + 1:].any(), (trial, d, j)          # later ranks drop first
+                cut = kept[:, d, j][kept[:, d, j] < counts[:, d, j]]
+                assert cut.min() >= kept[:, d, j].max() - 1, (trial, d, j)  # max-min fair over the pairs
+
+
+def _slot_layout(x, p, mesh):
+    """Routing of every token and each device's slots: (weights [N, k], experts [N, k], e_dev [devices, n_loc, k]
+    with -1 for device padding), as ep_moe lays the tokens out (data-major over the token axes)."""
+    from qwen3_jax.sharding.ep import token_layout
+
+    _, w, e = route(x.reshape(-1, CFG.hidden_size), p["router"], CFG.num_experts_per_tok, CFG.norm_topk_prob)
+    n = w.shape[0]
+    _, n_pad, n_loc = token_layout(n, mesh)
+    e_all = np.full((n_pad, CFG.num_experts_per_tok), -1)
+    e_all[:n] = np.asarray(e)
+    return np.asarray(w), np.asarray(e), e_all.reshape(mesh.size, n_loc, CFG.num_experts_per_tok)
+
+
+def _moe_with_kept(x, p, w, e, keep):
+    """y [N, D] of the kept (token, choice) slots, each with its own router weight (float64 numpy)."""
+    x = np.asarray(x, np.float64).reshape(-1, CFG.hidden_size)
+    g, u, dn = (np.asarray(p[k], np.float64) for k in ("gate_proj", "up_proj", "down_proj"))
+    y = np.zeros_like(x)
+    for t, j in zip(*np.nonzero(keep)):
+        h = x[t] @ g[e[t, j]]
+        y[t] += w[t, j] * ((h / (1 + np.exp(-h))) * (x[t] @ u[e[t, j]])) @ dn[e[t, j]]
+    return y
+
+
+def test_training_dispatch_drops_later_choices_first_spread_and_unnormalised():
+    """One training round with too little room, ragged (GPU/TPU; the all_gather emulation here) and padded: the
+    output is exactly the sum over the kept (token, choice) slots of router weight x expert output (a dropped
+    choice contributes zero, the kept keep their weights), the kept slots are those of the rules (ragged: kept_rows,
+    then token order in each (source, expert); padded: per (source, destination) by choice rank, then token
+    order), a later choice is dropped before an earlier one, every source keeps rows, and the count is exact."""
+    from qwen3_jax.sharding.ep import capacity, kept_rows, receive_rows
+
+    p = _moe_params(2)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(4, 12, CFG.hidden_size)), jnp.float32)
+    mesh = make_mesh(data=2, expert=4)
+    ep, k, e_loc = 4, CFG.num_experts_per_tok, CFG.num_experts // 4
+    w, e, e_dev = _slot_layout(x, p, mesh)
+    n_loc = e_dev.shape[1]
+
+    def check(rt, keep_dev):
+        y, _, dropped = jax.jit(lambda x, p: ep_moe(x, None, p, CFG, rt))(x, p)
+        keep = keep_dev.reshape(-1, k)[:w.shape[0]]
+        assert int(dropped) == int((~keep).sum()) > 0
+        np.testing.assert_allclose(np.asarray(y).reshape(-1, CFG.hidden_size), _moe_with_kept(x, p, w, e, keep),
+                                   atol=1e-4, rtol=1e-4)
+        return keep_dev
+
+    # ragged: per expert group (one data row of 4 devices), the table of kept_rows, a pair's first tokens kept
+    r = receive_rows(n_loc, k, ep, e_loc, 0.5)
+    keep_dev = np.zeros(e_dev.shape, bool)
+    for group in (range(0, 4), range(4, 8)):
+        counts = np.zeros((ep, ep, k, e_loc), np.int32)
+        for s, dev in enumerate(group):
+            for j in range(k):
+                for ex in e_dev[dev, :, j][e_dev[dev, :, j] >= 0]:
+                    counts[s, ex // e_loc, j, ex % e_loc] += 1
+        kept = np.asarray(kept_rows(jnp.asarray(counts), r))
+        for s, dev in enumerate(group):
+            for j in range(k):
+                for ex in range(CFG.num_experts):
+                    ts = np.nonzero(e_dev[dev, :, j] == ex)[0]
+                    keep_dev[dev, ts[:kept[s, ex // e_loc, j, ex % e_loc]], j] = True
+            assert keep_dev[dev].any()                                       # every source keeps rows
+        for dst in range(ep):                                                # later choices are dropped first
+            to_dst = np.stack([e_dev[dev] // e_loc == dst for dev in group])  # [src, n_loc, k]
+            held = np.stack([keep_dev[dev] for dev in group])
+            lost = [(to_dst[..., j] & ~held[..., j]).any() for j in range(k)]
+            for j in range(k):
+                if lost[j]:
+                    assert not (to_dst[..., j + 1:] & held[..., j + 1:]).any()
+    check(Runtime(mesh=mesh, ep_dispatch="ragged_emulated", ep_buffer_factor=0.5), keep_dev)
+
+    # padded: C slots per (source, destination), first choices of every token before any second choice
+    cap = capacity(n_loc, k, ep, e_loc, 0.5)
+    keep_dev = np.zeros(e_dev.shape, bool)
+    for dev in range(e_dev.shape[0]):
+        taken = np.zeros(ep, int)
+        for j in range(k):
+            for t in range(n_loc):
+                ex = e_dev[dev, t, j]
+                if ex >= 0 and taken[ex // e_loc] < cap:
+                    taken[ex // e_loc] += 1
+                    keep_dev[dev, t, j] = True
+    check(Runtime(mesh=mesh, capacity_factor=0.5), keep_dev)
+
+
+def test_kv_cached_inference_never_drops():
+    """Whatever capacity_factor / ep_buffer_factor say, KV-cached inference (ep_moe(inference=True), a model call
+    with a cache) drops nothing and equals one device."""
+    p = _moe_params(1)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, CFG.hidden_size)), jnp.float32)
+    mesh = make_mesh(data=2, expert=4)
+    ref = moe_block(x, p, CFG)[0]
+    for rt in (Runtime(mesh=mesh, capacity_factor=0.25), Runtime(mesh=mesh, ep_dispatch="ragged_emulated",
+                                                                  ep_buffer_factor=0.25)):
+        assert int(ep_moe(x, None, p, CFG, rt)[2]) > 0                            # training: drops
+        y, _, dropped = jax.jit(lambda x, p: ep_moe(x, None, p, CFG, rt, inference=True))(x, p)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5, rtol=0)
+        assert int(dropped) == 0
+    from qwen3_jax.model import KVCache
+
+    ids = _ids(TRAIN, seed=3)
+    one = _build()(ids, cache=KVCache.init(CFG, TRAIN[0], 8))
+    model = shard_model(_build(capacity_factor=0.25), mesh)
+    assert int(np.asarray(model(ids).dropped_tokens).sum()) > 0                 # without a cache: a training forward
+    out = model(ids, cache=KVCache.init(CFG, TRAIN[0], 8))
+    assert int(np.asarray(out.dropped_tokens).sum()) == 0
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(one.logits), atol=1e-5, rtol=0)
 
 
 # ============================================================================ loading and multi-process

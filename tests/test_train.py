@@ -117,6 +117,50 @@ def test_lbl_equals_transformers_over_top_k():
             np.testing.assert_allclose(float(ours), float(hf) / k, rtol=1e-5)
 
 
+def test_lbl_uses_the_routed_top_k(tiny):
+    """Under a routing intervention (runtime.routing) the LBL counts the experts the model routed to: a layer's own
+    top-k (its empty slots not counted), disabled experts never, P from the routing's probabilities (temperature,
+    disabling); the train step reports that LBL and those counts."""
+    from qwen3_jax.model import router_choice
+    from qwen3_jax.routing import Intervention
+    from qwen3_jax.train import lbl_stats, routed_top_k
+
+    model = qwen3_jax.from_pretrained(tiny[0])
+    cfg, e = model.config, model.config.num_experts
+    assert routed_top_k(model) == cfg.num_experts_per_tok                 # no intervention: the config's top-k
+    iv = Intervention(top_k={1: 1}, disable={0: [3]}, temperature={0: 0.5})
+    model.runtime = model.runtime.replace(routing=iv)
+    routed = routed_top_k(model)
+    assert routed.k == (2, 1)
+    graphdef, abstract, params = split_model(model)
+    corpus = D.load_corpus([tiny[1]], 32, 512, None)
+    batch = trainer.global_batch(next(iter(D.dataset(corpus.examples, 32, 4, seed=0))), make_mesh(devices=jax.devices()[:1]))
+    out = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    real = np.asarray(batch["segment_ids"]).reshape(-1) > 0
+    logits = np.asarray(out.router_logits).reshape(len(cfg.moe_layers), -1, e)
+    counts = np.asarray(lbl_stats(out.router_logits, routed, batch["segment_ids"] > 0)[0])
+    want, ref = [], []
+    for i, layer in enumerate(cfg.moe_layers):
+        _, ids = router_choice(jnp.asarray(logits[i][real]), cfg, iv, layer)
+        ids = np.asarray(ids)
+        want.append(np.bincount(ids[ids < e], minlength=e))
+        x = logits[i][real] / (0.5 if i == 0 else 1.0)
+        if i == 0:
+            x[:, 3] = -np.inf
+        prob = np.exp(x - x.max(-1, keepdims=True))
+        prob /= prob.sum(-1, keepdims=True)
+        ref.append(e * np.sum(want[-1] / (routed.k[i] * real.sum()) * prob.mean(0)))
+    np.testing.assert_array_equal(counts, np.stack(want))
+    assert counts[0, 3] == 0 and counts[1].sum() == real.sum() and counts[0].sum() == 2 * real.sum()
+    lbl = float(load_balancing_loss(out.router_logits, routed, batch["segment_ids"] > 0))
+    np.testing.assert_allclose(lbl, np.mean(ref), rtol=1e-5)
+    plain = float(load_balancing_loss(out.router_logits, cfg.num_experts_per_tok, batch["segment_ids"] > 0))
+    assert abs(plain - lbl) > 1e-3
+    _, aux = jax.jit(make_grad_fn(graphdef, abstract, StepConfig(lbl_coef=0.01)))(params, batch)
+    np.testing.assert_allclose(float(aux["lbl"]), lbl, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(aux["counts"]), counts)
+
+
 def test_global_differs_from_micro_when_micro_batches_are_imbalanced():
     e, k, n = 8, 2, 16
     # micro-batch 1 routes everything to experts 0-3, micro-batch 2 to experts 4-7: globally balanced

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .losses import cross_entropy_sum, lbl_from_stats, lbl_stats, router_z_loss_sum
+from .losses import cross_entropy_sum, lbl_from_stats, lbl_stats, routed_top_k, router_z_loss_sum
 
 # --freeze groups: parameter path patterns (re.fullmatch over "a/b/c")
 FREEZE_GROUPS = {
@@ -116,7 +116,7 @@ def make_grad_fn(graphdef, abstract_state, scfg: StepConfig):
     from qwen3_jax.model import LoRA
 
     cfg = model_from(graphdef, abstract_state, None).config
-    top_k = cfg.num_experts_per_tok
+    top_k = routed_top_k(model_from(graphdef, abstract_state, None))   # the routing the model runs
     lcfg = scfg.lora
 
     def forward(params, mb, base, key):

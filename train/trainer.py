@@ -182,24 +182,15 @@ def _host_values(tree):
 
 
 def _on_every_process(fn):
-    """fn() on every process; when it fails on one (its share of the data, its slices of the checkpoint),
-    every process raises that error, instead of the others waiting for it in the next collective."""
-    if jax.process_count() == 1:
-        return fn()
-    from qwen3_jax.launch import allgather_json
+    """fn() on every process; when it fails on one (its share of the data, its slices of the checkpoint, its
+    files, its memory: any exception), every process raises the same error, `process K: ...` (DataError for bad
+    records, else SetupError), instead of the others waiting for it in the next collective."""
+    from qwen3_jax.launch import AgreedError, agree
 
-    mine = exc = out = None
     try:
-        out = fn()
-    except (ValueError, OSError, KeyError) as e:
-        exc = e
-        mine = {"data": isinstance(e, D.DataError), "msg": e.args[0] if isinstance(e, KeyError) and e.args else str(e)}
-    for k, err in enumerate(allgather_json(mine)):
-        if err is not None:
-            if k == jax.process_index():
-                raise exc
-            raise (D.DataError if err["data"] else ValueError)(f"process {k}: {err['msg']}")
-    return out
+        return agree(fn)
+    except AgreedError as e:
+        raise (D.DataError if e.kind == D.DataError.__name__ else SetupError)(str(e)) from e
 
 
 def _global_sum(*values: int) -> list[int]:
@@ -349,12 +340,19 @@ def _run(args, log, *, mesh, cfg, rows, corpus, eval_corpus, skipped, long, step
     from qwen3_jax.launch import allgather_json
 
     writer = jax.process_index() == 0
-    # the run starts: only now its directory is made (a failed start leaves none behind)
-    if writer:
-        os.makedirs(os.path.join(args.output, "model"), exist_ok=True)
-        cfg.save_pretrained(os.path.join(args.output, "model"))
-        with open(os.path.join(args.output, "train_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+
+    def start():  # the run starts: only now its directory is made (a failed start leaves none behind)
+        if not writer:
+            return
+        try:
+            os.makedirs(os.path.join(args.output, "model"), exist_ok=True)
+            cfg.save_pretrained(os.path.join(args.output, "model"))
+            with open(os.path.join(args.output, "train_args.json"), "w") as f:
+                json.dump(vars(args), f, indent=1)
+        except OSError as e:
+            raise SetupError(f"--output {args.output}: {e}") from e
+
+    _on_every_process(start)  # process 0 cannot write there: every process stops with its error
     shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     train_step = make_train_step(graphdef, abstract_state, tx, schedule, scfg, shardings)
 

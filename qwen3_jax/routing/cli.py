@@ -25,7 +25,7 @@ import re
 import sys
 from pathlib import Path
 
-from qwen3_jax.launch import ArgumentParser, add_launch_args, default_platform, launch
+from qwen3_jax.launch import ArgumentParser, add_launch_args, agree, default_platform, launch
 
 SPEC = re.compile(r"^(?P<value>[^@]+?)(?:@(?:layer)?(?P<layer>\d+))?$")
 
@@ -230,10 +230,10 @@ def _records(p, args, cfg):
 def cmd_capture(p, args) -> int:
     from .stats import TRACE_FILE, capture
 
-    cfg, load = _load(p, args)
+    cfg, load = agree(lambda: _load(p, args), p)       # this host's files: every host stops with a failure
     iv = intervention_of(p, args, cfg)
-    recs, skipped = _records(p, args, cfg)
-    model = load()
+    recs, skipped = agree(lambda: _records(p, args, cfg), p)
+    model = agree(load, p)
     trace = os.path.join(args.output, TRACE_FILE) if args.trace else None
     stats = capture(model, recs, intervention=iv, batch_size=args.batch_size, max_len=args.max_len, trace=trace)
     stats.model_name = os.path.abspath(args.model)
@@ -307,10 +307,10 @@ def cmd_eval(p, args) -> int:
     from .intervention import Intervention
     from .stats import evaluate
 
-    cfg, load = _load(p, args)
+    cfg, load = agree(lambda: _load(p, args), p)       # this host's files: every host stops with a failure
     iv = intervention_of(p, args, cfg)
-    recs, skipped = _records(p, args, cfg)
-    model = load()
+    recs, skipped = agree(lambda: _records(p, args, cfg), p)
+    model = agree(load, p)
     kw = dict(batch_size=args.batch_size, max_len=args.max_len)
     base = evaluate(model, recs, intervention=Intervention(), **kw)
     rows = {"baseline": base}
@@ -346,13 +346,13 @@ def _num(x, width: int, digits: int) -> str:
 def cmd_prune(p, args) -> int:
     from .prune import keep_sets, prune_experts, reap_saliency, save_pruned
 
-    cfg, load = _load(p, args)
+    cfg, load = agree(lambda: _load(p, args), p)       # this host's files: every host stops with a failure
     if not cfg.num_experts_per_tok <= args.keep <= cfg.num_experts:
         p.error(f"--keep {args.keep}: must be in [num_experts_per_tok={cfg.num_experts_per_tok}, "
                 f"num_experts={cfg.num_experts}]")
     iv = intervention_of(p, args, cfg)
-    recs, skipped = _records(p, args, cfg)
-    model = load()
+    recs, skipped = agree(lambda: _records(p, args, cfg), p)
+    model = agree(load, p)
     if iv is not None:
         model.runtime = model.runtime.replace(routing=iv)
     sal = reap_saliency(model, recs, batch_size=args.batch_size, max_len=args.max_len)
