@@ -130,9 +130,12 @@ def top_candidates(logits_bv, temperature_b, top_k_b, top_p_b, min_p_b, count: i
     vocabulary: a second pass over the logits, which the common case, a top-k, does without)."""
     b, v = logits_bv.shape
     c = min(count, v)
-    # the barrier keeps XLA from folding slices of the result into the op, which turns it into a full sort
-    # (XLA:CPU then sorts the vocabulary: 66 ms a row instead of 0.3)
-    vals, ids = jax.lax.optimization_barrier(jax.lax.top_k(scale(logits_bv, temperature_b), c))
+    # the barriers keep XLA from folding slices of the result into the op, which turns it into a full sort
+    # (XLA:CPU then sorts the vocabulary: 66 ms a row instead of 0.3). One barrier per output: a barrier over the
+    # pair lets XLA feed the op's tuple to it directly, which XLA:CPU's TopkDecomposer cannot read when the op
+    # is partitioned over devices (a check failure that aborts the process).
+    vals, ids = jax.lax.top_k(scale(logits_bv, temperature_b), c)
+    vals, ids = jax.lax.optimization_barrier(vals), jax.lax.optimization_barrier(ids)
     inside = ((top_k_b > 0) & (top_k_b <= c)) | (c == v)
     min_p_ends = jnp.exp(vals[:, -1] - vals[:, 0]) < min_p_b          # so do all tokens past the candidates
     if not vocab_mass or c == v:
