@@ -15,12 +15,6 @@ setup(
               "qwen3_jax.infer"],
     # the XLA:CPU decode kernels (compiled on first use); the GPU target specs of qwen3-jax-compile
     package_data={"qwen3_jax": ["csrc/*.cc", "gpu_specs/*.txtpb"]},
-    package_dir={
-        "qwen3_jax": "qwen3_jax",
-        "qwen3_jax.sharding": "sharding",
-        "qwen3_jax.train": "train",
-        "qwen3_jax.infer": "infer",
-    },
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

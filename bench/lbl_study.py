@@ -16,7 +16,7 @@ Each training row (seq-len bytes) is cut from one domain's stream, rows are draw
 domain, and the held-out rows come from held-out documents (other modules, other random sentences).
 
 Both runs: the same initial parameters, the same batches in the same order (equal tokens), the same LBL
-coefficient; --batch-size rows per step as --grad-accum micro-batches (train/step.py: lbl_scope "micro" = the
+coefficient; --batch-size rows per step as --grad-accum micro-batches (qwen3_jax/train/step.py: lbl_scope "micro" = the
 LBL of each micro-batch, averaged; "global" = the LBL of the whole step's batch, exact under accumulation).
 Reported per run: held-out loss per domain (nats/byte) and overall; per MoE layer over the held-out rows
 (qwen3_jax.routing.capture): each domain's expert-share distribution (its top-k assignments per expert / all of

@@ -1,4 +1,4 @@
-"""The sampling filters (infer/sampling.py) against a plain numpy implementation of temperature, min-p, top-k and
+"""The sampling filters (qwen3_jax/infer/sampling.py) against a plain numpy implementation of temperature, min-p, top-k and
 top-p (vLLM's order) on fixed logits: the filtered distributions equal (same kept tokens, same probabilities),
 each candidate set (lax.top_k) taken where it is exact, and sampled frequencies that follow the reference."""
 
