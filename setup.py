@@ -39,7 +39,7 @@ setup(
         # contributors: the tests check parity against transformers (torch CPU), compile the TPU and GPU programs ahead
         # of time for abstract chips (libtpu, and the gpu extra's CUDA plugin and kernels), and drive the server with
         # the openai client (and npm's `ai`: see scripts/setup-test-machine.sh); peft: the LoRA adapters' round trip
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "peft>=0.17", "psutil", "jax[tpu]", *GPU, *SERVE,
+        "test": ["pytest>=8", "ruff>=0.6", "import-linter>=2.1", "torch==2.13.0", "transformers>=5.0", "peft>=0.17", "psutil", "jax[tpu]", *GPU, *SERVE,
                  "openai>=1.40", "httpx>=0.27"],
     },
     entry_points={

@@ -150,7 +150,8 @@ def main(argv=None):
           f"   first step (compile) {j['first_step_s']:.1f} s   loss {j['loss']:.4f}")
     print(f"        per step: {j['faults']:.0f} page faults, {j['sys_s']:.2f} s system time "
           f"(host malloc {'tuned' if j['malloc_tuned'] else 'glibc defaults'}, qwen3_jax.hostmem)")
-    print(f"  torch (transformers, experts {t['experts_impl']}, attn {t['attn_impl']}, {t['threads']} threads): {t['tokens_per_s']:9.0f} tokens/s   peak RSS "
+    print(f"  torch (transformers, experts {t['experts_impl']}, attn {t['attn_impl']}, {t['threads']} threads): "
+          f"{t['tokens_per_s']:9.0f} tokens/s   peak RSS "
           f"{t['peak_rss_mb']:7.0f} MB   loss {t['loss']:.4f}")
     print(f"  ratio jax / torch: {j['tokens_per_s'] / t['tokens_per_s']:.2f}x (target >= 1x)")
     return 0

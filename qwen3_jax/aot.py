@@ -32,9 +32,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import NamedSharding
 
 from .config import Qwen3Config
 from .kernels import GMM as GMM_CHOICES
@@ -104,25 +101,6 @@ def topology_devices(topology: str):
 
 def hbm_bytes(device) -> int | None:
     return HBM.get(getattr(device, "device_kind", ""))
-
-
-def abstract_model(cfg: Qwen3Config, runtime: Runtime, *, dtype, param_dtype, rules=None):
-    """(graphdef, abstract state, params) of the model on runtime.mesh with nothing allocated: params is the pure
-    dict of ShapeDtypeStructs, each with the NamedSharding the rules give it."""
-    from qwen3_jax.model import Qwen3ForCausalLM
-    from qwen3_jax.sharding import param_shardings
-    from qwen3_jax.train.step import split_model
-
-    model = nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
-                                                    param_dtype=jnp.dtype(param_dtype), runtime=runtime))
-    graphdef, abstract_state, params = split_model(model)
-    shardings = param_shardings(cfg, runtime.mesh, rules)
-
-    def attach(kp, x):
-        path = tuple(str(getattr(k, "key", k)) for k in kp)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[path])
-
-    return graphdef, abstract_state, jax.tree_util.tree_map_with_path(attach, params)
 
 
 # ============================================================================ the model's arithmetic
@@ -342,7 +320,7 @@ def megablox_tiling_error(cfg: Qwen3Config, mesh, program: str, gmm: str = "auto
     names the dimension and what would work; None when it can (or the program does not use megablox). Checked
     before lowering, so that the answer is not the Pallas lowering's multi-line block-shape error."""
     from qwen3_jax.kernels.gmm import megablox_tile_problem
-    from qwen3_jax.sharding.rules import fit_spec
+    from qwen3_jax.partition import fit_spec
 
     uses = gmm == "megablox" or (gmm == "auto" and Runtime(mesh=mesh).kernels.gmm == "megablox")
     if not (cfg.is_moe and uses):
@@ -431,12 +409,6 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    from qwen3_jax.sharding.plan import parse_mesh as pm
-
-    return {k: v for k, v in pm(text).items()}
-
-
 def parser():
     from qwen3_jax.launch import ArgumentParser
 
@@ -474,6 +446,7 @@ def parser():
 
 def main(argv=None) -> int:
     from qwen3_jax.launch import AT_LEAST_0, AT_LEAST_1, check_bounds, default_platform, fail
+    from qwen3_jax.sharding.mesh import parse_mesh
 
     ap = parser()
     try:

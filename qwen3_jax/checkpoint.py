@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 from .config import Qwen3Config
 from .hostmem import release_host_memory
 from .model import Qwen3ForCausalLM
+from .params import param_shardings
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -337,7 +338,6 @@ def from_pretrained(path, dtype="float32", param_dtype=None, *, mesh=None, rules
     abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **model_kw))
     shardings = None
     if mesh is not None:
-        from qwen3_jax.sharding import param_shardings  # issue: expert parallelism
 
         shardings = param_shardings(cfg, mesh, rules)
     params = load_params(path, cfg, param_dtype, shardings)
@@ -368,7 +368,7 @@ def _parse_size(s) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def _host_value(x, i: int | None) -> np.ndarray:
+def host_value(x, i: int | None) -> np.ndarray:
     """Layer i of a stacked parameter (or the whole of an unstacked one, i None) as numpy on this host. An
     array spread over several processes is gathered one layer at a time, so no host ever holds the model."""
     part = x if i is None else x[i]
@@ -419,7 +419,7 @@ def save_pretrained(model: Qwen3ForCausalLM, path, max_shard_size="5GB") -> None
             if key not in cache:
                 if cache and _layer_of(name) != _layer_of(next(iter(cache.values()))[0][0]):
                     cache.clear()
-                value = _host_value(state[slot.path][...], i if slot.stacked else None)
+                value = host_value(state[slot.path][...], i if slot.stacked else None)
                 hub = slot.to_hf(value) if writer else [None] * len(slot.hf_names(i))
                 cache[key] = [(nm, t) for nm, t in zip(slot.hf_names(i), hub)]
             tensors[name] = cache[key][j][1]

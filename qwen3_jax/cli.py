@@ -4,7 +4,6 @@ fine-tuning with global-batch load balancing, orbax + Hugging Face checkpoints, 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys

@@ -147,13 +147,6 @@ def launch(p: argparse.ArgumentParser, args, timeout_s: int = 300) -> tuple[int,
 
 
 # ----------------------------------------------------------------------------------------------- exchanges
-def is_writer() -> bool:
-    """Process 0 writes metrics, outputs and exports."""
-    import jax
-
-    return jax.process_index() == 0
-
-
 def allgather_json(obj) -> list:
     """Every process's JSON-able `obj`, in process order (a collective: every process must call it)."""
     import jax

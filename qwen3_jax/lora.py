@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 
 from .config import Qwen3Config
 from .model import LORA_TARGETS, LoRA
+from .partition import LORA_RULES, place, spec_for
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -158,11 +159,10 @@ def adapter_shapes(cfg: Qwen3Config, lcfg: LoRAConfig) -> dict[str, dict[str, tu
 
 
 def adapter_shardings(cfg: Qwen3Config, lcfg: LoRAConfig, mesh, rules=None) -> dict:
-    """{target: {"a": NamedSharding, "b": ...}} by sharding.rules.LORA_RULES (head axes over 'tensor', else
+    """{target: {"a": NamedSharding, "b": ...}} by qwen3_jax.partition.LORA_RULES (head axes over 'tensor', else
     replicated: rank-r matrices are small)."""
     from jax.sharding import NamedSharding
 
-    from qwen3_jax.sharding.rules import LORA_RULES, spec_for
 
     return {t: {ab: NamedSharding(mesh, spec_for((t, ab), shape, mesh.shape, rules or LORA_RULES))
                 for ab, shape in s.items()} for t, s in adapter_shapes(cfg, lcfg).items()}
@@ -225,7 +225,6 @@ def _placed(adapters, mesh):
         return jax.tree.map(jnp.asarray, adapters)
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from qwen3_jax.sharding.rules import place
 
     return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else place(np.asarray(x), NamedSharding(mesh, P())),
                         adapters)
@@ -246,13 +245,13 @@ def _to_peft(target: str, ab: str, x: np.ndarray) -> np.ndarray:
 def save_adapter(adapters: dict, lcfg: LoRAConfig, cfg: Qwen3Config, path, base_model_name_or_path=None) -> None:
     """Write adapter_config.json + adapter_model.safetensors (fp32). Every process of a multi-process run calls it
     (arrays spread over processes are gathered); process 0 writes."""
-    from .checkpoint import _host_value
+    from .checkpoint import host_value
 
     path = os.fspath(path)
     tensors = {}
     for t in lcfg.targets:
         for ab in ("a", "b"):
-            x = _host_value(adapters[t][ab], None).astype(np.float32)
+            x = host_value(adapters[t][ab], None).astype(np.float32)
             for i in range(cfg.num_hidden_layers):
                 tensors[_peft_name(i, t, ab)] = _to_peft(t, ab, x[i])
     if jax.process_index() != 0:

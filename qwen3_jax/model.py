@@ -35,7 +35,9 @@ from flax import nnx
 from .config import Qwen3Config
 from .kernels import attention as attention_kernels
 from .kernels import cpu_decode
-from .kernels.gmm import grouped_swiglu
+from .kernels.cpu_decode import cached_attention_kernel, stacked_head_proj, stacked_proj
+from .moe import moe_layer
+from .partition import constrain as constrain_activation
 from .runtime import FIELDS as RUNTIME_FIELDS
 from .runtime import Runtime
 
@@ -219,151 +221,6 @@ def swiglu_mlp(x, p):
     return h @ p["down_proj"].astype(dt)
 
 
-def route(x_td, router_de, top_k, norm_topk_prob):
-    """fp32 router: logits [T,E], softmax, top-k, renormalise. Returns logits, weights [T,k], experts [T,k]."""
-    logits_te = jnp.dot(x_td.astype(jnp.float32), router_de.astype(jnp.float32))
-    return (logits_te, *route_topk(logits_te, top_k, norm_topk_prob))
-
-
-def route_topk(logits_te, top_k, norm_topk_prob):
-    """Router weights [T,k] and experts [T,k] from fp32 logits [T,E]."""
-    probs_te = jax.nn.softmax(logits_te, axis=-1)
-    w_tk, e_tk = jax.lax.top_k(probs_te, top_k)
-    if norm_topk_prob:
-        w_tk = w_tk / jnp.sum(w_tk, axis=-1, keepdims=True)
-    return w_tk, e_tk
-
-
-def router_choice(logits_te, cfg: Qwen3Config, routing=None, layer=None):
-    """The routing every MoE path runs: `route_topk` of the config, or under an intervention (runtime.routing, a
-    qwen3_jax.routing.Intervention: top-k, disabled / forced experts, temperature) its routing of decoder layer
-    `layer` (int or traced). Slots an intervention leaves empty name expert E (weight 0), as padding does."""
-    if routing is None:
-        return route_topk(logits_te, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-    return routing.route_topk(logits_te, layer, cfg)
-
-
-def mask_padding(e_tk, valid_t, num_experts):
-    """Padding tokens (valid_t False) route nowhere: expert id num_experts, which no grouped matmul computes
-    (they take no expert capacity and their output is zero)."""
-    if valid_t is None:
-        return e_tk
-    return jnp.where(valid_t[:, None], e_tk, num_experts)
-
-
-def moe_experts(x_td, w_tk, e_tk, p, *, ks, num_experts=None, stacked=None):
-    """Dropless expert computation: sort (token, slot) pairs by expert, grouped SwiGLU, unsort, combine.
-
-    `e_tk` may name experts outside [0, num_experts) (padding, or expert-parallel rows that are not this shard's):
-    those slots sort last, are not computed and contribute zero. ks: the kernel choices (qwen3_jax.kernels.Kernels:
-    the grouped matmul, and whether it runs in its own platform's program).
-    stacked: (the MoE parameters stacked over layers, layer index) of which p is one layer (impl "cpu" reads the
-    experts' weights from the stack in place)."""
-    t, d = x_td.shape
-    k = e_tk.shape[1]
-    n_exp = num_experts or p["gate_proj"].shape[0]
-    dt = x_td.dtype
-    flat_e = e_tk.reshape(-1)                                   # [M]
-    order = jnp.argsort(flat_e, stable=True)                    # [M] sorted slot -> flat slot
-    x_md = x_td[order // k]                                     # [M, D] token rows in expert order
-    sizes_e = jnp.bincount(flat_e, length=n_exp).astype(jnp.int32)
-    names = ("gate_proj", "up_proj", "down_proj")
-    if stacked is not None:
-        stacked = (tuple(stacked[0][n] for n in names), stacked[1])
-    y_md = grouped_swiglu(x_md, *(p[n].astype(dt) for n in names), sizes_e, impl=ks.gmm,
-                          interpret=ks.off_platform(ks.gmm), stacked=stacked if ks.gmm == "cpu" else None,
-                          device=ks.device)   # [M, D], rows past the groups zero
-    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))  # inverse perm.
-    y_tkd = y_md[unsort].reshape(t, k, d)                       # back to (token, slot) order
-    return jnp.einsum("tkd,tk->td", y_tkd, w_tk.astype(dt))
-
-
-def moe_experts_gather(x_td, w_tk, e_tk, p):
-    """Few-token (decode) experts: gather each (token, slot)'s expert weights [M, D, F] (M = T x k) and multiply
-    directly -- no sort, no grouping, no padding. Reads T x k expert matrices, so it pays off while T x k <= E
-    (a CPU heuristic, see qwen3_jax.kernels). Slots naming no expert (>= E: padding) contribute zero.
-
-    Each row is its own batch entry ([M, 1, D] @ [M, D, F]: batch dims leading, contraction on the weights' major
-    dim), which XLA:CPU runs as one batched matmul over the gathered weights; an einsum over [T, k, D, F] with D
-    in the middle made it transpose every gathered matrix first (decode step 0.77 -> 0.31 ms of MoE, 4 layers).
-    The routing weights scale h before the down projection, so the k slots of a token sum inside one matmul
-    ([T, 1, k*F] @ [T, k*F, D])."""
-    t, d = x_td.shape
-    k = e_tk.shape[1]
-    n_exp = p["gate_proj"].shape[0]
-    dt = x_td.dtype
-    w_tk = jnp.where(e_tk < n_exp, w_tk, 0)
-    e_m = jnp.minimum(e_tk.reshape(-1), n_exp - 1)                # [M]
-    x_m1d = jnp.repeat(x_td, k, axis=0)[:, None, :]              # [M, 1, D]
-    g_mdf = p["gate_proj"][e_m].astype(dt)
-    u_mdf = p["up_proj"][e_m].astype(dt)
-    d_mfd = p["down_proj"][e_m].astype(dt)
-    h_m1f = jax.nn.silu(jnp.matmul(x_m1d, g_mdf)) * jnp.matmul(x_m1d, u_mdf)
-    h_m1f = h_m1f * w_tk.reshape(-1, 1, 1).astype(dt)             # routing weight of each row
-    f = h_m1f.shape[-1]
-    y_t1d = jnp.matmul(h_m1f.reshape(t, 1, k * f), d_mfd.reshape(t, k * f, d))
-    return y_t1d[:, 0]
-
-
-def moe_block(x_btd, p, cfg: Qwen3Config, ks=None, valid_bt=None, stacked=None, routing=None, layer=None):
-    """Qwen3-MoE sparse block on one device. Returns output [B,T,D] and router logits [B,T,E] (fp32).
-
-    ks: the kernel choices (qwen3_jax.kernels.Kernels; default: this process's default device). Few token copies
-    (B*T*top_k <= ks.gather_rows: a CPU heuristic, KV-cached decode) take the gather path, the rest the sorted
-    grouped matmul. valid_bt: False for padding tokens, which take no expert. stacked: see moe_experts.
-    routing, layer: an intervention and the decoder layer (router_choice)."""
-    if ks is None:
-        ks = Runtime().kernels
-    b, t, d = x_btd.shape
-    x_td = x_btd.reshape(b * t, d)
-    logits = jnp.dot(x_td.astype(jnp.float32), p["router"].astype(jnp.float32))
-    w_tk, e_tk = router_choice(logits, cfg, routing, layer)
-    e_tk = mask_padding(e_tk, None if valid_bt is None else valid_bt.reshape(-1), cfg.num_experts)
-    if b * t * e_tk.shape[1] <= ks.gather_rows(cfg.num_experts, stacked is not None):
-        y = moe_experts_gather(x_td, w_tk, e_tk, p)
-    else:
-        y = moe_experts(x_td, w_tk, e_tk, p, ks=ks, stacked=stacked)
-    return y.reshape(b, t, d), logits.reshape(b, t, -1)
-
-
-# ============================================================================ XLA:CPU decode kernels
-# KV-cached inference on CPU reads layer l's weights and cache rows in place from their layer stacks through the
-# FFI kernels of qwen3_jax.kernels.cpu_decode: in a layer scan, XLA copies every slice it feeds to a matmul (a
-# decode step of the bench config copied ~1 MB per layer) and a gather of the chosen experts copies them whole.
-# Inference only (no gradients); the XLA functions above are the reference the tests hold them to.
-def stacked_proj(x, w_stack, layer, n_in: int = 1):
-    """x [..., *in] @ w_stack[layer] for w_stack [L, *in, *out] (n_in input dims) -> [..., *out] fp32."""
-    lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
-    out = w_stack.shape[1 + n_in:]
-    y = cpu_decode.stacked_matmul(x.reshape(1, -1, k), w_stack.reshape(w_stack.shape[0], 1, k, -1), layer)
-    return y.reshape(*lead, *out)
-
-
-def stacked_head_proj(x, w_stack, layer):
-    """x [..., D] by w_stack[layer] for an output-major w_stack [L, N, hd, D] -> [..., N, hd] fp32."""
-    n_l, n, hd, d = w_stack.shape
-    y = cpu_decode.stacked_matmul_nt(x.reshape(1, -1, d), w_stack.reshape(n_l, n * hd, d), layer)
-    return y.reshape(*x.shape[:-1], n, hd)
-
-
-def moe_experts_kernel(x_td, w_tk, e_tk, stacked):
-    """moe_experts_gather of layer stacked[1], the chosen experts read in place from the stack stacked[0]
-    (slots naming no expert -- padding -- get weight 0)."""
-    stack = tuple(stacked[0][n] for n in ("gate_proj", "up_proj", "down_proj"))
-    n_exp = stack[0].shape[1]
-    w_tk = jnp.where(e_tk < n_exp, w_tk, 0)
-    e_tk = jnp.minimum(e_tk, n_exp - 1)
-    return cpu_decode.moe_gather_swiglu(x_td, w_tk, e_tk, stack, stacked[1]).astype(x_td.dtype)
-
-
-def cached_attention_kernel(q_bthd, k_stack, v_stack, layer, kn_btkd, vn_btkd, old_bs, new_btt):
-    """cached_attention for T == 1 with layer `layer` of the cache k_stack/v_stack [L, B, S, K, hd] read in place
-    (only the slots old_bs marks)."""
-    o_bhd = cpu_decode.decode_attention(q_bthd[:, 0], kn_btkd[:, 0], vn_btkd[:, 0], old_bs, new_btt[:, 0, 0],
-                                        k_stack, v_stack, layer)
-    return o_bhd[:, None].astype(q_bthd.dtype)
-
-
 # ============================================================================ layer ops
 class LayerOps:
     """How the pieces of one decoder layer run, from the runtime's kernel choices (qwen3_jax.kernels): the layer
@@ -372,8 +229,8 @@ class LayerOps:
     - attention: the platform's attention without a cache; with one, `cached_attention` (grouped heads) or the
       CPU kernel reading the cache in place;
     - projections: einsums over the layer's slices, or (CPU decode kernels) x @ W[l] read in place;
-    - MoE: on a mesh the expert-parallel block (qwen3_jax.sharding.ep), else `moe_block` or the CPU experts
-      kernel. Each returns (y, router logits, token copies dropped).
+    - MoE: qwen3_jax.moe.moe_layer, which chooses (expert parallelism on a mesh, the CPU experts kernel, the
+      gather or the grouped matmul). It returns (y, router logits, token copies dropped).
     """
 
     def __init__(self, model, attn_stack, moe_stack, kv, n_rows: int):
@@ -408,22 +265,9 @@ class LayerOps:
 
     def moe(self, x_btd, p, layer, valid_bt, in_stack: bool):
         """in_stack: p is layer `layer` of self.moe_stack (all-MoE stacks), which CPU kernels may read in place."""
-        cfg, routing = self.cfg, self.runtime.routing
-        if self.mesh is not None:  # expert-parallel: all-to-all over the mesh's 'expert' axis
-            from qwen3_jax.sharding.ep import ep_moe
-
-            return ep_moe(x_btd, valid_bt, p, cfg, self.runtime, inference=self.kv is not None, layer=layer)
-        stacked = (self.moe_stack, layer) if in_stack else None
-        b, t, d = x_btd.shape
-        if self.in_place and stacked is not None and b * t * cfg.num_experts_per_tok <= 4 * cfg.num_experts:
-            x_td = x_btd.reshape(b * t, d)
-            logits = stacked_proj(x_td.astype(jnp.float32), self.moe_stack["router"], layer)
-            w_tk, e_tk = router_choice(logits, cfg, routing, layer)
-            e_tk = mask_padding(e_tk, None if valid_bt is None else valid_bt.reshape(-1), cfg.num_experts)
-            y = moe_experts_kernel(x_td, w_tk, e_tk, stacked)
-            return y.reshape(b, t, d), logits.reshape(b, t, -1), jnp.int32(0)
-        y, logits = moe_block(x_btd, p, cfg, self.ks, valid_bt, stacked, routing, layer)
-        return y, logits, jnp.int32(0)
+        return moe_layer(x_btd, p, self.cfg, self.runtime, layer=layer, valid_bt=valid_bt,
+                         stacked=self.moe_stack if in_stack else None, mesh=self.mesh, inference=self.kv is not None,
+                         in_place=self.in_place)
 
 
 # ============================================================================ masks and positions
@@ -536,7 +380,7 @@ def _fit_cache(n_new_b, cache: KVCache, t: int):
     return jnp.minimum(n_new_b, room_b)
 
 
-def _pure(module) -> Any:
+def param_arrays(module) -> Any:
     """Parameter arrays of a module as a nested dict (None-safe)."""
     if module is None:
         return None
@@ -593,12 +437,10 @@ class Qwen3ForCausalLM(nnx.Module):
         return mesh is not None and mesh.size > 1
 
     def _shard(self, x, kind):
-        """Sharding constraint of an activation by the rules in qwen3_jax.sharding (no-op without a mesh)."""
+        """Sharding constraint of an activation by the rules in qwen3_jax.partition (no-op without a mesh)."""
         if not self._sharded():
             return x
-        from qwen3_jax.sharding.rules import constrain
-
-        return constrain(x, self.runtime.mesh, kind)
+        return constrain_activation(x, self.runtime.mesh, kind)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
                  return_hidden: bool = False, cache: KVCache | None = None, lora: LoRA | None = None) -> CausalLMOutput:
@@ -667,10 +509,10 @@ class Qwen3ForCausalLM(nnx.Module):
         """
         cfg, rt = self.config, self.runtime
         eps = cfg.rms_norm_eps
-        attn_p = _pure(self.layers.attn)
+        attn_p = param_arrays(self.layers.attn)
         if lora is not None:
             attn_p = {**attn_p, "lora": lora.params}
-        moe_p, dense_p = _pure(self.layers.moe), _pure(self.layers.mlp)
+        moe_p, dense_p = param_arrays(self.layers.moe), param_arrays(self.layers.mlp)
         n_layers = cfg.num_hidden_layers
         is_moe = np.array([cfg.is_moe_layer(i) for i in range(n_layers)])
         mixed = 0 < is_moe.sum() < n_layers

@@ -46,11 +46,6 @@ class Runtime:
     def replace(self, **kw) -> "Runtime":
         return dataclasses.replace(self, **kw)
 
-    @property
-    def sharded(self) -> bool:
-        """Parameters and activations live on a mesh (the MoE then runs in shard_map, kernels inside it)."""
-        return self.mesh is not None
-
     @functools.cached_property
     def platform(self) -> str:
         from . import kernels

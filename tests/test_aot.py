@@ -11,7 +11,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 
-from qwen3_jax import Qwen3Config, Runtime, kernels  # noqa: E402
+from qwen3_jax import Qwen3Config, Runtime  # noqa: E402
 from qwen3_jax.aot import (collectives, compile_report, format_report, gpu_kernels, model_flops,  # noqa: E402
                            topology_devices)
 from qwen3_jax.sharding import make_mesh  # noqa: E402
@@ -176,7 +176,8 @@ def test_lora_train_step_fits_one_v5e_host():
     import numpy as np
 
     from qwen3_jax.sharding.plan import lora_elems
-    from qwen3_jax.sharding.rules import param_shapes, param_specs, shard_bytes
+    from qwen3_jax.params import param_shapes, param_specs
+    from qwen3_jax.partition import shard_bytes
 
     cfg = Qwen3Config(**SMALL)
     rep = compile_report(cfg, "v5e:2x4", {"expert": 8}, program="train", batch=8, seq_len=512, lora_rank=16,

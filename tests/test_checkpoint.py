@@ -10,7 +10,6 @@ import textwrap
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as torch_save_file
@@ -187,7 +186,8 @@ def test_config_spellings_presets_and_round_trip(tmp_path):
     assert Qwen3Config.from_pretrained(tmp_path) == b == Qwen3Config.from_pretrained(tmp_path / "config.json")
 
     c = Qwen3Config.preset("Qwen3-30B-A3B")
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (48, 2048, 32, 4, 128)
+    assert ((c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+            == (48, 2048, 32, 4, 128))
     assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.vocab_size) == (128, 8, 768, 151936)
     assert (c.rope_theta, c.max_position_embeddings, c.rms_norm_eps, c.tie_word_embeddings) == (1e6, 40960, 1e-6, False)
     assert c.norm_topk_prob and c.router_aux_loss_coef == 0.001

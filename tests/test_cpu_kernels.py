@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from qwen3_jax.kernels import cpu_decode as cpu_kernels
-from qwen3_jax.model import KVCache, cached_attention, cached_attention_kernel, moe_experts_gather
+from qwen3_jax.kernels.cpu_decode import cached_attention_kernel
+from qwen3_jax.model import KVCache, cached_attention
+from qwen3_jax.moe import moe_experts_gather
 
 DTYPES = [jnp.float32, jnp.bfloat16]
 needs_compiler = pytest.mark.skipif(

@@ -11,7 +11,6 @@ has a timeout, so a hang fails the test.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import qwen3_jax
 from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
-from qwen3_jax.model import moe_block, route
+from qwen3_jax.moe import moe_block, route_topk
 from qwen3_jax.runtime import Runtime
 from qwen3_jax.sharding import (ep_moe, fit_spec, make_mesh, param_shardings, param_specs,
                                 shard_model)
@@ -32,6 +32,7 @@ MESHES = {"expert8": dict(expert=8), "data2_expert4": dict(data=2, expert=4),
           "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2)}
 TRAIN = (4, 5)    # 20 tokens: padded to 24 over 8 devices; batch 4 only partly divisible
 DECODE = (2, 1)   # 2 tokens on 8 devices
+KS = Runtime().kernels  # one device's kernel choices: the reference MoE block
 
 
 def _build(cfg=CFG, **kw):
@@ -233,7 +234,7 @@ def test_ep_moe_layer_capacity_drops_only_terms():
     rt = Runtime(mesh=make_mesh(data=2, expert=4), capacity_factor=0.75)
     y, logits, dropped = jax.jit(lambda x, p: ep_moe(x, None, p, CFG, rt))(x, p)
     assert int(dropped) > 0
-    ref, ref_logits = moe_block(x, p, CFG)
+    ref, ref_logits = moe_block(x, p, CFG, KS)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
     # dropped copies only remove terms: rows with nothing dropped are unchanged, at least one row changed
     changed = np.abs(np.asarray(y) - np.asarray(ref)).max(-1) > 1e-5
@@ -250,7 +251,7 @@ def test_ragged_dispatch_bounded_buffers_rounds_and_padding():
     p = _moe_params(1)
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, CFG.hidden_size)), jnp.float32)
     mesh = make_mesh(data=2, expert=4)
-    ref = moe_block(x, p, CFG)[0]
+    ref = moe_block(x, p, CFG, KS)[0]
     rt = Runtime(mesh=mesh, ep_dispatch="ragged_emulated", ep_buffer_factor=None)
 
     def loss(x, p, rt):
@@ -260,7 +261,7 @@ def test_ragged_dispatch_bounded_buffers_rounds_and_padding():
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5, rtol=0)
     assert int(dropped) == 0
     g = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, p, rt)
-    g_ref = jax.grad(lambda x, p: jnp.sum(jnp.sin(moe_block(x, p, CFG)[0])), argnums=(0, 1))(x, p)
+    g_ref = jax.grad(lambda x, p: jnp.sum(jnp.sin(moe_block(x, p, CFG, KS)[0])), argnums=(0, 1))(x, p)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
@@ -269,9 +270,9 @@ def test_ragged_dispatch_bounded_buffers_rounds_and_padding():
     changed = np.abs(np.asarray(y1) - np.asarray(ref)).max(-1) > 1e-5
     assert int(d1) > 0 and 0 < changed.sum() <= int(d1)
     # the count is exact: re-derive it from the routing, the token layout and the allocation rule
-    from qwen3_jax.sharding.ep import receive_rows, round_allocation, token_layout
+    from qwen3_jax.moe import receive_rows, round_allocation, token_layout
 
-    _, w, e = route(x.reshape(-1, CFG.hidden_size), p["router"], CFG.num_experts_per_tok, CFG.norm_topk_prob)
+    w, e = route_topk(x.reshape(-1, CFG.hidden_size) @ p["router"], CFG.num_experts_per_tok, CFG.norm_topk_prob)
     _, n_pad, n_loc = token_layout(10, mesh)
     e_all = np.full((n_pad, CFG.num_experts_per_tok), -1)                     # device padding routes nowhere
     e_all[:10] = np.asarray(e)
@@ -291,7 +292,7 @@ def test_ragged_dispatch_bounded_buffers_rounds_and_padding():
     valid = jnp.asarray(np.random.default_rng(5).random((2, 5)) > 0.4)
     for r_t in (rt, Runtime(mesh=mesh)):                                       # ragged and padded
         y3, _, d3 = ep_moe(x, valid, p, CFG, r_t)
-        want_y = moe_block(x, p, CFG, valid_bt=valid)[0]
+        want_y = moe_block(x, p, CFG, KS, valid_bt=valid)[0]
         np.testing.assert_allclose(np.asarray(y3), np.asarray(want_y), atol=1e-5, rtol=0)
         assert not np.asarray(y3)[~np.asarray(valid)].any() and int(d3) == 0
     tight = Runtime(mesh=mesh, capacity_factor=0.5)
@@ -307,7 +308,7 @@ def test_ragged_dispatch_bounded_buffers_rounds_and_padding():
 def test_kept_rows_whole_ranks_in_order_then_fair_shares():
     """The one-round ragged dispatch's rule: a destination keeps whole choice ranks in order; the rank that does not
     fit is shared max-min fairly over (source, local expert) pairs, not taken from the first sources."""
-    from qwen3_jax.sharding.ep import kept_rows
+    from qwen3_jax.moe import kept_rows
 
     c = np.zeros((4, 2, 2, 2), np.int32)                  # [src, dst, rank, local expert]
     c[:, 0, 0, 0] = 10                                    # every source: 10 first choices for dst 0, expert 0
@@ -344,9 +345,9 @@ def test_kept_rows_whole_ranks_in_order_then_fair_shares():
 def _slot_layout(x, p, mesh):
     """Routing of every token and each device's slots: (weights [N, k], experts [N, k], e_dev [devices, n_loc, k]
     with -1 for device padding), as ep_moe lays the tokens out (data-major over the token axes)."""
-    from qwen3_jax.sharding.ep import token_layout
+    from qwen3_jax.moe import token_layout
 
-    _, w, e = route(x.reshape(-1, CFG.hidden_size), p["router"], CFG.num_experts_per_tok, CFG.norm_topk_prob)
+    w, e = route_topk(x.reshape(-1, CFG.hidden_size) @ p["router"], CFG.num_experts_per_tok, CFG.norm_topk_prob)
     n = w.shape[0]
     _, n_pad, n_loc = token_layout(n, mesh)
     e_all = np.full((n_pad, CFG.num_experts_per_tok), -1)
@@ -371,7 +372,7 @@ def test_training_dispatch_drops_later_choices_first_spread_and_unnormalised():
     choice contributes zero, the kept keep their weights), the kept slots are those of the rules (ragged: kept_rows,
     then token order in each (source, expert); padded: per (source, destination) by choice rank, then token
     order), a later choice is dropped before an earlier one, every source keeps rows, and the count is exact."""
-    from qwen3_jax.sharding.ep import capacity, kept_rows, receive_rows
+    from qwen3_jax.moe import capacity, kept_rows, receive_rows
 
     p = _moe_params(2)
     x = jnp.asarray(np.random.default_rng(6).normal(size=(4, 12, CFG.hidden_size)), jnp.float32)
@@ -433,7 +434,7 @@ def test_kv_cached_inference_never_drops():
     p = _moe_params(1)
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, CFG.hidden_size)), jnp.float32)
     mesh = make_mesh(data=2, expert=4)
-    ref = moe_block(x, p, CFG)[0]
+    ref = moe_block(x, p, CFG, KS)[0]
     for rt in (Runtime(mesh=mesh, capacity_factor=0.25), Runtime(mesh=mesh, ep_dispatch="ragged_emulated",
                                                                   ep_buffer_factor=0.25)):
         assert int(ep_moe(x, None, p, CFG, rt)[2]) > 0                            # training: drops

@@ -423,7 +423,8 @@ def test_resume_after_sigkill_is_bit_exact(tiny, full_run, tmp_path, compile_cac
     cmd = [sys.executable, "-m", "tests._train_slow", "--model", tiny[0], "--data", tiny[1], "--output", str(out), *RUN]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": compile_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    proc = subprocess.Popen(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics, deadline = out / "metrics.jsonl", time.time() + 600
     while time.time() < deadline and proc.poll() is None:   # kill once a step after the step-2 checkpoint ran
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:

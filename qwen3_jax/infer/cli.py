@@ -188,7 +188,7 @@ def _checked_tokenizer(p, args):
 def _load_model(args):
     import qwen3_jax
 
-    from qwen3_jax.sharding.rules import SERVE_PARAM_RULES
+    from qwen3_jax.partition import SERVE_PARAM_RULES
 
     t0 = time.perf_counter()
     # the serving layout: no weight is gathered per decoded token (experts over 'expert', the rest over 'tensor')

@@ -196,7 +196,7 @@ def slot_shardings(cfg, batch, max_len, n_stop, dtype, mesh):
     heads over 'tensor'), per-row arrays over the batch axes of 'bt'."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from qwen3_jax.sharding.rules import activation_sharding
+    from qwen3_jax.partition import activation_sharding
 
     def one(x):
         if x.ndim == 5:
@@ -402,9 +402,9 @@ def lower_decode_step(cfg, mesh, *, batch_size: int, max_len: int, dtype="bfloat
     lowered for `mesh` (e.g. abstract TPU chips, see qwen3_jax.aot) with abstract parameters in `dtype`, placed by
     the serving rules (no per-token weight gathers), and the slots donated. Returns a jax.stages.Lowered.
     scan_layers=False unrolls the layers; gmm overrides the platform's grouped matmul (qwen3_jax.kernels)."""
-    from qwen3_jax.aot import abstract_model
+    from qwen3_jax.sharding.rules import abstract_model
     from qwen3_jax.runtime import Runtime
-    from qwen3_jax.sharding.rules import SERVE_PARAM_RULES
+    from qwen3_jax.partition import SERVE_PARAM_RULES
 
     rt_kw = {} if ep_buffer_factor == "default" else {"ep_buffer_factor": ep_buffer_factor}
     runtime = Runtime(mesh=mesh, scan_layers=scan_layers, gmm=gmm, **rt_kw)

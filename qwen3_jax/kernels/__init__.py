@@ -141,6 +141,12 @@ class Kernels:
             return 0
         return num_experts // 2 if stacked else num_experts
 
+    def in_place_moe_rows(self, num_experts: int) -> int:
+        """Most token copies for which KV-cached inference runs the XLA:CPU experts kernel, which streams each
+        chosen expert's weights from the layer stack once (past 4 x E copies most experts are read anyway and the
+        blocked grouped matmul is as fast). 0 where the decode kernels are off."""
+        return 4 * num_experts if self.decode_kernels else 0
+
 
 def select(runtime) -> Kernels:
     """The choices for `runtime` (a qwen3_jax.Runtime): the platform's defaults, overridden by its fields."""

@@ -27,8 +27,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
+
+from qwen3_jax.partition import BATCH, fit_spec
 
 
 def segment_mask(seg_bt, t: int, b: int):
@@ -92,8 +93,6 @@ def splash_attention(q_bthd, k_bthd, v_bthd, seg_bt, *, mesh=None, interpret=Fal
     fn = functools.partial(_splash_local, interpret=interpret)
     if mesh is None or mesh.size == 1:
         return fn(q_bthd, k_bthd, v_bthd, seg_bt)
-    from qwen3_jax.sharding.rules import BATCH, fit_spec
-
     b, _, h, _ = q_bthd.shape
     kh = k_bthd.shape[2]
     rows = fit_spec((BATCH,), (b,), mesh.shape)[0]

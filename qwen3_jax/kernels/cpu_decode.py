@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -154,3 +155,44 @@ def decode_attention(q_bhd, kn_bkd, vn_bkd, old_bs, new_b, k_stack, v_stack, lay
     f32 = jnp.float32
     return call(q_bhd.astype(f32), kn_bkd.astype(f32), vn_bkd.astype(f32), old_bs.astype(bool), new_b.astype(bool),
                 jnp.asarray(layer, jnp.int32), k_stack, v_stack.astype(k_stack.dtype))
+
+
+# ============================================================================ the model's calls
+# KV-cached inference on CPU reads layer l's weights and cache rows in place from their layer stacks through the
+# kernels above: in a layer scan, XLA copies every slice it feeds to a matmul (a decode step of the bench config
+# copied ~1 MB per layer) and a gather of the chosen experts copies them whole. Inference only (no gradients); the
+# model's XLA functions (qwen3_jax.model.cached_attention, qwen3_jax.moe.moe_experts_gather) are the reference the
+# tests hold them to.
+def stacked_proj(x, w_stack, layer, n_in: int = 1):
+    """x [..., *in] @ w_stack[layer] for w_stack [L, *in, *out] (n_in input dims) -> [..., *out] fp32."""
+    lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+    out = w_stack.shape[1 + n_in:]
+    y = stacked_matmul(x.reshape(1, -1, k), w_stack.reshape(w_stack.shape[0], 1, k, -1), layer)
+    return y.reshape(*lead, *out)
+
+
+def stacked_head_proj(x, w_stack, layer):
+    """x [..., D] by w_stack[layer] for an output-major w_stack [L, N, hd, D] -> [..., N, hd] fp32."""
+    n_l, n, hd, d = w_stack.shape
+    y = stacked_matmul_nt(x.reshape(1, -1, d), w_stack.reshape(n_l, n * hd, d), layer)
+    return y.reshape(*x.shape[:-1], n, hd)
+
+
+def moe_experts_kernel(x_td, w_tk, e_tk, stacked):
+    """moe_experts_gather of layer stacked[1], the chosen experts read in place from the stack stacked[0]
+    (slots naming no expert -- padding -- get weight 0)."""
+    stack = tuple(stacked[0][n] for n in ("gate_proj", "up_proj", "down_proj"))
+    n_exp = stack[0].shape[1]
+    w_tk = jnp.where(e_tk < n_exp, w_tk, 0)
+    e_tk = jnp.minimum(e_tk, n_exp - 1)
+    return moe_gather_swiglu(x_td, w_tk, e_tk, stack, stacked[1]).astype(x_td.dtype)
+
+
+def cached_attention_kernel(q_bthd, k_stack, v_stack, layer, kn_btkd, vn_btkd, old_bs, new_btt):
+    """cached_attention for T == 1 with layer `layer` of the cache k_stack/v_stack [L, B, S, K, hd] read in place
+    (only the slots old_bs marks)."""
+    o_bhd = decode_attention(q_bthd[:, 0], kn_btkd[:, 0], vn_btkd[:, 0], old_bs, new_btt[:, 0, 0],
+                                        k_stack, v_stack, layer)
+    return o_bhd[:, None].astype(q_bthd.dtype)
+
+

@@ -192,8 +192,8 @@ def _for_each_group_tile(sizes, tile, group_init, tile_fn, accumulate, group_don
     A group's rows [start, end) are covered by floor(size / tile) full tiles of `tile` rows (`keep` None), then
     one tail tile of the remainder rounded up to a multiple of step = tile / TAIL_BRANCHES rows (`keep` masks the
     excess): padding stays below `step` rows per group while every matmul has a static shape (the tail's row
-    count is static in each branch of a `lax.switch`). tile_fn returns (row-wise part [rows, N], per-group part); the tail's row-wise
-    part is zero-padded to `tile` rows so that `accumulate` (outside the switch: the branches never see the
+    count is static in each branch of a `lax.switch`). tile_fn returns (row-wise part [rows, N], per-group part); the
+    tail's row-wise part is zero-padded to `tile` rows so that `accumulate` (outside the switch: the branches never see the
     big carry, which a conditional would copy) has one shape. `w`, the expert's weights sliced once per group,
     is closed over, not carried. Row inputs must be padded by `tile` rows (no clamped slice).
     """
@@ -204,7 +204,9 @@ def _for_each_group_tile(sizes, tile, group_init, tile_fn, accumulate, group_don
     def per_group(g, carry):
         local, w = group_init(g, carry)
         n_full = sizes[g] // tile
-        full = lambda i, loc: accumulate(loc, starts[g] + i * tile, *tile_fn(w, starts[g] + i * tile, tile, None))
+        def full(i, loc):
+            return accumulate(loc, starts[g] + i * tile, *tile_fn(w, starts[g] + i * tile, tile, None))
+
         local = jax.lax.fori_loop(0, n_full, full, local)
         r0 = starts[g] + n_full * tile
 

@@ -19,13 +19,14 @@ Interventions (capture, eval, prune): --top-k K[@layerN], --disable E[,E...][@la
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 from pathlib import Path
 
 from qwen3_jax.launch import ArgumentParser, add_launch_args, agree, default_platform, launch
+
+from .stats import read_records
 
 SPEC = re.compile(r"^(?P<value>[^@]+?)(?:@(?:layer)?(?P<layer>\d+))?$")
 
@@ -96,61 +97,6 @@ def intervention_of(p, args, cfg):
 
 
 # ============================================================================ data
-def read_records(paths, tokenizer_fn, vocab_size: int, log=print):
-    """(records, skipped): routing.stats.Record per good line of the JSONL files; bad lines `file:line: reason`."""
-    import numpy as np
-
-    from .stats import Record
-
-    recs, skipped = [], []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    ids, dom = _record_ids(json.loads(raw), tokenizer_fn, vocab_size)
-                except (ValueError, TypeError) as e:
-                    msg = f"{path}:{n}: {e}"
-                    skipped.append(msg)
-                    log(msg, file=sys.stderr)
-                    continue
-                recs.append(Record(np.asarray(ids, np.int32), dom, len(recs)))
-    return recs, skipped
-
-
-def _record_ids(obj, tokenizer_fn, vocab_size):
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    forms = [k for k in ("text", "prompt", "messages", "input_ids", "prompt_token_ids") if k in obj]
-    if len(forms) != 1:
-        raise ValueError("a line needs exactly one of text, prompt, messages, input_ids, prompt_token_ids"
-                         + (f" (has {forms})" if forms else f" (keys: {sorted(obj)})"))
-    dom = obj.get("domain")
-    if dom is not None and not isinstance(dom, (str, int)):
-        raise ValueError('"domain" must be a string')
-    kind, value = forms[0], obj[forms[0]]
-    if kind in ("input_ids", "prompt_token_ids"):
-        if not isinstance(value, list) or not value or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                               for t in value):
-            raise ValueError(f'"{kind}" must be a non-empty list of integers')
-        ids = value
-    elif kind in ("text", "prompt"):
-        if not isinstance(value, str) or not value:
-            raise ValueError(f'"{kind}" must be a non-empty string')
-        ids = tokenizer_fn().encode(value, add_special_tokens=False)
-    else:
-        if not isinstance(value, list) or not value or not all(isinstance(m, dict) and "role" in m for m in value):
-            raise ValueError('"messages" must be a non-empty list of {"role", "content"} objects')
-        ids = tokenizer_fn().apply_chat_template(value, add_generation_prompt=False, tokenize=True)
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-    if not ids:
-        raise ValueError("no tokens")
-    return ids, None if dom is None else str(dom)
-
-
 def _tokenizer_fn(path):
     cache = {}
 
@@ -208,7 +154,7 @@ def _load(p, args):
     mesh = None
     if args.mesh:
         from qwen3_jax.sharding import check_experts, make_mesh
-        from qwen3_jax.sharding.plan import parse_mesh
+        from qwen3_jax.sharding.mesh import parse_mesh
 
         try:
             sizes = parse_mesh(args.mesh)

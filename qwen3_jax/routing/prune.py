@@ -24,14 +24,15 @@ import numpy as np
 from flax import nnx
 
 from .intervention import Intervention
-from .stats import _placer, _with_routing, as_records, iter_batches, layer_routing
+from .stats import batch_placer, with_routing, as_records, iter_batches, layer_routing
 
 PRUNING_FILE = "pruning.json"
 
 
 @functools.lru_cache(maxsize=4)
 def _saliency_fn(graphdef, cfg, iv, out_sharding):
-    from qwen3_jax.model import _pure, moe_experts
+    from qwen3_jax.model import param_arrays
+    from qwen3_jax.moe import moe_experts
 
     def run(state, ids_bt, valid_bt):
         model = nnx.merge(graphdef, state)
@@ -40,7 +41,7 @@ def _saliency_fn(graphdef, cfg, iv, out_sharding):
         w, ids, _ = layer_routing(out.router_logits.reshape(n_l, b * t, e), cfg, iv)
         k = ids.shape[-1]
         ids = jnp.where(valid_bt.reshape(1, -1, 1), ids, e)
-        experts = {n: v for n, v in _pure(model.layers.moe).items() if n in ("gate_proj", "up_proj", "down_proj")}
+        experts = {n: v for n, v in param_arrays(model.layers.moe).items() if n in ("gate_proj", "up_proj", "down_proj")}
         ks = model.runtime.kernels
 
         def one(xs):
@@ -68,8 +69,8 @@ def reap_saliency(model, batches, *, domains=None, batch_size: int = 8, max_len:
     base = model.runtime.routing or Intervention()
     iv = base.replace(moe_inputs=True)
     iv.check(cfg)
-    model = _with_routing(model, iv)
-    put, out_sharding = _placer(model)
+    model = with_routing(model, iv)
+    put, out_sharding = batch_placer(model)
     graphdef, state = nnx.split(model)
     fn = _saliency_fn(graphdef, cfg, iv, out_sharding)
     n_l, e = len(cfg.moe_layers), cfg.num_experts

@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import os
+import sys
 import tempfile
 import zipfile
 from typing import Any, Iterable
@@ -520,14 +521,14 @@ def _stats_fn(graphdef, cfg, iv, trace: bool, out_sharding):
     return jax.jit(run, out_shardings=out_sharding)
 
 
-def _placer(model):
+def batch_placer(model):
     """Host [B, T] arrays -> device arrays on the model's mesh (batch axes; every process passes the same)."""
     mesh = model.runtime.mesh
     if mesh is None:
         return jnp.asarray, None
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from qwen3_jax.sharding.rules import activation_sharding, place
+    from qwen3_jax.partition import activation_sharding, place
 
     return (lambda a: place(a, activation_sharding("bt", a.shape, mesh))), NamedSharding(mesh, P())
 
@@ -547,10 +548,10 @@ def capture(model, batches, *, domains=None, intervention: Intervention | None =
     iv = model.runtime.routing if intervention is None else intervention
     if iv is not None:
         iv.check(cfg)
-        model = _with_routing(model, iv)
+        model = with_routing(model, iv)
     max_len = max_len or min(cfg.max_position_embeddings, 4096)
     stats = stats if stats is not None else RoutingStats(cfg, iv)
-    put, out_sharding = _placer(model)
+    put, out_sharding = batch_placer(model)
     graphdef, state = nnx.split(model)
     fn = _stats_fn(graphdef, cfg, iv, trace is not None, out_sharding)
     k_max = iv.max_top_k(cfg) if iv is not None and iv.changes_routing else cfg.num_experts_per_tok
@@ -578,7 +579,7 @@ def capture(model, batches, *, domains=None, intervention: Intervention | None =
     return stats
 
 
-def _with_routing(model, iv):
+def with_routing(model, iv):
     """A view of `model` (same parameters) whose runtime routes under iv."""
     if model.runtime.routing == iv:
         return model
@@ -613,9 +614,9 @@ def evaluate(model, batches, *, domains=None, intervention: Intervention | None 
     iv = model.runtime.routing if intervention is None else intervention
     if iv is not None:
         iv.check(cfg)
-    model = _with_routing(model, iv if iv is not None and (iv.changes_routing) else None)
+    model = with_routing(model, iv if iv is not None and (iv.changes_routing) else None)
     max_len = max_len or min(cfg.max_position_embeddings, 4096)
-    put, out_sharding = _placer(model)
+    put, out_sharding = batch_placer(model)
     graphdef, state = nnx.split(model)
     fn = _nll_fn(graphdef, out_sharding)
     tot = {}
@@ -636,3 +637,57 @@ def evaluate(model, batches, *, domains=None, intervention: Intervention | None 
     out = entry(*loss_n)
     out["domains"] = {str(d): entry(*v) for d, v in tot.items() if d is not None}
     return out
+
+
+# ============================================================================ routing data files
+def read_records(paths, tokenizer_fn, vocab_size: int, log=print):
+    """(records, skipped): a Record per good line of the JSONL files (one of text, prompt, messages, input_ids,
+    prompt_token_ids; an optional domain); bad lines `file:line: reason`, passed to log and skipped."""
+    recs, skipped = [], []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    ids, dom = record_ids(json.loads(raw), tokenizer_fn, vocab_size)
+                except (ValueError, TypeError) as e:
+                    msg = f"{path}:{n}: {e}"
+                    skipped.append(msg)
+                    log(msg, file=sys.stderr)
+                    continue
+                recs.append(Record(np.asarray(ids, np.int32), dom, len(recs)))
+    return recs, skipped
+
+
+def record_ids(obj, tokenizer_fn, vocab_size):
+    """(token ids, domain or None) of one JSONL object; ValueError naming what is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    forms = [k for k in ("text", "prompt", "messages", "input_ids", "prompt_token_ids") if k in obj]
+    if len(forms) != 1:
+        raise ValueError("a line needs exactly one of text, prompt, messages, input_ids, prompt_token_ids"
+                         + (f" (has {forms})" if forms else f" (keys: {sorted(obj)})"))
+    dom = obj.get("domain")
+    if dom is not None and not isinstance(dom, (str, int)):
+        raise ValueError('"domain" must be a string')
+    kind, value = forms[0], obj[forms[0]]
+    if kind in ("input_ids", "prompt_token_ids"):
+        if not isinstance(value, list) or not value or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                               for t in value):
+            raise ValueError(f'"{kind}" must be a non-empty list of integers')
+        ids = value
+    elif kind in ("text", "prompt"):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f'"{kind}" must be a non-empty string')
+        ids = tokenizer_fn().encode(value, add_special_tokens=False)
+    else:
+        if not isinstance(value, list) or not value or not all(isinstance(m, dict) and "role" in m for m in value):
+            raise ValueError('"messages" must be a non-empty list of {"role", "content"} objects')
+        ids = tokenizer_fn().apply_chat_template(value, add_generation_prompt=False, tokenize=True)
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    if not ids:
+        raise ValueError("no tokens")
+    return ids, None if dom is None else str(dom)

@@ -57,21 +57,20 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, de
     return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """{axis: size} of a --mesh flag, e.g. "data=4,expert=8" (unnamed axes 1); ValueError naming the flag."""
+    sizes = dict.fromkeys(AXES, 1)
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh {text}: expected e.g. data=4,expert=8 with axes {', '.join(AXES)} and sizes >= 1")
+        sizes[name] = int(value)
+    return sizes
+
+
 class MeshLayoutWarning(UserWarning):
     """make_mesh could not lay the mesh out on the devices' physical topology (the message says why)."""
-
-
-def check_experts(num_experts: int, mesh_shape) -> None:
-    """Expert parallelism needs whole experts per shard: num_experts divisible by the 'expert' size."""
-    ep = dict(mesh_shape).get("expert", 1)
-    if num_experts and num_experts % ep:
-        raise ValueError(
-            f"expert parallelism: num_experts={num_experts} is not divisible by the mesh's expert axis size {ep}; "
-            f"choose expert in {[d for d in range(1, num_experts + 1) if num_experts % d == 0]}"
-        )
-    if not num_experts and ep > 1:
-        raise ValueError(f"expert parallelism: the model is dense (no experts) but the mesh has expert={ep}; "
-                         "put those devices on 'data' or 'fsdp'")
 
 
 AUTO_CLUSTERS = ("gcetpu", "gketpu", "slurm", "ompi")  # jax cluster environments we start from on our own

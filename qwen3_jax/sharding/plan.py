@@ -28,27 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen3_jax.config import Qwen3Config
-from qwen3_jax.params import param_count
+from qwen3_jax.moe import capacity, receive_rows
+from qwen3_jax.params import param_count, param_shapes, param_specs
+from qwen3_jax.partition import (ACTIVATION_RULES, BATCH, LORA_RULES, SERVE_PARAM_RULES, fit_spec, shard_bytes,
+                                 spec_for)
 
-from .ep import capacity, receive_rows
-from .mesh import AXES
-from .rules import ACTIVATION_RULES, BATCH, SERVE_PARAM_RULES, fit_spec, param_shapes, param_specs, shard_bytes
+from .mesh import AXES, parse_mesh
 
 GiB = 2**30
 DEVICES = {"TPU v5e": 16, "TPU v6e": 32, "TPU v5p": 95, "H100": 80, "H200": 141}   # HBM, GiB
 HEADROOM = 0.9  # XLA fragmentation, runtime: plan to use at most 90% of HBM
 PROGRAMS = ("train", "decode")
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    sizes = dict.fromkeys(AXES, 1)
-    for part in filter(None, text.split(",")):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        if name not in sizes or not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"--mesh {text}: expected e.g. data=4,expert=8 with axes {', '.join(AXES)} and sizes >= 1")
-        sizes[name] = int(value)
-    return sizes
 
 
 def _split(dim: int, axes, mesh: dict[str, int]) -> int:
@@ -73,10 +63,9 @@ def _layer_compute_elems(cfg: Qwen3Config, mesh: dict[str, int]) -> int:
 
 
 def lora_elems(cfg: Qwen3Config, mesh: dict[str, int], lora_rank: int, lora_targets=None) -> int:
-    """Elements of the LoRA adapters per device (qwen3_jax.lora's shapes, sharding.rules.LORA_RULES)."""
+    """Elements of the LoRA adapters per device (qwen3_jax.lora's shapes, qwen3_jax.partition.LORA_RULES)."""
     from qwen3_jax.lora import DEFAULT_TARGETS, LoRAConfig, adapter_shapes
 
-    from .rules import LORA_RULES, spec_for
 
     lcfg = LoRAConfig(rank=lora_rank, targets=lora_targets or DEFAULT_TARGETS)
     return sum(shard_bytes(shape, np.float32, spec_for((t, ab), shape, mesh, LORA_RULES), mesh) // 4

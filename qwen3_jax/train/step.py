@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+
+from qwen3_jax.params import model_from, split_model  # noqa: F401  (the step's model split, re-exported)
 
 from .losses import cross_entropy_sum, lbl_from_stats, lbl_stats, routed_top_k, router_z_loss_sum
 
@@ -229,21 +230,6 @@ def make_eval_step(graphdef, abstract_state, ce_chunk: int = 512, lora=None):
     return jax.jit(run)
 
 
-def split_model(model):
-    """(graphdef, abstract state, params as a pure dict) of an nnx model."""
-    graphdef, state = nnx.split(model, nnx.Param)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    return graphdef, abstract, nnx.to_pure_dict(state)
-
-
-def model_from(graphdef, abstract_state, params):
-    """The nnx model with `params` (pure dict; None = the abstract shapes) in place."""
-    state = jax.tree.map(lambda x: x, abstract_state)
-    if params is not None:
-        nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
-
-
 def flops_per_token(cfg, seq_len: int, active_params: int, adapter_params: int | None = None) -> float:
     """Training FLOPs per token: 6 x active matmul parameters (embedding lookup excluded) + causal attention
     6 x L x H x hd x T (half of the full 12 L H hd T). LoRA (adapter_params: the adapters' parameter count): the
@@ -298,7 +284,7 @@ def lower_train_step(cfg, mesh, *, batch_size: int, seq_len: int, dtype="bfloat1
     scan_layers=False unrolls the layers; gmm overrides the platform's grouped matmul (qwen3_jax.kernels).
     param_dtype: the master weights (default float32), or with lora_rank the frozen base (default bfloat16) beside
     fp32 adapters that alone have gradients and AdamW moments (plain XLA matmuls: the same on every platform)."""
-    from qwen3_jax.aot import abstract_model
+    from qwen3_jax.sharding.rules import abstract_model
     from qwen3_jax.runtime import Runtime
     from qwen3_jax.sharding import activation_sharding
 

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 import qwen3_jax
@@ -234,7 +233,7 @@ def summary(rows: list[dict]) -> str:
 def routing_records(args, cfg, tok, log) -> list:
     """--routing-data (else --eval-data) as routing.stats.Record's; every process reads all of it (the capture
     runs the same batches on every process). Bad lines are named (by process 0) and skipped."""
-    from qwen3_jax.routing.cli import read_records
+    from qwen3_jax.routing.stats import read_records
 
     if not cfg.is_moe:
         raise ValueError("--routing-stats-every: the model has no MoE layers")

@@ -1,4 +1,16 @@
-"""Expert-parallel MoE: tokens travel to the experts by all-to-all, expert weights never move.
+"""The MoE block: one entry point, `moe_layer`, which the model calls for every MoE layer and where the choice
+of computation happens (from the runtime's kernel choices, qwen3_jax.kernels):
+
+  - on a mesh with devices: expert parallelism (`ep_moe`, below);
+  - KV-cached inference on one CPU device with few token copies: the XLA:CPU FFI experts kernel, reading the
+    chosen experts from the layer stack in place (qwen3_jax.kernels.cpu_decode);
+  - few token copies on CPU: each copy's expert weights gathered (`moe_experts_gather`);
+  - else: (token, slot) pairs sorted by expert and the platform's grouped SwiGLU (`moe_experts`).
+
+Every path routes the same way (`router_choice`: the config's top-k, or the runtime's routing intervention) and
+sends padding nowhere (`mask_padding`).
+
+Expert parallelism: tokens travel to the experts by all-to-all, expert weights never move.
 
 In `jax.shard_map` over the whole mesh, each device holds n tokens (the batch split over
 ('data', 'fsdp', 'expert'), padded to a multiple of the device count) and E/ep experts (ep = size of
@@ -41,10 +53,135 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from qwen3_jax.model import mask_padding, moe_experts, router_choice
+from .config import Qwen3Config
+from .kernels import cpu_decode
+from .kernels.gmm import grouped_swiglu
+from .partition import BATCH, check_experts, fit_spec
 
-from .mesh import check_experts
-from .rules import BATCH, fit_spec
+
+# ============================================================================ routing and the experts
+def route_topk(logits_te, top_k, norm_topk_prob):
+    """Router weights [T,k] and experts [T,k] from fp32 logits [T,E]."""
+    probs_te = jax.nn.softmax(logits_te, axis=-1)
+    w_tk, e_tk = jax.lax.top_k(probs_te, top_k)
+    if norm_topk_prob:
+        w_tk = w_tk / jnp.sum(w_tk, axis=-1, keepdims=True)
+    return w_tk, e_tk
+
+
+def router_choice(logits_te, cfg: Qwen3Config, routing=None, layer=None):
+    """The routing every MoE path runs: `route_topk` of the config, or under an intervention (runtime.routing, a
+    qwen3_jax.routing.Intervention: top-k, disabled / forced experts, temperature) its routing of decoder layer
+    `layer` (int or traced). Slots an intervention leaves empty name expert E (weight 0), as padding does."""
+    if routing is None:
+        return route_topk(logits_te, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    return routing.route_topk(logits_te, layer, cfg)
+
+
+def mask_padding(e_tk, valid_t, num_experts):
+    """Padding tokens (valid_t False) route nowhere: expert id num_experts, which no grouped matmul computes
+    (they take no expert capacity and their output is zero)."""
+    if valid_t is None:
+        return e_tk
+    return jnp.where(valid_t[:, None], e_tk, num_experts)
+
+
+def moe_experts(x_td, w_tk, e_tk, p, *, ks, num_experts=None, stacked=None):
+    """Dropless expert computation: sort (token, slot) pairs by expert, grouped SwiGLU, unsort, combine.
+
+    `e_tk` may name experts outside [0, num_experts) (padding, or expert-parallel rows that are not this shard's):
+    those slots sort last, are not computed and contribute zero. ks: the kernel choices (qwen3_jax.kernels.Kernels:
+    the grouped matmul, and whether it runs in its own platform's program).
+    stacked: (the MoE parameters stacked over layers, layer index) of which p is one layer (impl "cpu" reads the
+    experts' weights from the stack in place)."""
+    t, d = x_td.shape
+    k = e_tk.shape[1]
+    n_exp = num_experts or p["gate_proj"].shape[0]
+    dt = x_td.dtype
+    flat_e = e_tk.reshape(-1)                                   # [M]
+    order = jnp.argsort(flat_e, stable=True)                    # [M] sorted slot -> flat slot
+    x_md = x_td[order // k]                                     # [M, D] token rows in expert order
+    sizes_e = jnp.bincount(flat_e, length=n_exp).astype(jnp.int32)
+    names = ("gate_proj", "up_proj", "down_proj")
+    if stacked is not None:
+        stacked = (tuple(stacked[0][n] for n in names), stacked[1])
+    y_md = grouped_swiglu(x_md, *(p[n].astype(dt) for n in names), sizes_e, impl=ks.gmm,
+                          interpret=ks.off_platform(ks.gmm), stacked=stacked if ks.gmm == "cpu" else None,
+                          device=ks.device)   # [M, D], rows past the groups zero
+    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))  # inverse perm.
+    y_tkd = y_md[unsort].reshape(t, k, d)                       # back to (token, slot) order
+    return jnp.einsum("tkd,tk->td", y_tkd, w_tk.astype(dt))
+
+
+def moe_experts_gather(x_td, w_tk, e_tk, p):
+    """Few-token (decode) experts: gather each (token, slot)'s expert weights [M, D, F] (M = T x k) and multiply
+    directly -- no sort, no grouping, no padding. Reads T x k expert matrices, so it pays off while T x k <= E
+    (a CPU heuristic, see qwen3_jax.kernels). Slots naming no expert (>= E: padding) contribute zero.
+
+    Each row is its own batch entry ([M, 1, D] @ [M, D, F]: batch dims leading, contraction on the weights' major
+    dim), which XLA:CPU runs as one batched matmul over the gathered weights; an einsum over [T, k, D, F] with D
+    in the middle made it transpose every gathered matrix first (decode step 0.77 -> 0.31 ms of MoE, 4 layers).
+    The routing weights scale h before the down projection, so the k slots of a token sum inside one matmul
+    ([T, 1, k*F] @ [T, k*F, D])."""
+    t, d = x_td.shape
+    k = e_tk.shape[1]
+    n_exp = p["gate_proj"].shape[0]
+    dt = x_td.dtype
+    w_tk = jnp.where(e_tk < n_exp, w_tk, 0)
+    e_m = jnp.minimum(e_tk.reshape(-1), n_exp - 1)                # [M]
+    x_m1d = jnp.repeat(x_td, k, axis=0)[:, None, :]              # [M, 1, D]
+    g_mdf = p["gate_proj"][e_m].astype(dt)
+    u_mdf = p["up_proj"][e_m].astype(dt)
+    d_mfd = p["down_proj"][e_m].astype(dt)
+    h_m1f = jax.nn.silu(jnp.matmul(x_m1d, g_mdf)) * jnp.matmul(x_m1d, u_mdf)
+    h_m1f = h_m1f * w_tk.reshape(-1, 1, 1).astype(dt)             # routing weight of each row
+    f = h_m1f.shape[-1]
+    y_t1d = jnp.matmul(h_m1f.reshape(t, 1, k * f), d_mfd.reshape(t, k * f, d))
+    return y_t1d[:, 0]
+
+
+def moe_block(x_btd, p, cfg: Qwen3Config, ks, valid_bt=None, stacked=None, routing=None, layer=None):
+    """Qwen3-MoE sparse block on one device. Returns output [B,T,D] and router logits [B,T,E] (fp32).
+
+    ks: the kernel choices (qwen3_jax.kernels.Kernels, e.g. `Runtime().kernels`). Few token copies
+    (B*T*top_k <= ks.gather_rows: a CPU heuristic, KV-cached decode) take the gather path, the rest the sorted
+    grouped matmul. valid_bt: False for padding tokens, which take no expert. stacked: see moe_experts.
+    routing, layer: an intervention and the decoder layer (router_choice)."""
+    b, t, d = x_btd.shape
+    x_td = x_btd.reshape(b * t, d)
+    logits = jnp.dot(x_td.astype(jnp.float32), p["router"].astype(jnp.float32))
+    w_tk, e_tk = router_choice(logits, cfg, routing, layer)
+    e_tk = mask_padding(e_tk, None if valid_bt is None else valid_bt.reshape(-1), cfg.num_experts)
+    if b * t * e_tk.shape[1] <= ks.gather_rows(cfg.num_experts, stacked is not None):
+        y = moe_experts_gather(x_td, w_tk, e_tk, p)
+    else:
+        y = moe_experts(x_td, w_tk, e_tk, p, ks=ks, stacked=stacked)
+    return y.reshape(b, t, d), logits.reshape(b, t, -1)
+
+
+# ============================================================================ the entry point
+def moe_layer(x_btd, p, cfg: Qwen3Config, runtime, *, layer, valid_bt=None, stacked=None, mesh=None,
+              inference: bool = False, in_place: bool = False):
+    """One MoE layer: y [B, T, D], router logits [B, T, E] fp32 and the token copies dropped (int32).
+
+    p: the layer's MoE params; layer: the decoder layer (an int or traced: the routing intervention's layer and
+    the stack index); valid_bt: real tokens (None: all); stacked: the MoE params stacked over layers, of which p
+    is layer `layer` (CPU kernels read it in place); mesh: the mesh to run expert-parallel on (None: this device);
+    inference: KV-cached (never drops); in_place: the XLA:CPU decode kernels serve this call."""
+    ks, routing = runtime.kernels, runtime.routing
+    if mesh is not None:
+        return ep_moe(x_btd, valid_bt, p, cfg, runtime, inference=inference, layer=layer)
+    b, t, d = x_btd.shape
+    copies = b * t * cfg.num_experts_per_tok
+    if in_place and stacked is not None and copies <= ks.in_place_moe_rows(cfg.num_experts):
+        x_td = x_btd.reshape(b * t, d)
+        logits = cpu_decode.stacked_proj(x_td.astype(jnp.float32), stacked["router"], layer)
+        w_tk, e_tk = router_choice(logits, cfg, routing, layer)
+        e_tk = mask_padding(e_tk, None if valid_bt is None else valid_bt.reshape(-1), cfg.num_experts)
+        y = cpu_decode.moe_experts_kernel(x_td, w_tk, e_tk, (stacked, layer))
+        return y.reshape(b, t, d), logits.reshape(b, t, -1), jnp.int32(0)
+    y, logits = moe_block(x_btd, p, cfg, ks, valid_bt, None if stacked is None else (stacked, layer), routing, layer)
+    return y, logits, jnp.int32(0)
 
 
 # ============================================================================ slot bookkeeping
