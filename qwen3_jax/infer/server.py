@@ -372,7 +372,7 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if start_service and service.scheduler._thread is None:
+        if start_service and not service.scheduler.started:
             service.start()
         yield
         if start_service:
