@@ -51,7 +51,7 @@ setup(
             "qwen3-jax-export=qwen3_jax.train.cli:export_main",
             "qwen3-jax-plot=qwen3_jax.train.plot:main",
             "qwen3-jax-infer=qwen3_jax.infer.cli:main",
-            "qwen3-jax-chat=qwen3_jax.infer.cli:chat_main",
+            "qwen3-jax-chat=qwen3_jax.infer.chat_cli:main",
             "qwen3-jax-routing=qwen3_jax.routing.cli:main",
             "qwen3-jax-serve=qwen3_jax.infer.server:main",
         ],

@@ -48,7 +48,8 @@ from qwen3_jax.hostmem import tune_malloc
 from qwen3_jax.launch import ArgumentParser, default_platform
 
 from . import protocol as P
-from .cli import SAMPLING_FLAGS, SamplingDefaults, _add_model_args, _load_model, _load_tokenizer, _setup, add_sampling_flags
+from .loading import (SAMPLING_FLAGS, SamplingDefaults, add_model_args, add_sampling_flags, load_model, load_tokenizer,
+                      setup)
 from .scheduler import EngineDead, QueueFull
 from .serving import (RESERVED_TEMPLATE_KWARGS, BadRequest, ChatPlan, ChatRun, ChoiceOutput, EngineService,
                       GenParams, ToolRun, WorkerPool)
@@ -770,7 +771,7 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
 def serve_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="qwen3-jax-serve", description="OpenAI-compatible server (see the module "
                                 "docstring of qwen3_jax.infer.server and the README's server section).")
-    _add_model_args(p)
+    add_model_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on (checked before the model loads)")
@@ -851,7 +852,7 @@ def main(argv=None) -> int:
         p.error("--port must be in [0, 65535]")
     sock = bind(p, args.host, args.port)
     ns = argparse.Namespace(**{**vars(args), "max_new_tokens": 1})
-    cfg = _setup(p, ns)
+    cfg = setup(p, ns)
     args.dtype, args.mesh = ns.dtype, ns.mesh
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -866,8 +867,8 @@ def main(argv=None) -> int:
         except MCPError as e:
             p.error(str(e))
         log.info("MCP tools: %s", ", ".join(sorted(mcp.names)) or "(none)")
-    tokenizer = _load_tokenizer(args)
-    model = _load_model(args)
+    tokenizer = load_tokenizer(args)
+    model = load_model(args)
     max_len = args.max_len or min(cfg.max_position_embeddings, 8192)
     holder = {}
     metrics = Metrics(lambda: holder["service"].scheduler)
