@@ -137,9 +137,9 @@ def test_line_parsing_overrides_and_precedence(qwen_dir):
         '{"id": "a", "prompt": "x", "top_p": 0}': "sampling parameters: top_p must be in (0, 1]",
         '{"id": "a", "prompt_token_ids": [1, 151936]}': "outside the vocabulary",
         '{"id": "a", "prompt_token_ids": []}': "non-empty list of integers",
-        '{"id": "a", "prompt": "x", "stop_token_ids": [151936]}': "stop token ids [151936]: not in [0, 151936)",
+        '{"id": "a", "prompt": "x", "stop_token_ids": [151936]}': "stop_token_ids [151936]: not in [0, 151936)",
         '{"id": "a", "prompt": "x", "stop_token_ids": ' + str(list(range(16))) + '}':
-            "at most 16 stop token ids (eos included), got 17",
+            "stop_token_ids: at most 16 (eos included), got 17",
         '{"id": "a", "messages": "hi"}': '"messages" must be a non-empty list',
         '{"id": "a", "prompt": "' + "word " * 300 + '"}': "the context is 256 tokens",
         '{"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {}}': "OpenAI batch lines must be",
@@ -437,4 +437,4 @@ def test_chat_stop_token_ids_are_checked_before_the_model_loads(qwen_dir, capsys
         chat_cli.main(["--model", str(qwen_dir), "--stop-token-id", "151936"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["qwen3-jax-chat: error: --stop-token-id: stop token ids [151936]: not in [0, 151936)"]
+    assert err == ["qwen3-jax-chat: error: --stop-token-id: stop_token_ids [151936]: not in [0, 151936)"]

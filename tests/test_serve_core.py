@@ -128,9 +128,9 @@ def test_think_state_stop_ids_and_eos_are_one_rule_each():
     assert think_state([1, 5], None) is None
     assert stop_token_ids([9, 3, 9], eos_ids=[7]) == [3, 7, 9]
     assert stop_token_ids(None, eos_ids=[7], vocab_size=8) == [7]
-    with pytest.raises(ValueError, match=r"\[-1, 8\]: not in \[0, 8\)"):
+    with pytest.raises(ValueError, match=r"stop_token_ids \[-1, 8\]: not in \[0, 8\)"):
         stop_token_ids([8, -1, 2], vocab_size=8)
-    with pytest.raises(ValueError, match=f"at most {MAX_STOP_IDS} stop token ids .eos included., got 17"):
+    with pytest.raises(ValueError, match=f"stop_token_ids: at most {MAX_STOP_IDS} .eos included., got 17"):
         stop_token_ids(range(16), eos_ids=[100])
     assert len(stop_token_ids(range(15), eos_ids=[100, 14])) == MAX_STOP_IDS
     cfg = SimpleNamespace(eos_token_ids=[3, 99], vocab_size=50)

@@ -59,9 +59,9 @@ def stop_token_ids(extra, eos_ids=(), vocab_size: int | None = None, limit: int 
     ids = sorted({*(int(t) for t in eos_ids), *(int(t) for t in (extra or ()))})
     bad = [t for t in ids if not 0 <= t < vocab_size] if vocab_size is not None else []
     if bad:
-        raise ValueError(f"stop token ids {bad}: not in [0, {vocab_size})")
+        raise ValueError(f"stop_token_ids {bad}: not in [0, {vocab_size})")
     if len(ids) > limit:
-        raise ValueError(f"at most {limit} stop token ids (eos included), got {len(ids)}")
+        raise ValueError(f"stop_token_ids: at most {limit} (eos included), got {len(ids)}")
     return ids
 
 
