@@ -39,8 +39,9 @@ setup(
         # contributors: the tests check parity against transformers (torch CPU), compile the TPU and GPU programs ahead
         # of time for abstract chips (libtpu, and the gpu extra's CUDA plugin and kernels), and drive the server with
         # the openai client (and npm's `ai`: see scripts/setup-test-machine.sh); peft: the LoRA adapters' round trip
-        "test": ["pytest>=8", "ruff>=0.6", "import-linter>=2.1", "torch==2.13.0", "transformers>=5.0", "peft>=0.17", "psutil", "jax[tpu]", *GPU, *SERVE,
-                 "openai>=1.40", "httpx>=0.27"],
+        # ruff and import-linter: CI's lint (ruff.toml, .importlinter)
+        "test": ["pytest>=8", "ruff>=0.6", "import-linter>=2.1", "torch==2.13.0", "transformers>=5.0", "peft>=0.17",
+                 "psutil", "jax[tpu]", *GPU, *SERVE, "openai>=1.40", "httpx>=0.27"],
     },
     entry_points={
         "console_scripts": [
@@ -51,7 +52,7 @@ setup(
             "qwen3-jax-export=qwen3_jax.train.cli:export_main",
             "qwen3-jax-plot=qwen3_jax.train.plot:main",
             "qwen3-jax-infer=qwen3_jax.infer.cli:main",
-            "qwen3-jax-chat=qwen3_jax.infer.cli:chat_main",
+            "qwen3-jax-chat=qwen3_jax.infer.chat_cli:main",
             "qwen3-jax-routing=qwen3_jax.routing.cli:main",
             "qwen3-jax-serve=qwen3_jax.infer.server:main",
         ],

@@ -18,6 +18,7 @@ from flax import nnx
 import qwen3_jax
 from qwen3_jax import aot
 from qwen3_jax import cli as demo_cli
+from qwen3_jax.infer import chat_cli
 from qwen3_jax.infer import cli as infer_cli
 from qwen3_jax.kernels import accelerator_present
 from qwen3_jax.routing import cli as routing_cli
@@ -76,7 +77,7 @@ def test_bad_checkpoint_is_one_line_exit_2_everywhere(models, tmp_path, capsys, 
     assert _code(infer_cli.main, ["--model", models[case], "--input", str(inp), "--output", str(out / "o.jsonl")]) == 2
     _one_line(capsys, "qwen3-jax-infer", *words)
     assert not out.exists()
-    assert _code(infer_cli.chat_main, ["--model", models[case]]) == 2
+    assert _code(chat_cli.main, ["--model", models[case]]) == 2
     _one_line(capsys, "qwen3-jax-chat", *words)
 
 
@@ -97,7 +98,7 @@ def test_missing_things_and_bad_flags_are_one_line_exit_2(models, tmp_path, caps
          "qwen3-jax-infer", "no config.json"),
         (infer_cli.main, ["--model", models["good"], "--input", models["data"], "--output", str(tmp_path / "o.jsonl"),
                           "--temperature"], "qwen3-jax-infer", "--temperature"),
-        (infer_cli.chat_main, ["--model", models["good"], "--top-k", "x"], "qwen3-jax-chat", "--top-k"),
+        (chat_cli.main, ["--model", models["good"], "--top-k", "x"], "qwen3-jax-chat", "--top-k"),
         # qwen3-jax-infer's --top-k is the router's: a sampling-style value says where the sampling top-k went
         (infer_cli.main, ["--model", models["good"], "--input", models["data"], "--output", str(tmp_path / "o.jsonl"),
                           "--top-k", "20"], "qwen3-jax-infer", "1..4", "--sampling-top-k"),
@@ -242,7 +243,7 @@ def _parsers():
     demo = demo_cli.parser()._subparsers._group_actions[0].choices["demo"]
     from qwen3_jax.infer.server import serve_parser
 
-    return [train_cli.parser(), infer_cli.batch_parser(), infer_cli.chat_parser(), serve_parser(), demo]
+    return [train_cli.parser(), infer_cli.batch_parser(), chat_cli.chat_parser(), serve_parser(), demo]
 
 
 def test_help_shows_each_default_once():

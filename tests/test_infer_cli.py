@@ -16,7 +16,7 @@ from flax import nnx
 import qwen3_jax
 from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
 from qwen3_jax.infer import GenerationResult, SamplingParams, Tokenizer, generate
-from qwen3_jax.infer import cli
+from qwen3_jax.infer import chat_cli, cli, loading
 
 GREEDY = SamplingParams(temperature=0.0)
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
@@ -85,7 +85,7 @@ def test_line_parsing_overrides_and_precedence(qwen_dir):
 
     def parser(*flags):
         args = cli.batch_parser().parse_args(["--model", str(qwen_dir), "--input", "-", "--output", "-", *flags])
-        return cli.LineParser(args, cfg, tok, cli.SamplingDefaults(qwen_dir, args))
+        return cli.LineParser(args, cfg, tok, loading.SamplingDefaults(qwen_dir, args))
 
     parse = parser("--sampling-top-k", "7", "--seed", "100", "--max-new-tokens", "9")
     job = parse(3, json.dumps({"id": "a", "prompt": "Hello world"}))
@@ -137,6 +137,9 @@ def test_line_parsing_overrides_and_precedence(qwen_dir):
         '{"id": "a", "prompt": "x", "top_p": 0}': "sampling parameters: top_p must be in (0, 1]",
         '{"id": "a", "prompt_token_ids": [1, 151936]}': "outside the vocabulary",
         '{"id": "a", "prompt_token_ids": []}': "non-empty list of integers",
+        '{"id": "a", "prompt": "x", "stop_token_ids": [151936]}': "stop_token_ids [151936]: not in [0, 151936)",
+        '{"id": "a", "prompt": "x", "stop_token_ids": ' + str(list(range(16))) + '}':
+            "stop_token_ids: at most 16 (eos included), got 17",
         '{"id": "a", "messages": "hi"}': '"messages" must be a non-empty list',
         '{"id": "a", "prompt": "' + "word " * 300 + '"}': "the context is 256 tokens",
         '{"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {}}': "OpenAI batch lines must be",
@@ -387,7 +390,7 @@ def test_sigkill_then_rerun_completes_without_duplicates(tmp_path):
 def test_reasoning_printer():
     def show(deltas):
         buf = io.StringIO()
-        p = cli.ReasoningPrinter(buf, color=False)
+        p = chat_cli.ReasoningPrinter(buf, color=False)
         for d in deltas:
             p.feed(d)
         p.close()
@@ -413,7 +416,7 @@ def test_chat_over_a_pipe_keeps_history(qwen_dir, qwen, monkeypatch, capsys):
     monkeypatch.setattr(infer, "stream", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("/no_think\nHello there\n\nTell me more /no_think\n/reset\n"
                                                   "Hello there\n/exit\nnot read\n"))
-    assert cli.chat_main(["--model", str(qwen_dir), "--dtype", "float32", "--temperature", "0",
+    assert chat_cli.main(["--model", str(qwen_dir), "--dtype", "float32", "--temperature", "0",
                           "--max-new-tokens", "6", "--system", "Be brief."]) == 0
     shown = capsys.readouterr().out
 
@@ -427,3 +430,11 @@ def test_chat_over_a_pipe_keeps_history(qwen_dir, qwen, monkeypatch, capsys):
     assert a1.strip() and a2.strip()
     assert shown == f"[thinking mode off]\n{a1}\n{a2}\n[conversation reset]\n{a1}\n"
     assert len(deltas) > 3 and "".join(deltas).count(a1) >= 2  # streamed as deltas, /reset dropped the history
+
+
+def test_chat_stop_token_ids_are_checked_before_the_model_loads(qwen_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        chat_cli.main(["--model", str(qwen_dir), "--stop-token-id", "151936"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["qwen3-jax-chat: error: --stop-token-id: stop_token_ids [151936]: not in [0, 151936)"]

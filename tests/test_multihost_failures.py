@@ -93,9 +93,9 @@ def test_infer_exception_on_one_host_while_loading_stops_both(files, tmp_path):
     """Host 1 fails while loading the model with an exception that is not bad input."""
     out = tmp_path / "out.jsonl"
     procs = _start_each(files, "loadfail", "infer", lambda i: _infer_flags(files, out),
-                        "--fail", "qwen3_jax.infer.cli:_load_model")
+                        "--fail", "qwen3_jax.infer.cli:load_model")
     _both_fail_alike(files, "loadfail", procs, "qwen3-jax-infer",
-                     "RuntimeError: injected failure in _load_model on this host")
+                     "RuntimeError: injected failure in load_model on this host")
     assert not out.exists()
 
 

@@ -14,7 +14,7 @@ from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
 from qwen3_jax.infer import SamplingParams, Tokenizer, generate, parse_tool_calls, split_reasoning
 from qwen3_jax.infer.chat import ChatStreamParser, StopStrings
 from qwen3_jax.infer.engine import TOP_LOGPROBS, Engine
-from qwen3_jax.infer.generate import _ROW_DTYPES, Request, _row_params
+from qwen3_jax.infer.generate import Request, row_params
 from qwen3_jax.infer.scheduler import QueueFull, Scheduler, Sequence
 from tests.test_generate import chain, table_model
 
@@ -111,10 +111,37 @@ def test_stop_strings_at_every_split(stops, text, want):
     assert "".join(s.feed(c) for c in text) + s.flush() == want
 
 
+def test_think_state_stop_ids_and_eos_are_one_rule_each():
+    """The rules every path shares (batch CLI, chat, server, scheduler, generate): where a prompt leaves <think>,
+    a request's stop ids, the eos ids."""
+    from types import SimpleNamespace
+
+    from qwen3_jax.infer.chat import think_state
+    from qwen3_jax.infer.generate import MAX_STOP_IDS, eos_token_ids, stop_token_ids
+
+    think = (5, 6)
+    assert think_state([1, 5, 2], think) == "open"
+    assert think_state([1, 5, 2, 6, 3], think) == "closed"
+    assert think_state([1, 5, 6, 5, 2], think) == "open"      # a later block opened again
+    assert think_state([6, 1], think) == "closed"
+    assert think_state([1, 2], think) is None
+    assert think_state([1, 5], None) is None
+    assert stop_token_ids([9, 3, 9], eos_ids=[7]) == [3, 7, 9]
+    assert stop_token_ids(None, eos_ids=[7], vocab_size=8) == [7]
+    with pytest.raises(ValueError, match=r"stop_token_ids \[-1, 8\]: not in \[0, 8\)"):
+        stop_token_ids([8, -1, 2], vocab_size=8)
+    with pytest.raises(ValueError, match=f"stop_token_ids: at most {MAX_STOP_IDS} .eos included., got 17"):
+        stop_token_ids(range(16), eos_ids=[100])
+    assert len(stop_token_ids(range(15), eos_ids=[100, 14])) == MAX_STOP_IDS
+    cfg = SimpleNamespace(eos_token_ids=[3, 99], vocab_size=50)
+    assert eos_token_ids(cfg) == [3]                               # an id outside the vocabulary never stops
+    assert eos_token_ids(cfg, SimpleNamespace(eos_token_id=7)) == [3, 7]
+    assert eos_token_ids(cfg, SimpleNamespace(eos_token_id=None)) == [3]
+
+
 # ------------------------------------------------------------------------------------------- engine extensions
 def _prefill(engine, slots, prompts, rows, max_new=8, stops=()):
-    params = [_row_params(Request(p, GREEDY, max_new, list(stops)), 16, None) for p in prompts]
-    row = {k: np.asarray([p[k] for p in params], _ROW_DTYPES[k]) for k in _ROW_DTYPES}
+    row = row_params([Request(p, GREEDY, max_new, list(stops)) for p in prompts], 16, None)
     return engine.prefill(slots, prompts, rows, row)
 
 

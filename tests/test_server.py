@@ -748,7 +748,7 @@ def test_setup_errors_are_one_line(ids_dir, tmp_path):
 def _inproc(model, tokenizer=None, *, max_batch=1, max_len=64, max_queue=2, **app_kw):
     """(service, app): an in-process app (its scheduler not started: start_service False) for httpx's ASGI
     transport."""
-    from qwen3_jax.infer.cli import SamplingDefaults
+    from qwen3_jax.infer.loading import SamplingDefaults
     from qwen3_jax.infer.server import Defaults, Metrics, create_app
     from qwen3_jax.infer.serving import EngineService
 

@@ -11,6 +11,19 @@ THINK_START, THINK_END = "<think>", "</think>"
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 
 
+def think_state(prompt_ids, think_ids) -> str | None:
+    """Where a prompt leaves Qwen3's thinking block: "open" (it ends inside `<think>`: the model continues the
+    reasoning), "closed" (its last `</think>` follows its last `<think>`, e.g. the empty block of non-thinking mode)
+    or None (no tag, or `think_ids`, the (<think>, </think>) ids, is None)."""
+    if think_ids is None:
+        return None
+    start, end = think_ids
+    last = {t: max((i for i, x in enumerate(prompt_ids) if x == t), default=-1) for t in (start, end)}
+    if last[start] > last[end]:
+        return "open"
+    return "closed" if last[end] >= 0 else None
+
+
 # a tool call that ends the reasoning: `<tool_call>`, whitespace, then the call's JSON object
 _TOOL_CALL_OPEN_RE = re.compile(re.escape(TOOL_CALL_START) + r"\s*\{")
 

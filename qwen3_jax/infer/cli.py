@@ -1,7 +1,6 @@
-"""Command-line inference: `qwen3-jax-infer` (batch JSONL, resumable) and `qwen3-jax-chat` (interactive, streaming).
+"""`qwen3-jax-infer`: batch inference over a JSONL file, resumable (the chat is qwen3_jax.infer.chat_cli).
 
     qwen3-jax-infer --model DIR --input in.jsonl --output out.jsonl --batch-size 16 --temperature 0
-    qwen3-jax-chat --model DIR --system "You are terse." --no-thinking
 
 Input lines of `qwen3-jax-infer` (one JSON object each; blank lines are skipped):
 
@@ -46,7 +45,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 import uuid
@@ -55,174 +53,9 @@ from pathlib import Path
 from qwen3_jax.hostmem import tune_malloc
 from qwen3_jax.launch import ArgumentParser, add_launch_args, agree, allgather_json, default_platform, launch
 
-from .chat import THINK_END, THINK_START
-
-# ---------------------------------------------------------------------------------------------------------------
-# Arguments shared by both commands
-
-SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                  "frequency_penalty")
-
-
-def _mesh_arg(text: str) -> dict[str, int]:
-    from qwen3_jax.sharding.plan import parse_mesh
-
-    try:
-        return parse_mesh(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _add_model_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
-    g.add_argument("--tokenizer", help="directory with tokenizer.json (+ tokenizer_config.json); default: --model")
-    g.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter (adapter_config.json + "
-                   "adapter_model.safetensors, e.g. qwen3-jax-train --lora-rank's export), merged into the weights")
-    g.add_argument("--dtype", default="auto",
-                   help="compute/parameter dtype: float32, bfloat16, ...; 'auto' = the checkpoint's torch_dtype")
-    g.add_argument("--mesh", type=_mesh_arg, metavar="AXIS=N,...",
-                   help="device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, tensor); default: one device, "
-                   "or every device on 'tensor' when several processes run (qwen3-jax-infer's launch flags)")
-
-
-def add_sampling_flags(g, top_k_flag: str = "--top-k"):
-    """The SAMPLING_FLAGS (every generation command: qwen3-jax-infer, -chat, -serve)."""
-    g.add_argument("--temperature", type=float, help="0 = greedy")
-    g.add_argument("--top-p", type=float)
-    g.add_argument(top_k_flag, dest="top_k", type=int, help="sampling top-k (0 = off)")
-    g.add_argument("--min-p", type=float)
-    g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--presence-penalty", type=float)
-    g.add_argument("--frequency-penalty", type=float)
-
-
-def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, top_k_flag: str = "--top-k"):
-    g = p.add_argument_group("generation (defaults: the model's generation_config.json)")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help=f"default {max_new_tokens}; capped so that prompt + new tokens fit the context")
-    add_sampling_flags(g, top_k_flag)
-    g.add_argument("--thinking-budget", type=int, metavar="N",
-                   help="after N thinking tokens without </think>, end the thinking and answer")
-    g.add_argument("--stop-token-id", type=int, action="append", dest="stop_token_ids", metavar="ID",
-                   help="also stop at this token id (repeatable; eos always stops)")
-    think = g.add_mutually_exclusive_group()
-    think.add_argument("--enable-thinking", dest="enable_thinking", action="store_true", default=True,
-                       help="Qwen3 thinking mode (default)")
-    think.add_argument("--no-thinking", dest="enable_thinking", action="store_false",
-                       help="non-thinking mode: the chat template closes an empty <think></think> block")
-    return g
-
-
-def _setup(p: argparse.ArgumentParser, args):
-    """Check the arguments (usage errors exit 2) and return the model config; sets args.dtype and args.mesh (a Mesh)."""
-    import jax.numpy as jnp
-
-    from qwen3_jax import Qwen3Config
-
-    if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be >= 1")
-    if args.thinking_budget is not None and args.thinking_budget < 0:
-        p.error("--thinking-budget must be >= 0")
-    if getattr(args, "batch_size", 1) < 1:
-        p.error("--batch-size must be >= 1")
-    if getattr(args, "max_len", None) is not None and args.max_len < 2:
-        p.error("--max-len must be >= 2")
-    if not (Path(args.model) / "config.json").is_file():
-        p.error(f"--model {args.model}: no config.json there")
-    if args.tokenizer is not None and not (Path(args.tokenizer) / "tokenizer.json").is_file():
-        p.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
-    try:
-        cfg = Qwen3Config.from_pretrained(args.model)
-    except (ValueError, KeyError) as e:
-        p.error(f"--model {args.model}: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
-    from qwen3_jax.checkpoint import CheckpointError, check_checkpoint
-
-    try:  # every tensor's name and shape, and truncated files, from the headers: before anything is loaded
-        check_checkpoint(args.model, cfg)
-    except CheckpointError as e:
-        p.error(f"--model: {e}")
-    if getattr(args, "adapter", None) is not None:
-        from qwen3_jax.lora import AdapterError, check_adapter
-
-        try:
-            check_adapter(args.adapter, cfg)
-        except AdapterError as e:
-            p.error(f"--adapter: {e}")
-    try:
-        args.dtype = jnp.dtype((cfg.torch_dtype or "float32") if args.dtype == "auto" else args.dtype).name
-    except TypeError:
-        p.error(f"--dtype {args.dtype}: not a dtype (float32, bfloat16, float16)")
-    import jax
-
-    if args.mesh is None and jax.process_count() > 1:
-        args.mesh = {"tensor": -1}  # the model spread over every host, each running every row of the batch
-    if args.mesh is not None:
-        from qwen3_jax.sharding import check_experts, make_mesh
-
-        try:
-            check_experts(cfg.num_experts if cfg.is_moe else 0, args.mesh)
-            args.mesh = make_mesh(**args.mesh)
-        except ValueError as e:
-            p.error(f"--mesh: {e}")
-    return cfg
-
-
-def _load_tokenizer(args):
-    """The tokenizer of --tokenizer (else --model), or None when the model directory has none."""
-    from qwen3_jax.infer import Tokenizer
-
-    path = Path(args.tokenizer or args.model)
-    return Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
-
-
-def _checked_tokenizer(p, args):
-    """_load_tokenizer, a tokenizer.json that does not load being a usage error (one line, exit 2)."""
-    try:
-        return _load_tokenizer(args)
-    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for a malformed file)
-        p.error(f"{'--tokenizer ' + args.tokenizer if args.tokenizer else '--model ' + args.model}: cannot load "
-                f"tokenizer.json: {' '.join(str(e).split())[:300]}")
-
-
-def _load_model(args):
-    import qwen3_jax
-
-    from qwen3_jax.partition import SERVE_PARAM_RULES
-
-    t0 = time.perf_counter()
-    # the serving layout: no weight is gathered per decoded token (experts over 'expert', the rest over 'tensor')
-    rules = SERVE_PARAM_RULES if args.mesh is not None else None
-    adapter = getattr(args, "adapter", None)
-    model = qwen3_jax.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh, rules=rules, adapter=adapter)
-    with_adapter = f" with adapter {adapter}" if adapter else ""
-    print(f"loaded {args.model}{with_adapter} ({args.dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr,
-          flush=True)
-    return model
-
-
-def _eos_ids(cfg, tokenizer) -> list[int]:
-    """The ids that stop every request (the engine's default): the model's and the tokenizer's eos."""
-    eos = [] if tokenizer is None or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    return sorted({i for i in [*cfg.eos_token_ids, *eos] if 0 <= i < cfg.vocab_size})
-
-
-class SamplingDefaults:
-    """SamplingParams for a request: generation_config.json, then command-line flags, then the request's fields."""
-
-    def __init__(self, model_dir, args):
-        from qwen3_jax.infer import SamplingParams
-
-        self._source = os.fspath(model_dir)  # its generation_config.json when present, else Qwen3's recommendations
-        self._flags = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
-        self._make = SamplingParams.from_generation_config
-        self._base = {}
-
-    def __call__(self, enable_thinking: bool, **overrides):
-        if enable_thinking not in self._base:
-            self._base[enable_thinking] = self._make(self._source, enable_thinking=enable_thinking, **self._flags)
-        return self._base[enable_thinking].replace(**overrides)
-
+from .chat_cli import main as chat_main  # noqa: F401  (qwen3-jax-chat, importable from here too)
+from .loading import (SAMPLING_FLAGS, SamplingDefaults, add_model_args, add_sampling_args, checked_tokenizer,
+                      load_model, setup)
 
 # ---------------------------------------------------------------------------------------------------------------
 # qwen3-jax-infer: input lines
@@ -279,12 +112,14 @@ class LineParser:
     """Turns one input line into a `Job` (a `Request` with its id), or raises `LineError`."""
 
     def __init__(self, args, cfg, tokenizer, sampling: SamplingDefaults):
+        from .generate import eos_token_ids
+
         self.args, self.tokenizer, self.sampling = args, tokenizer, sampling
         self.vocab_size = cfg.vocab_size
         self.context = min(cfg.max_position_embeddings, args.max_len or cfg.max_position_embeddings)
         self.model_name = Path(args.model).resolve().name
         self.tokenizer_dir = args.tokenizer or args.model
-        self.eos_ids = _eos_ids(cfg, tokenizer)
+        self.eos_ids = eos_token_ids(cfg, tokenizer)
 
     def __call__(self, n: int, raw: str) -> Job:
         try:
@@ -340,7 +175,7 @@ class LineParser:
         return Job(n, id, self._request(n, line, id), openai_model=body.get("model") or self.model_name)
 
     def _request(self, n: int, obj: dict, id):
-        from qwen3_jax.infer import Request
+        from .generate import Request, stop_token_ids
 
         for key, (check, must) in OVERRIDES.items():
             if key in obj and not check(obj[key]):
@@ -353,12 +188,10 @@ class LineParser:
                             "(max_position_embeddings / --max-len) and must leave room for one new token", id)
         stops = obj.get("stop_token_ids", self.args.stop_token_ids)  # in addition to eos, as in vLLM
         if stops is not None:
-            from .generate import MAX_STOP_IDS
-
-            stops = sorted({*self.eos_ids, *stops})
-            if len(stops) > MAX_STOP_IDS or not all(0 <= t < self.vocab_size for t in stops):
-                raise LineError(f"stop token ids {stops}: at most {MAX_STOP_IDS} (with eos), each in "
-                                f"[0, {self.vocab_size})", id)
+            try:
+                stops = stop_token_ids(stops, self.eos_ids, self.vocab_size)
+            except ValueError as e:
+                raise LineError(str(e), id) from None
         overrides = {k: obj[k] for k in SAMPLING_FLAGS if k in obj}
         if obj.get("seed") is not None:
             overrides["seed"] = obj["seed"]
@@ -493,9 +326,9 @@ def batch_parser() -> argparse.ArgumentParser:
         "of qwen3_jax.infer.cli for the line formats).")
     p.add_argument("--input", required=True, help="input JSONL")
     p.add_argument("--output", required=True, help="output JSONL (appended to: a rerun skips what is done)")
-    _add_model_args(p)
+    add_model_args(p)
     # --top-k is the router's (issue contract: `qwen3-jax-infer --top-k K` changes routing); sampling's is renamed
-    g = _add_sampling_args(p, max_new_tokens=256, top_k_flag="--sampling-top-k")
+    g = add_sampling_args(p, max_new_tokens=256, top_k_flag="--sampling-top-k")
     g.add_argument("--seed", type=int, help="the request on input line N samples with seed SEED+N-1 (unless the "
                    "line sets its own), so results do not depend on batching or resuming")
     g.add_argument("--batch-size", type=int, default=8, help="rows decoded together (continuous batching)")
@@ -590,7 +423,7 @@ def main(argv=None) -> int:
     if Path(args.output).resolve() == Path(args.input).resolve():
         p.error("--output must not be the --input file")
     launch(p, args)
-    cfg = agree(lambda: _setup(p, args), p)
+    cfg = agree(lambda: setup(p, args), p)
     routing = _routing_setup(p, args, cfg)
     if args.routing_stats and not cfg.is_moe:
         p.error("--routing-stats: the model has no MoE layers")
@@ -605,7 +438,7 @@ def main(argv=None) -> int:
         args.seed = allgather_json(int.from_bytes(os.urandom(4), "little"))[0]
     # every step that reads this host's files (tokenizer, output, input, checkpoint) is agreed on by all processes
     # before the next collective: a failure on one host stops every host with its error
-    tokenizer = agree(lambda: _checked_tokenizer(p, args), p)
+    tokenizer = agree(lambda: checked_tokenizer(p, args), p)
     parser = LineParser(args, cfg, tokenizer, SamplingDefaults(args.model, args))
     out_path = Path(args.output)
 
@@ -659,7 +492,7 @@ def main(argv=None) -> int:
         return jobs, errors, failed, skipped
 
     jobs, errors, failed, skipped = agree(plan, p)
-    model = agree(lambda: _load_model(args), p) if jobs else None
+    model = agree(lambda: load_model(args), p) if jobs else None
 
     def open_output():
         if not writer:
@@ -696,173 +529,6 @@ def main(argv=None) -> int:
                 path = stats.save(args.routing_stats)
                 print(f"routing statistics of {stats.tokens} tokens: {path}", file=sys.stderr)
     return 1 if failed else 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# qwen3-jax-chat
-
-COMMANDS = {"/think": "thinking mode on (default: --enable-thinking)", "/no_think": "thinking mode off",
-            "/reset": "forget the conversation (keeps --system)", "/exit": "quit", "/help": "this list"}
-NOTICES = {"/think": "thinking mode on", "/no_think": "thinking mode off", "/reset": "conversation reset"}
-
-
-class ReasoningPrinter:
-    """Writes streamed text deltas: the reasoning between <think> and </think> under a 'Thinking...' header (dimmed
-    on a terminal), then the answer. Empty reasoning (non-thinking turns) prints nothing."""
-
-    def __init__(self, out, color: bool):
-        self.out, self.color = out, color
-        self.section = "answer"  # "answer" | "reasoning"
-        self.strip = False  # drop the newlines that follow a tag
-        self.shown = False  # the Thinking... header was printed
-
-    def feed(self, delta: str):
-        for part in re.split(f"({re.escape(THINK_START)}|{re.escape(THINK_END)})", delta):
-            if part == THINK_START:
-                self.section, self.strip = "reasoning", True
-            elif part == THINK_END:
-                if self.shown:
-                    self.out.write(("\x1b[0m" if self.color else "") + "\n...done thinking.\n\n")
-                self.section, self.strip, self.shown = "answer", True, False
-            else:
-                if self.strip:
-                    part = part.lstrip("\n")
-                    self.strip = not part
-                if part and self.section == "reasoning" and not self.shown:
-                    self.out.write("Thinking...\n" + ("\x1b[2m" if self.color else ""))
-                    self.shown = True
-                self.out.write(part)
-        self.out.flush()
-
-    def close(self):
-        self.out.write(("\x1b[0m" if self.color and self.shown else "") + "\n")
-        self.out.flush()
-
-
-def chat_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog="qwen3-jax-chat", description="Interactive streaming chat. Commands: "
-        + ", ".join(f"{k} ({v})" for k, v in COMMANDS.items())
-        + ". /think and /no_think inside a message are Qwen3's soft switches for that turn.")
-    _add_model_args(p)
-    g = _add_sampling_args(p, max_new_tokens=2048)
-    g.add_argument("--seed", type=int, help="seed of the first reply (the n-th reply uses SEED+n-1)")
-    p.add_argument("--system", help="system message")
-    t = p.add_argument_group("tools (MCP)")
-    t.add_argument("--mcp", action="append", default=[], metavar="COMMAND",
-                   help='start this MCP server over stdio (e.g. "python tools.py"), offer its tools to the model and '
-                        "run the calls it makes (repeatable)")
-    t.add_argument("--tool-choice", default="auto", metavar="auto|required|none|NAME",
-                   help="first model turn of each reply: auto (default), required (must call a tool), none, or a "
-                        "tool name (must call it); later turns are auto")
-    t.add_argument("--max-tool-rounds", type=int, default=8, help="model turns per reply (the last one answers)")
-    return p
-
-
-def _chat_tools(p, args, model, tokenizer, cfg):
-    """The MCP tool host of `--mcp` (None without it)."""
-    if not args.mcp:
-        return None
-    from .mcp_client import ChatTools, MCPError
-
-    choice = args.tool_choice
-    if choice not in ("auto", "required", "none"):
-        choice = {"type": "function", "function": {"name": choice}}
-    if args.max_tool_rounds < 1:
-        p.error("--max-tool-rounds must be >= 1")
-    try:
-        return ChatTools(args.mcp, model, tokenizer, max_len=cfg.max_position_embeddings, tool_choice=choice,
-                         max_tool_rounds=args.max_tool_rounds)
-    except MCPError as e:
-        p.error(str(e))
-
-
-def _read_line(interactive: bool) -> str | None:
-    if interactive:
-        try:
-            return input(">>> ")
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: quit
-            print(file=sys.stderr)
-            return None
-    line = sys.stdin.readline()
-    return line.rstrip("\n") if line else None
-
-
-def chat_main(argv=None) -> int:
-    tune_malloc()
-    p = chat_parser()
-    args = p.parse_args(argv)
-    default_platform()
-    cfg = _setup(p, args)
-
-    from qwen3_jax import infer
-
-    tokenizer = _load_tokenizer(args)
-    if tokenizer is None:
-        p.error(f"no tokenizer in {args.tokenizer or args.model}: the chat needs tokenizer.json (--tokenizer DIR)")
-    sampling = SamplingDefaults(args.model, args)
-    model = _load_model(args)
-    tools = _chat_tools(p, args, model, tokenizer, cfg)
-    interactive = sys.stdin.isatty()
-    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history, thinking, turn = list(system), args.enable_thinking, 0
-    stops = None if args.stop_token_ids is None else sorted({*_eos_ids(cfg, tokenizer), *args.stop_token_ids})
-    if interactive:
-        print("commands: " + ", ".join(COMMANDS), file=sys.stderr)
-    while (line := _read_line(interactive)) is not None:
-        text = line.strip()
-        if not text:
-            continue
-        if re.fullmatch(r"/\w+", text):
-            if text in ("/exit", "/quit"):
-                break
-            if text == "/reset":
-                history = list(system)
-            elif text in ("/think", "/no_think"):
-                thinking = text == "/think"
-            else:
-                unknown = [] if text == "/help" else [f"[unknown command {text}]"]
-                print("\n".join(unknown + [f"  {k:10} {v}" for k, v in COMMANDS.items()]))
-                continue
-            print(f"[{NOTICES[text]}]", flush=True)
-            continue
-        messages = history + [{"role": "user", "content": text}]
-        n_prompt = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking))
-        if n_prompt >= cfg.max_position_embeddings:
-            print(f"[the conversation has {n_prompt} tokens, the context is {cfg.max_position_embeddings}: "
-                  "/reset to start over]", flush=True)
-            continue
-        turn += 1
-        seed = {} if args.seed is None else {"seed": args.seed + turn - 1}
-        if tools is not None:
-            printer = ReasoningPrinter(sys.stdout, color)
-            try:
-                history = messages + tools.turn(messages, printer, sys.stdout, enable_thinking=thinking,
-                                                sampling=sampling(thinking, **seed), max_new_tokens=args.max_new_tokens,
-                                                stop_token_ids=args.stop_token_ids, thinking_budget=args.thinking_budget)
-            except KeyboardInterrupt:
-                print("[interrupted]", flush=True)
-            printer.close()
-            continue
-        deltas = infer.stream(model, messages, sampling=sampling(thinking, **seed), tokenizer=tokenizer,
-                              max_new_tokens=min(args.max_new_tokens, cfg.max_position_embeddings - n_prompt),
-                              stop_token_ids=stops, enable_thinking=thinking, thinking_budget=args.thinking_budget)
-        printer, chunks = ReasoningPrinter(sys.stdout, color), []
-        try:
-            for delta in deltas:
-                chunks.append(delta)
-                printer.feed(delta)
-        except KeyboardInterrupt:  # Ctrl-C stops this reply; the turn is dropped from the history
-            printer.close()
-            print("[interrupted]", flush=True)
-            continue
-        printer.close()
-        _, content = infer.split_reasoning("".join(chunks))
-        history = messages + [{"role": "assistant", "content": content}]
-    if tools is not None:
-        tools.close()
-    return 0
 
 
 if __name__ == "__main__":

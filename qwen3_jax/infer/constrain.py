@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from .chat import THINK_END, THINK_START
+from .chat import THINK_END, THINK_START, think_state
 
 MAX_WHITESPACE = 16  # longest run of whitespace inside constrained JSON (a model cannot pad forever)
 GRAMMAR_CACHE_BYTES = 256 << 20  # compiled grammars kept for reuse (~3.5 MB each with Qwen's vocabulary)
@@ -36,13 +36,10 @@ class GrammarError(ValueError):
 
 
 def reasoning_mode(prompt_ids, think_ids, enable_thinking: bool) -> str:
-    if think_ids is None:
-        return "disabled"
-    start, end = think_ids
-    last = {t: max((i for i, x in enumerate(prompt_ids) if x == t), default=-1) for t in (start, end)}
-    if last[start] > last[end]:
+    state = think_state(prompt_ids, think_ids)
+    if state == "open":
         return "enabled"
-    if last[end] >= 0:
+    if state == "closed" or think_ids is None:
         return "disabled"  # the template closed an (empty) thinking block: non-thinking mode
     return "auto" if enable_thinking else "disabled"
 

@@ -14,14 +14,13 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .chat import THINK_END, THINK_START, IncrementalDetokenizer, parse_tool_calls, split_reasoning
+from .chat import THINK_END, THINK_START, IncrementalDetokenizer, parse_tool_calls, split_reasoning, think_state
 from .engine import Engine, pow2
 from .sampling import SamplingParams, seed_key
 
 FORCED_THINK_END = "\n" + THINK_END + "\n\n"  # forced when a thinking budget runs out (the template's form)
-
-
 MAX_STOP_IDS = 16  # stop-token slots per row of the decode loop
+
 
 @dataclass
 class GenerationResult:
@@ -46,11 +45,24 @@ class Request:
     domain: str | None = None                  # the request's domain in the routing statistics (routing_stats)
 
 
-def default_stop_ids(model, tokenizer=None) -> list[int]:
-    ids = list(model.config.eos_token_ids)
+def eos_token_ids(cfg, tokenizer=None) -> list[int]:
+    """The ids that stop every request unless it says otherwise: the config's eos and the tokenizer's."""
+    ids = list(cfg.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    return sorted({i for i in ids if 0 <= i < model.config.vocab_size})
+    return sorted({i for i in ids if 0 <= i < cfg.vocab_size})
+
+
+def stop_token_ids(extra, eos_ids=(), vocab_size: int | None = None, limit: int = MAX_STOP_IDS) -> list[int]:
+    """A request's stop ids: `eos_ids` and `extra`, sorted, without repeats. ValueError when one is not a token id
+    (in [0, vocab_size), when vocab_size is given) or when there are more than `limit` (a decode row's stop slots)."""
+    ids = sorted({*(int(t) for t in eos_ids), *(int(t) for t in (extra or ()))})
+    bad = [t for t in ids if not 0 <= t < vocab_size] if vocab_size is not None else []
+    if bad:
+        raise ValueError(f"stop_token_ids {bad}: not in [0, {vocab_size})")
+    if len(ids) > limit:
+        raise ValueError(f"stop_token_ids: at most {limit} (eos included), got {len(ids)}")
+    return ids
 
 
 def think_token_ids(tokenizer) -> tuple[tuple[int, int] | None, list[int] | None]:
@@ -74,28 +86,27 @@ def build_result(ids: list[int], reason: str, prompt_tokens: int, tokenizer=None
     return res
 
 
-def _row_params(req: Request, n_stop: int, think) -> dict:
-    sp = req.sampling
-    seed = sp.seed if sp.seed is not None else random.SystemRandom().getrandbits(63)
-    stops = list(req.stop_token_ids)
-    if len(stops) > n_stop:
-        raise ValueError(f"at most {n_stop} stop token ids per request, got {len(stops)}")
-    ids = req.prompt_ids
-    in_think = False
-    if think is not None:
-        last = {t: max((i for i, x in enumerate(ids) if x == t), default=-1) for t in think}
-        in_think = last[think[0]] > last[think[1]]
-    budget = -1 if (req.thinking_budget is None or think is None) else int(req.thinking_budget)
-    return dict(max_new_b=req.max_new_tokens, temp_b=sp.temperature, top_k_b=sp.top_k, top_p_b=sp.top_p,
-                min_p_b=sp.min_p, rep_b=sp.repetition_penalty, pres_b=sp.presence_penalty,
-                freq_b=sp.frequency_penalty, key_b=np.asarray(seed_key(seed), np.uint32),
-                stop_bs=np.asarray(stops + [-1] * (n_stop - len(stops)), np.int32), budget_b=budget,
-                in_think_b=in_think)
+ROW_DTYPES = dict(max_new_b=np.int32, temp_b=np.float32, top_k_b=np.int32, top_p_b=np.float32, min_p_b=np.float32,
+                  rep_b=np.float32, pres_b=np.float32, freq_b=np.float32, key_b=np.uint32, stop_bs=np.int32,
+                  budget_b=np.int32, in_think_b=bool)
 
 
-_ROW_DTYPES = dict(max_new_b=np.int32, temp_b=np.float32, top_k_b=np.int32, top_p_b=np.float32, min_p_b=np.float32,
-                   rep_b=np.float32, pres_b=np.float32, freq_b=np.float32, key_b=np.uint32, stop_bs=np.int32,
-                   budget_b=np.int32, in_think_b=bool)
+def row_params(requests: list[Request], n_stop: int, think) -> dict[str, np.ndarray]:
+    """The per-row inputs of `Engine.prefill` for the rows these requests fill (ROW_DTYPES, one entry per request):
+    sampling, seed key, stop ids (padded with -1 to `n_stop`), thinking budget and whether the prompt ends inside
+    <think> (`think`: the (<think>, </think>) ids or None). A request without a seed gets a random one."""
+    rows = []
+    for req in requests:
+        sp = req.sampling
+        seed = sp.seed if sp.seed is not None else random.SystemRandom().getrandbits(63)
+        stops = stop_token_ids(req.stop_token_ids, limit=n_stop)
+        budget = -1 if (req.thinking_budget is None or think is None) else int(req.thinking_budget)
+        rows.append(dict(max_new_b=req.max_new_tokens, temp_b=sp.temperature, top_k_b=sp.top_k, top_p_b=sp.top_p,
+                         min_p_b=sp.min_p, rep_b=sp.repetition_penalty, pres_b=sp.presence_penalty,
+                         freq_b=sp.frequency_penalty, key_b=np.asarray(seed_key(seed), np.uint32),
+                         stop_bs=np.asarray(stops + [-1] * (n_stop - len(stops)), np.int32), budget_b=budget,
+                         in_think_b=think_state(req.prompt_ids, think) == "open"))
+    return {k: np.asarray([r[k] for r in rows], dtype) for k, dtype in ROW_DTYPES.items()}
 
 
 def _events(model, requests: Iterable[Request], *, tokenizer=None, batch_size: int = 8, max_len: int | None = None,
@@ -129,11 +140,11 @@ def _events(model, requests: Iterable[Request], *, tokenizer=None, batch_size: i
     rows: list = [None] * batch_size   # row -> (request index, prompt length)
     while True:
         free = [r for r in range(batch_size) if rows[r] is None]
-        new_prompts, new_rows, params, domains = [], [], [], []
+        new_prompts, new_rows, admitted, domains = [], [], [], []
         while free and more():
             idx, req = ahead.popleft()
             if req.stop_token_ids is None:
-                default_stops = default_stops if default_stops is not None else default_stop_ids(model, tokenizer)
+                default_stops = default_stops if default_stops is not None else eos_token_ids(model.config, tokenizer)
                 req = dataclasses.replace(req, stop_token_ids=default_stops)
             n = len(req.prompt_ids)
             if n < 1 or n > max_len:
@@ -144,11 +155,10 @@ def _events(model, requests: Iterable[Request], *, tokenizer=None, batch_size: i
             rows[r] = (idx, n)
             new_prompts.append([int(t) for t in req.prompt_ids])
             new_rows.append(r)
-            params.append(_row_params(req, n_stop, think_ids))
+            admitted.append(req)
             domains.append(req.domain)
         if new_prompts:
-            row = {k: np.asarray([p[k] for p in params], _ROW_DTYPES[k]) for k in _ROW_DTYPES}
-            slots = engine.prefill(slots, new_prompts, new_rows, row, domains)
+            slots = engine.prefill(slots, new_prompts, new_rows, row_params(admitted, n_stop, think_ids), domains)
         if all(r is None for r in rows):
             return
         slots, toks_bn, reason_b = engine.decode(slots, chunk, stop_on_finish=more())

@@ -17,6 +17,8 @@ import json
 import os
 import shlex
 
+from .chat import THINK_END, THINK_START
+
 
 class MCPError(RuntimeError):
     pass
@@ -181,7 +183,7 @@ class ChatTools:
         async for step in run.steps():
             if isinstance(step, ToolRun):
                 if reasoning:
-                    printer.feed("</think>")
+                    printer.feed(THINK_END)
                     reasoning = False
                 printer.close()
                 out.write(f"[tool {step.name} {step.arguments}] -> {step.result}\n")
@@ -190,14 +192,14 @@ class ChatTools:
                 continue
             for kind, text in step.items:
                 if kind == "reasoning" and not reasoning:
-                    printer.feed("<think>")
+                    printer.feed(THINK_START)
                     reasoning = True
                 elif kind != "reasoning" and reasoning:
-                    printer.feed("</think>")
+                    printer.feed(THINK_END)
                     reasoning = False
                 if kind == "content":
                     content += text
                 printer.feed(text)
         if reasoning:
-            printer.feed("</think>")
+            printer.feed(THINK_END)
         return run.messages[len(messages):] + [{"role": "assistant", "content": content}]

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from .engine import Engine
-from .generate import _ROW_DTYPES, MAX_STOP_IDS, Request, _row_params, think_token_ids
+from .generate import MAX_STOP_IDS, Request, row_params, stop_token_ids, think_token_ids
 from .sampling import SamplingParams
 
 log = logging.getLogger("qwen3_jax.serve")
@@ -103,6 +103,11 @@ class Scheduler:
         return sum(r is not None for r in self._rows)
 
     @property
+    def started(self) -> bool:
+        """`start` was called (the thread may have ended since)."""
+        return self._thread is not None
+
+    @property
     def alive(self) -> bool:
         """The thread runs (False before `start`, after `stop`, or once it died)."""
         return self._thread is not None and self._thread.is_alive() and self.death is None
@@ -112,8 +117,7 @@ class Scheduler:
         for s in seqs:
             if not 1 <= len(s.prompt_ids) < self.max_len:
                 raise ValueError(f"prompt of {len(s.prompt_ids)} tokens; the cache holds {self.max_len}")
-            if len(s.stop_token_ids) > MAX_STOP_IDS:
-                raise ValueError(f"at most {MAX_STOP_IDS} stop token ids")
+            stop_token_ids(s.stop_token_ids, vocab_size=self.vocab_size)  # ValueError: too many, or not token ids
         with self._cv:
             if self._stop:
                 raise EngineDead("the scheduler is stopped")
@@ -226,9 +230,8 @@ class Scheduler:
         if gone:
             self.slots = self.engine.release(self.slots, gone)
         if admit:
-            params = [_row_params(Request(s.prompt_ids, s.sampling, s.max_new_tokens, s.stop_token_ids,
-                                          s.thinking_budget), MAX_STOP_IDS, self.think_ids) for _, s in admit]
-            row = {k: np.asarray([p[k] for p in params], _ROW_DTYPES[k]) for k in _ROW_DTYPES}
+            row = row_params([Request(s.prompt_ids, s.sampling, s.max_new_tokens, s.stop_token_ids, s.thinking_budget)
+                              for _, s in admit], MAX_STOP_IDS, self.think_ids)
             self.slots = self.engine.prefill(self.slots, [s.prompt_ids for _, s in admit], [r for r, _ in admit], row)
             for r, s in admit:
                 self._rows[r] = s

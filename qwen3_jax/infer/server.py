@@ -39,7 +39,7 @@ import traceback
 import uuid
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -48,7 +48,8 @@ from qwen3_jax.hostmem import tune_malloc
 from qwen3_jax.launch import ArgumentParser, default_platform
 
 from . import protocol as P
-from .cli import SAMPLING_FLAGS, SamplingDefaults, _add_model_args, _load_model, _load_tokenizer, _setup, add_sampling_flags
+from .loading import (SAMPLING_FLAGS, SamplingDefaults, add_model_args, add_sampling_flags, load_model, load_tokenizer,
+                      setup)
 from .scheduler import EngineDead, QueueFull
 from .serving import (RESERVED_TEMPLATE_KWARGS, BadRequest, ChatPlan, ChatRun, ChoiceOutput, EngineService,
                       GenParams, ToolRun, WorkerPool)
@@ -354,127 +355,108 @@ class Guard:
 # the app
 
 
-def create_app(service: EngineService, *, served_model_name: str | list[str], defaults: Defaults,
-               api_key: str | None = None, mcp=None, start_service: bool = True, model_aliases=(),
-               max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float | None = None,
-               trust_request_chat_template: bool = False, pool: WorkerPool | None = None):
-    """The FastAPI app. `served_model_name`: the name (or names) clients send as `model` and /v1/models lists; the
-    first is the name in responses. `model_aliases`: more names accepted, not listed (e.g. the --model path as
-    given). `mcp`: the MCP tools (mcp_client.BackgroundMCPTools) for chat requests that send no tools.
-    `start_service`: start the scheduler thread in the lifespan (and stop it at shutdown). `request_timeout`:
-    seconds from arrival after which what is left of a request is cancelled (None: no limit). `pool`: where
-    blocking work runs (JSON of large bodies, tokenization, templates, grammars, prompt logprobs)."""
-    metrics = service.metrics
-    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
-    shown = names[0]
-    accepted = set(names) | set(model_aliases)
-    pool = pool or WorkerPool()
+class ServerContext:
+    """What the routes share: the engine service, the served names, the request defaults, the MCP tools, the worker
+    pool and the server's limits."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        if start_service and service.scheduler._thread is None:
-            service.start()
-        yield
-        if start_service:
-            service.stop()
-        pool.shutdown()
+    def __init__(self, service: EngineService, *, names: list[str], accepted: set[str], defaults: Defaults,
+                 pool: WorkerPool, mcp=None, max_body_bytes: int = MAX_BODY_BYTES,
+                 request_timeout: float | None = None, trust_request_chat_template: bool = False):
+        self.service, self.names, self.accepted, self.defaults = service, names, accepted, defaults
+        self.pool, self.mcp, self.max_body_bytes = pool, mcp, max_body_bytes
+        self.request_timeout, self.trust_request_chat_template = request_timeout, trust_request_chat_template
+        self.shown = names[0]  # the name in responses
+        self.tokenizer = service.tokenizer
 
-    app = FastAPI(title="qwen3-jax", lifespan=lifespan)
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body_bytes, metrics=metrics)
-    tok = service.tokenizer
+    def deadline(self) -> float | None:
+        return None if self.request_timeout is None else asyncio.get_running_loop().time() + self.request_timeout
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request, exc: RequestValidationError):
-        e = P.validation_error(exc)
-        return _error(e.message, 400, e.param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, exc: StarletteHTTPException):
-        return _error(str(exc.detail), exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(BadRequest)
-    async def bad_request(request, exc: BadRequest):
-        return _error(exc.message, exc.status, exc.param)
-
-    @app.exception_handler(QueueFull)
-    async def queue_full(request, exc: QueueFull):
-        return _error(f"The server is busy: {exc}. Retry later.", 429)
-
-    @app.exception_handler(EngineDead)
-    async def engine_dead(request, exc: EngineDead):
-        return _error("The engine has stopped; the server cannot generate (see its log).", 503)
-
-    @app.exception_handler(Exception)
-    async def internal(request, exc: Exception):
-        ref = uuid.uuid4().hex[:12]
-        log.error("request %s %s failed (ref %s):\n%s", request.method, request.url.path, ref,
-                  "".join(traceback.format_exception(exc)))
-        return _error(f"Internal server error (ref {ref}); the server log has the details.", 500)
-
-    def deadline():
-        return None if request_timeout is None else asyncio.get_running_loop().time() + request_timeout
-
-    async def read(request: Request, cls):
+    async def read(self, request: Request, cls):
         """The body (at most max_body_bytes, else 413) -> cls (400 naming the field); large bodies are parsed in
         the pool."""
         chunks, n = [], 0
         async for chunk in request.stream():
             n += len(chunk)
-            if n > max_body_bytes:
-                raise BadRequest(f"The request body is larger than the server's limit of {max_body_bytes} bytes "
+            if n > self.max_body_bytes:
+                raise BadRequest(f"The request body is larger than the server's limit of {self.max_body_bytes} bytes "
                                  "(--max-body-bytes).", None, 413)
             chunks.append(chunk)
         raw = b"".join(chunks)
         try:
             if len(raw) <= INLINE_BODY_BYTES:
                 return P.parse_body(raw, cls)
-            return await pool.run(P.parse_body, raw, cls)
+            return await self.pool.run(P.parse_body, raw, cls)
         except P.BodyError as e:
             raise BadRequest(e.message, e.param) from None
 
-    def check_model(model):
-        if model is not None and model not in accepted:
+    def check_model(self, model):
+        if model is not None and model not in self.accepted:
             raise BadRequest(f"The model `{model}` does not exist.", "model", 404)
 
-    async def _until_disconnect(request: Request, coro, on_cancel):
-        """Await `coro`; if the client disconnects first, cancel it (freeing its rows) and answer nothing."""
-        task = asyncio.ensure_future(coro)
+    def chunk(self, rid, created, choices, obj="chat.completion.chunk", usage=False, **extra) -> str:
+        """One SSE event of a stream (`usage` False: no usage field)."""
+        out = {"id": rid, "object": obj, "created": created, "model": self.shown, "choices": choices}
+        if usage is not False:
+            out["usage"] = usage
+        out.update(extra)
+        return _sse(out)
 
-        async def watch():
-            while True:
-                if (await request.receive())["type"] == "http.disconnect":
-                    return
 
-        watcher = asyncio.ensure_future(watch())
-        try:
-            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-        if task in done:
-            return task.result()
-        task.cancel()
-        on_cancel()
-        return Response(status_code=499)
+def stream_error(message, status) -> str:
+    return _sse(_error_body(message, status))
 
-    # -- simple endpoints ------------------------------------------------------------------------------------
-    @app.get("/health")
+
+async def until_disconnect(request: Request, coro, on_cancel):
+    """Await `coro`; if the client disconnects first, cancel it (freeing its rows) and answer nothing."""
+    task = asyncio.ensure_future(coro)
+
+    async def watch():
+        while True:
+            if (await request.receive())["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    on_cancel()
+    return Response(status_code=499)
+
+
+def status_router(ctx: ServerContext) -> APIRouter:
+    """GET /health, /metrics (Prometheus) and /v1/models."""
+    router = APIRouter()
+
+    @router.get("/health")
     async def health():
-        if not service.scheduler.alive:
+        if not ctx.service.scheduler.alive:
             return _error("The engine has stopped; the server cannot generate (see its log).", 503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @router.get("/metrics")
     async def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(ctx.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @router.get("/v1/models")
     async def models():
         created = int(time.time())
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "qwen3-jax",
-                                            "root": shown, "parent": None, "max_model_len": service.context}
-                                           for name in names]}
+                                            "root": ctx.shown, "parent": None, "max_model_len": ctx.service.context}
+                                           for name in ctx.names]}
+
+    return router
+
+
+def tokenize_router(ctx: ServerContext) -> APIRouter:
+    """POST /tokenize and /detokenize (vLLM's)."""
+    service, tok, defaults, pool = ctx.service, ctx.tokenizer, ctx.defaults, ctx.pool
+    router = APIRouter()
 
     def _tokenize(req):
         if req.prompt is not None:
@@ -482,32 +464,32 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
         kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in RESERVED_TEMPLATE_KWARGS}
         thinking = (req.chat_template_kwargs or {}).get("enable_thinking", defaults.enable_thinking)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        template = request_template(req, ctx.trust_request_chat_template)
         try:
             return tok.apply_chat_template([m.for_template() for m in req.messages], tools=tools,
                                            add_generation_prompt=req.add_generation_prompt,
-                                           enable_thinking=bool(thinking),
-                                           chat_template=request_template(req, trust_request_chat_template), **kwargs)
+                                           enable_thinking=bool(thinking), chat_template=template, **kwargs)
         except BadRequest:
             raise
         except Exception as e:  # noqa: BLE001
             raise BadRequest(f"chat template: {type(e).__name__}: {e}", "messages") from None
 
-    @app.post("/tokenize")
+    @router.post("/tokenize")
     async def tokenize(request: Request):
-        req = await read(request, P.TokenizeRequest)
-        check_model(req.model)
+        req = await ctx.read(request, P.TokenizeRequest)
+        ctx.check_model(req.model)
         if tok is None:
             raise BadRequest("this model has no tokenizer", "prompt")
         if (req.prompt is None) == (req.messages is None):
             raise BadRequest("send exactly one of prompt and messages", "prompt")
-        request_template(req, trust_request_chat_template)  # refused before any work
+        request_template(req, ctx.trust_request_chat_template)  # refused before any work
         ids = await pool.run(_tokenize, req)
         return {"count": len(ids), "max_model_len": service.context, "tokens": ids}
 
-    @app.post("/detokenize")
+    @router.post("/detokenize")
     async def detokenize(request: Request):
-        req = await read(request, P.DetokenizeRequest)
-        check_model(req.model)
+        req = await ctx.read(request, P.DetokenizeRequest)
+        ctx.check_model(req.model)
         if tok is None:
             raise BadRequest("this model has no tokenizer", "tokens")
         bad = [t for t in req.tokens if not 0 <= t < len(tok)]
@@ -515,14 +497,21 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
             raise BadRequest(f"tokens {bad[:5]}: not in the vocabulary [0, {len(tok)})", "tokens")
         return {"prompt": await pool.run(tok.decode, req.tokens)}
 
-    # -- chat ------------------------------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
+    return router
+
+
+def chat_router(ctx: ServerContext) -> APIRouter:
+    """POST /v1/chat/completions (SSE with "stream": true)."""
+    service, tok, defaults, pool, mcp = ctx.service, ctx.tokenizer, ctx.defaults, ctx.pool, ctx.mcp
+    router = APIRouter()
+
+    @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        until = deadline()
-        req = await read(request, P.ChatCompletionRequest)
-        check_model(req.model)
+        until = ctx.deadline()
+        req = await ctx.read(request, P.ChatCompletionRequest)
+        ctx.check_model(req.model)
         plan = chat_plan(req, service, defaults, mcp_tools=bool(mcp is not None and mcp.tools),
-                         trust_templates=trust_request_chat_template)
+                         trust_templates=ctx.trust_request_chat_template)
         plan.params.deadline = until
         run = ChatRun(service, plan, mcp)
         await run.start(pool.run)
@@ -532,26 +521,16 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
             usage_chunks = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(_chat_stream(run, rid, created, req.include_reasoning, req.logprobs, top, usage_chunks),
                                run.cancel)
-        return await _until_disconnect(request, _chat_full(run, rid, created, req.include_reasoning, req.logprobs,
-                                                           top), run.cancel)
-
-    def _chunk(rid, created, choices, obj="chat.completion.chunk", usage=False, **extra):
-        out = {"id": rid, "object": obj, "created": created, "model": shown, "choices": choices}
-        if usage is not False:
-            out["usage"] = usage
-        out.update(extra)
-        return _sse(out)
-
-    def _stream_error(message, status):
-        return _sse(_error_body(message, status))
+        return await until_disconnect(request, _chat_full(run, rid, created, req.include_reasoning, req.logprobs,
+                                                          top), run.cancel)
 
     async def _chat_stream(run: ChatRun, rid, created, include_reasoning, logprobs, top, usage_chunks):
         usage = None if usage_chunks else False
         try:
             n = run.plan.n
             for i in range(n):
-                yield _chunk(rid, created, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}], usage=usage)
+                yield ctx.chunk(rid, created, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}], usage=usage)
             n_calls = [0] * n
             failed = False
             async for step in run.steps():
@@ -577,18 +556,18 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
                     if not deltas:
                         deltas.append({})
                 for j, d in enumerate(deltas):
-                    yield _chunk(rid, created, [{"index": i, "delta": d, "logprobs": lp if j == 0 else None,
-                                                 "finish_reason": None}], usage=usage)
+                    yield ctx.chunk(rid, created, [{"index": i, "delta": d, "logprobs": lp if j == 0 else None,
+                                                    "finish_reason": None}], usage=usage)
                 if step.finish_reason is not None:
                     failed |= step.finish_reason == "error"
-                    yield _chunk(rid, created, [{"index": i, "delta": {}, "logprobs": None,
-                                                 "finish_reason": step.finish_reason}], usage=usage)
+                    yield ctx.chunk(rid, created, [{"index": i, "delta": {}, "logprobs": None,
+                                                    "finish_reason": step.finish_reason}], usage=usage)
             if run.timed_out:
-                yield _stream_error(TIMED_OUT.format(request_timeout), 408)
+                yield stream_error(TIMED_OUT.format(ctx.request_timeout), 408)
             elif failed:
-                yield _stream_error(GENERATION_FAILED, 500)
+                yield stream_error(GENERATION_FAILED, 500)
             if usage_chunks:
-                yield _chunk(rid, created, [], usage=_usage(run.prompt_tokens, run.completion_tokens))
+                yield ctx.chunk(rid, created, [], usage=_usage(run.prompt_tokens, run.completion_tokens))
             yield "data: [DONE]\n\n"
         finally:
             run.cancel()
@@ -611,7 +590,7 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
             if step.finish_reason is not None:
                 a["finish"] = step.finish_reason
         if run.timed_out:
-            return _error(TIMED_OUT.format(request_timeout), 408)
+            return _error(TIMED_OUT.format(ctx.request_timeout), 408)
         if any(a["finish"] == "error" for a in acc):
             return _error(GENERATION_FAILED, 500)
         choices = []
@@ -623,10 +602,17 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
                 message["tool_calls"] = a["tool_calls"]
             choices.append({"index": i, "message": message, "finish_reason": a["finish"],
                             "logprobs": {"content": a["logprobs"]} if logprobs else None})
-        return {"id": rid, "object": "chat.completion", "created": created, "model": shown,
+        return {"id": rid, "object": "chat.completion", "created": created, "model": ctx.shown,
                 "choices": choices, "usage": _usage(run.prompt_tokens, run.completion_tokens)}
 
-    # -- completions -----------------------------------------------------------------------------------------
+    return router
+
+
+def completions_router(ctx: ServerContext) -> APIRouter:
+    """POST /v1/completions (SSE with "stream": true)."""
+    service, tok, defaults, pool = ctx.service, ctx.tokenizer, ctx.defaults, ctx.pool
+    router = APIRouter()
+
     def _completion_prep(req, prompts, params):
         """Blocking: the prompts' ids, the constraints, the echoed prompts' logprobs."""
         ids = []
@@ -656,11 +642,11 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
             prompt_lps = [service.prompt_logprobs(x) for x in ids]
         return ids, cons, prompt_lps
 
-    @app.post("/v1/completions")
+    @router.post("/v1/completions")
     async def completions(request: Request):
-        until = deadline()
-        req = await read(request, P.CompletionRequest)
-        check_model(req.model)
+        until = ctx.deadline()
+        req = await ctx.read(request, P.CompletionRequest)
+        ctx.check_model(req.model)
         if req.suffix:
             raise BadRequest("suffix is not supported", "suffix")
         if req.stream_options is not None and not req.stream:
@@ -702,8 +688,8 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
             usage_chunks = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(_completion_stream(handle, outs, echo, echo_lp, rid, created, req.logprobs is not None,
                                                   top, n_prompt, usage_chunks), handle.cancel)
-        return await _until_disconnect(request, _completion_full(handle, outs, echo, echo_lp, rid, created,
-                                                                 req.logprobs is not None, top, n_prompt), handle.cancel)
+        return await until_disconnect(request, _completion_full(handle, outs, echo, echo_lp, rid, created,
+                                                                req.logprobs is not None, top, n_prompt), handle.cancel)
 
     async def _completion_events(handle, outs):
         async for k, ev in handle.events():
@@ -719,22 +705,22 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
         try:
             for k, e in enumerate(echo):
                 if e or echo_lp[k] is not None:
-                    yield _chunk(rid, created, [{"index": k, "text": e, "logprobs": echo_lp[k], "finish_reason": None}],
-                                 "text_completion", usage)
+                    choice = {"index": k, "text": e, "logprobs": echo_lp[k], "finish_reason": None}
+                    yield ctx.chunk(rid, created, [choice], "text_completion", usage)
             async for k, text, toks, lps, reason in _completion_events(handle, outs):
                 lp = completion_logprobs(tok, toks, lps, top, offsets[k]) if (logprobs and lps) else None
                 offsets[k] += len(text)
                 if text or toks or reason:
-                    yield _chunk(rid, created, [{"index": k, "text": text, "token_ids": toks, "logprobs": lp,
-                                                 "finish_reason": reason}], "text_completion", usage)
+                    yield ctx.chunk(rid, created, [{"index": k, "text": text, "token_ids": toks, "logprobs": lp,
+                                                    "finish_reason": reason}], "text_completion", usage)
                 failed |= reason == "error"
             if handle.timed_out:
-                yield _stream_error(TIMED_OUT.format(request_timeout), 408)
+                yield stream_error(TIMED_OUT.format(ctx.request_timeout), 408)
             elif failed:
-                yield _stream_error(GENERATION_FAILED, 500)
+                yield stream_error(GENERATION_FAILED, 500)
             if usage_chunks:
                 completion = sum(len(o.token_ids) for o in outs)
-                yield _chunk(rid, created, [], "text_completion", _usage(n_prompt, completion))
+                yield ctx.chunk(rid, created, [], "text_completion", _usage(n_prompt, completion))
             yield "data: [DONE]\n\n"
         finally:
             handle.cancel()
@@ -747,7 +733,7 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
             if lps:
                 lps_all[k] += lps
         if handle.timed_out:
-            return _error(TIMED_OUT.format(request_timeout), 408)
+            return _error(TIMED_OUT.format(ctx.request_timeout), 408)
         if any(o.finish_reason == "error" for o in outs):
             return _error(GENERATION_FAILED, 500)
         choices = []
@@ -757,9 +743,70 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
                 lp = _join_logprobs(echo_lp[k], completion_logprobs(tok, o.token_ids, lps_all[k], top, len(echo[k])))
             choices.append({"index": k, "text": texts[k], "token_ids": o.token_ids, "logprobs": lp,
                             "finish_reason": o.finish_reason})
-        return {"id": rid, "object": "text_completion", "created": created, "model": shown,
+        return {"id": rid, "object": "text_completion", "created": created, "model": ctx.shown,
                 "choices": choices, "usage": _usage(n_prompt, sum(len(o.token_ids) for o in outs))}
 
+    return router
+
+
+def create_app(service: EngineService, *, served_model_name: str | list[str], defaults: Defaults,
+               api_key: str | None = None, mcp=None, start_service: bool = True, model_aliases=(),
+               max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float | None = None,
+               trust_request_chat_template: bool = False, pool: WorkerPool | None = None):
+    """The FastAPI app. `served_model_name`: the name (or names) clients send as `model` and /v1/models lists; the
+    first is the name in responses. `model_aliases`: more names accepted, not listed (e.g. the --model path as
+    given). `mcp`: the MCP tools (mcp_client.BackgroundMCPTools) for chat requests that send no tools.
+    `start_service`: start the scheduler thread in the lifespan (and stop it at shutdown). `request_timeout`:
+    seconds from arrival after which what is left of a request is cancelled (None: no limit). `pool`: where
+    blocking work runs (JSON of large bodies, tokenization, templates, grammars, prompt logprobs)."""
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+    pool = pool or WorkerPool()
+    ctx = ServerContext(service, names=names, accepted=set(names) | set(model_aliases), defaults=defaults, pool=pool,
+                        mcp=mcp, max_body_bytes=max_body_bytes, request_timeout=request_timeout,
+                        trust_request_chat_template=trust_request_chat_template)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if start_service and not service.scheduler.started:
+            service.start()
+        yield
+        if start_service:
+            service.stop()
+        pool.shutdown()
+
+    app = FastAPI(title="qwen3-jax", lifespan=lifespan)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body_bytes, metrics=service.metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        e = P.validation_error(exc)
+        return _error(e.message, 400, e.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        return _error(str(exc.detail), exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request, exc: BadRequest):
+        return _error(exc.message, exc.status, exc.param)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request, exc: QueueFull):
+        return _error(f"The server is busy: {exc}. Retry later.", 429)
+
+    @app.exception_handler(EngineDead)
+    async def engine_dead(request, exc: EngineDead):
+        return _error("The engine has stopped; the server cannot generate (see its log).", 503)
+
+    @app.exception_handler(Exception)
+    async def internal(request, exc: Exception):
+        ref = uuid.uuid4().hex[:12]
+        log.error("request %s %s failed (ref %s):\n%s", request.method, request.url.path, ref,
+                  "".join(traceback.format_exception(exc)))
+        return _error(f"Internal server error (ref {ref}); the server log has the details.", 500)
+
+    for router in (status_router(ctx), tokenize_router(ctx), chat_router(ctx), completions_router(ctx)):
+        app.include_router(router)
     return app
 
 
@@ -770,7 +817,7 @@ def create_app(service: EngineService, *, served_model_name: str | list[str], de
 def serve_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="qwen3-jax-serve", description="OpenAI-compatible server (see the module "
                                 "docstring of qwen3_jax.infer.server and the README's server section).")
-    _add_model_args(p)
+    add_model_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on (checked before the model loads)")
@@ -851,7 +898,7 @@ def main(argv=None) -> int:
         p.error("--port must be in [0, 65535]")
     sock = bind(p, args.host, args.port)
     ns = argparse.Namespace(**{**vars(args), "max_new_tokens": 1})
-    cfg = _setup(p, ns)
+    cfg = setup(p, ns)
     args.dtype, args.mesh = ns.dtype, ns.mesh
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -866,8 +913,8 @@ def main(argv=None) -> int:
         except MCPError as e:
             p.error(str(e))
         log.info("MCP tools: %s", ", ".join(sorted(mcp.names)) or "(none)")
-    tokenizer = _load_tokenizer(args)
-    model = _load_model(args)
+    tokenizer = load_tokenizer(args)
+    model = load_model(args)
     max_len = args.max_len or min(cfg.max_position_embeddings, 8192)
     holder = {}
     metrics = Metrics(lambda: holder["service"].scheduler)

@@ -14,8 +14,8 @@ cancelled at the first one) and, for chat, `ChatStreamParser` (reasoning / conte
 
 `ChatRun` is one chat completion: the prompt through the chat template, constraints for `tool_choice`
 "required" / named and `response_format`, n choices, and, with MCP tools (`mcp_client.MCPTools`) and a request
-that names no tools of its own (nor a JSON response_format), the tool loop: run the calls the model makes, append the results, generate
-again until it answers (tool_choice applies to the first round, then "auto", as the OpenAI Agents SDK resets it;
+that names no tools of its own (nor a JSON response_format), the tool loop: run the calls the model makes, append the
+results, generate again until it answers (tool_choice applies to the first round, then "auto", as the OpenAI Agents SDK resets it;
 the last allowed round offers no tools, so the model must answer).
 """
 
@@ -28,8 +28,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .chat import ChatStreamParser, IncrementalDetokenizer, StopStrings
-from .generate import MAX_STOP_IDS, default_stop_ids
+from .chat import ChatStreamParser, IncrementalDetokenizer, StopStrings, think_state
+from .generate import eos_token_ids, stop_token_ids
 from .scheduler import EngineDead, Event, QueueFull, Scheduler, Sequence
 
 __all__ = ["BadRequest", "ChatRun", "ChoiceOutput", "EngineDead", "EngineService", "GenParams", "QueueFull",
@@ -149,7 +149,7 @@ class EngineService:
         self.tokenizer = tokenizer
         self.vocab_size = cfg.vocab_size
         self.context = min(cfg.max_position_embeddings, max_len)
-        self.eos_ids = default_stop_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(cfg, tokenizer)
         self.grammars = None
         if tokenizer is not None:
             from .constrain import Grammars
@@ -170,8 +170,8 @@ class EngineService:
         """Compile before serving what requests would otherwise compile on the scheduler thread while every stream
         waits: prefill for each batch bucket (1, 2, 4, ... up to --max-batch prompts at once) and prompt-length
         bucket (16, 32, ... up to `max_prompt` tokens), the decode calls (with and without logprobs, with and without
-        the host's per-step hook of new and constrained rows) and the release of a cancelled row. Longer prompts compile their length bucket on
-        first use. Returns the number of warm-up batches run."""
+        the host's per-step hook of new and constrained rows) and the release of a cancelled row. Longer prompts
+        compile their length bucket on first use. Returns the number of warm-up batches run."""
         import threading
 
         from .engine import pow2
@@ -244,13 +244,10 @@ class EngineService:
         return max_tokens
 
     def stop_ids(self, extra, ignore_eos: bool) -> list[int]:
-        ids = sorted({*(() if ignore_eos else self.eos_ids), *(extra or ())})
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise BadRequest(f"stop_token_ids {bad}: not in [0, {self.vocab_size})", "stop_token_ids")
-        if len(ids) > MAX_STOP_IDS:
-            raise BadRequest(f"at most {MAX_STOP_IDS} stop token ids (eos included), got {len(ids)}", "stop_token_ids")
-        return ids
+        try:
+            return stop_token_ids(extra, () if ignore_eos else self.eos_ids, self.vocab_size)
+        except ValueError as e:
+            raise BadRequest(str(e), "stop_token_ids") from None
 
     # -- generation ------------------------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], params: GenParams, n: int = 1, constraints=None,
@@ -408,14 +405,6 @@ class ChatPlan:
     chat_template: str | None = None      # the request's own template (the server decides whether to trust it)
 
 
-def _in_open_think(prompt_ids, think_ids) -> bool:
-    if think_ids is None:
-        return False
-    start, end = think_ids
-    last = {t: max((i for i, x in enumerate(prompt_ids) if x == t), default=-1) for t in (start, end)}
-    return last[start] > last[end]
-
-
 class ChatRun:
     """One chat completion. The constructor checks the plan; `await start(offload)` renders the prompt and
     compiles the constraints (blocking work, in `offload`: e.g. `WorkerPool.run`) and queues the first round
@@ -513,7 +502,7 @@ class ChatRun:
         handle = self.service.submit([ids], self.plan.params, self.plan.n, constraints, max_new)
         self.prompt_tokens += len(ids)
         self.rounds += 1
-        in_think = _in_open_think(ids, self.service.think_ids)
+        in_think = think_state(ids, self.service.think_ids) == "open"
         self._outputs = [ChoiceOutput(self.service.tokenizer, self.plan.params.stop,
                                       ChatStreamParser(in_reasoning=in_think, tools=bool(tools),
                                                        calls_only=self._forced(tools)))
