@@ -16,9 +16,12 @@ from .model import Qwen3ForCausalLM
 from .partition import check_experts, spec_for
 
 
-def abstract_model(cfg: Qwen3Config, param_dtype=jnp.bfloat16) -> Qwen3ForCausalLM:
-    """The model with `jax.ShapeDtypeStruct` leaves: shapes without memory."""
-    return nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
+def abstract_model(cfg: Qwen3Config, param_dtype=jnp.bfloat16, *, dtype=None, runtime=None) -> Qwen3ForCausalLM:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes without memory (dtype: the compute dtype, default
+    param_dtype; runtime: its qwen3_jax.Runtime)."""
+    kw = {} if runtime is None else {"runtime": runtime}
+    return nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype or param_dtype),
+                                                   param_dtype=jnp.dtype(param_dtype), **kw))
 
 
 def param_count(cfg: Qwen3Config | str) -> dict[str, int]:

@@ -402,13 +402,13 @@ def lower_decode_step(cfg, mesh, *, batch_size: int, max_len: int, dtype="bfloat
     lowered for `mesh` (e.g. abstract TPU chips, see qwen3_jax.aot) with abstract parameters in `dtype`, placed by
     the serving rules (no per-token weight gathers), and the slots donated. Returns a jax.stages.Lowered.
     scan_layers=False unrolls the layers; gmm overrides the platform's grouped matmul (qwen3_jax.kernels)."""
-    from qwen3_jax.sharding.rules import abstract_model
+    from qwen3_jax.sharding.rules import sharded_abstract_model
     from qwen3_jax.runtime import Runtime
     from qwen3_jax.partition import SERVE_PARAM_RULES
 
     rt_kw = {} if ep_buffer_factor == "default" else {"ep_buffer_factor": ep_buffer_factor}
     runtime = Runtime(mesh=mesh, scan_layers=scan_layers, gmm=gmm, **rt_kw)
-    graphdef, abstract_state, params = abstract_model(cfg, runtime, dtype=dtype, param_dtype=dtype,
+    graphdef, abstract_state, params = sharded_abstract_model(cfg, runtime, dtype=dtype, param_dtype=dtype,
                                                       rules=SERVE_PARAM_RULES)
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, params)

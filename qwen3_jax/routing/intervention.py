@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen3_jax.moe import topk_weights
+
 
 def _layer_key(k):
     if k is None or k in ("*", "all"):
@@ -203,10 +205,7 @@ def route_topk(logits_te, layer, cfg, iv: Intervention | None):
     e = logits_te.shape[-1]
     if iv is None or not iv.changes_routing:
         probs = jax.nn.softmax(logits_te, axis=-1)
-        w, ids = jax.lax.top_k(probs, cfg.num_experts_per_tok)
-        if cfg.norm_topk_prob:
-            w = w / jnp.sum(w, axis=-1, keepdims=True)
-        return w, ids, probs
+        return (*topk_weights(probs, cfg.num_experts_per_tok, cfg.norm_topk_prob), probs)
     n_layers = max(cfg.num_hidden_layers, 1)
     k_l, off_le, on_le, temp_l = iv.tables(n_layers, e, cfg.num_experts_per_tok)
     k_max = iv.max_top_k(cfg)

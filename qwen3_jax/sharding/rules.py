@@ -4,11 +4,9 @@ on a mesh that the ahead-of-time programs lower."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from qwen3_jax.model import Qwen3ForCausalLM
-from qwen3_jax.params import param_shardings, split_model
+from qwen3_jax.params import abstract_model, param_shardings, split_model
 from qwen3_jax.partition import place
 
 
@@ -21,11 +19,10 @@ def shard_model(model, mesh, rules=None):
     return model
 
 
-def abstract_model(cfg, runtime, *, dtype, param_dtype, rules=None):
+def sharded_abstract_model(cfg, runtime, *, dtype, param_dtype, rules=None):
     """(graphdef, abstract state, params) of the model on runtime.mesh with nothing allocated: params is the pure
     dict of ShapeDtypeStructs, each with the NamedSharding the rules give it."""
-    model = nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
-                                                    param_dtype=jnp.dtype(param_dtype), runtime=runtime))
+    model = abstract_model(cfg, param_dtype, dtype=dtype, runtime=runtime)
     graphdef, abstract_state, params = split_model(model)
     shardings = param_shardings(cfg, runtime.mesh, rules)
 

@@ -284,7 +284,7 @@ def lower_train_step(cfg, mesh, *, batch_size: int, seq_len: int, dtype="bfloat1
     scan_layers=False unrolls the layers; gmm overrides the platform's grouped matmul (qwen3_jax.kernels).
     param_dtype: the master weights (default float32), or with lora_rank the frozen base (default bfloat16) beside
     fp32 adapters that alone have gradients and AdamW moments (plain XLA matmuls: the same on every platform)."""
-    from qwen3_jax.sharding.rules import abstract_model
+    from qwen3_jax.sharding.rules import sharded_abstract_model
     from qwen3_jax.runtime import Runtime
     from qwen3_jax.sharding import activation_sharding
 
@@ -293,7 +293,7 @@ def lower_train_step(cfg, mesh, *, batch_size: int, seq_len: int, dtype="bfloat1
     rt_kw = {} if ep_buffer_factor == "default" else {"ep_buffer_factor": ep_buffer_factor}
     runtime = Runtime(mesh=mesh, remat=remat, scan_layers=scan_layers, capacity_factor=capacity_factor, gmm=gmm,
                       **rt_kw)
-    graphdef, abstract_state, params = abstract_model(cfg, runtime, dtype=dtype, param_dtype=param_dtype)
+    graphdef, abstract_state, params = sharded_abstract_model(cfg, runtime, dtype=dtype, param_dtype=param_dtype)
     lcfg, base = None, None
     if lora_rank:
         from qwen3_jax.lora import DEFAULT_TARGETS, LoRAConfig, adapter_shapes, adapter_shardings
