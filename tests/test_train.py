@@ -121,7 +121,7 @@ def test_lbl_uses_the_routed_top_k(tiny):
     """Under a routing intervention (runtime.routing) the LBL counts the experts the model routed to: a layer's own
     top-k (its empty slots not counted), disabled experts never, P from the routing's probabilities (temperature,
     disabling); the train step reports that LBL and those counts."""
-    from qwen3_jax.model import router_choice
+    from qwen3_jax.moe import router_choice
     from qwen3_jax.routing import Intervention
     from qwen3_jax.train import lbl_stats, routed_top_k
 
