@@ -219,6 +219,9 @@ def from_pretrained(path, dtype="float32", param_dtype=None, *, mesh=None, rules
                     **model_kw) -> Qwen3ForCausalLM:
     """Load a Hugging Face Qwen3 / Qwen3-MoE checkpoint directory (config.json + safetensors).
 
+    mesh: place every tensor straight into its shards on this mesh, by `rules`: None (training placement,
+    qwen3_jax.partition.PARAM_RULES), a logical table such as SERVE_PARAM_RULES ({logical axis: mesh axes}), or a
+    regex table ((path pattern, spec), ...); see qwen3_jax.params.param_specs.
     adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, qwen3_jax.lora), merged
     into the weights it adapts (W + alpha / r * B A, computed in fp32): the model then runs as fast as the base."""
     path = os.fspath(path)
