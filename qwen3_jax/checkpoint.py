@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,7 +74,7 @@ class _Reader:
                     self.where[name] = fn
                     self.shapes[name] = tuple(f.get_slice(name).get_shape())
         self.used: set[str] = set()
-        self.sources: dict = {}  # (parameter path, stack index) -> the fused source or None (hub names), set by check_checkpoint
+        self.sources: dict = {}  # (parameter path, stack index) -> its Fused source, or None: the hub names
 
     def _open(self, fn: str):
         full = os.path.join(self.path, fn)
