@@ -56,8 +56,10 @@ PARAM_RULES: dict[str, object] = {
 
 # Serving (KV-cached decoding): no weight is gathered per token. Experts stay split over 'expert' (and their width
 # over 'tensor'); attention, norms, the router and the embeddings are split over 'tensor' only (heads, vocab) and
-# otherwise replicated, so a decode step moves activations (all-to-alls of a few rows), never weights.
-SERVE_PARAM_RULES: dict[str, object] = {**PARAM_RULES, "embed": None}
+# otherwise replicated, so a decode step moves activations (all-to-alls of a few rows), never weights. Query heads
+# too split only where 'tensor' divides them: qwen3-jax-infer's multi-process default mesh puts every device on
+# 'tensor', whatever the head count.
+SERVE_PARAM_RULES: dict[str, object] = {**PARAM_RULES, "embed": None, "heads": IfDivides("tensor")}
 
 # LoRA adapters (qwen3_jax.lora, paths target/a|b): rank-r matrices, replicated but for the head axes, which follow
 # the weights they adapt over 'tensor'. A of q/k/v [L, r, D] and B of o_proj [L, D, r] stay whole on every device.

@@ -158,6 +158,10 @@ def test_param_specs_follow_logical_axes_and_say_where_they_may_replicate():
     assert serve[("layers", "attn", "q_proj")] == P(None, "tensor", None, None)
     assert serve[("layers", "moe", "gate_proj")] == P(None, "expert", None, "tensor")
     assert serve[("embed_tokens",)] == P("tensor", None) and serve[("layers", "moe", "router")] == P(None, None, None)
+    # serving on every device over 'tensor' (qwen3-jax-infer's multi-process default): 4 heads on tensor=8 replicate
+    wide = param_specs(CFG, {"tensor": 8}, qwen3_jax.sharding.SERVE_PARAM_RULES)
+    assert wide[("layers", "attn", "o_proj")] == P(None, None, None, None)
+    assert wide[("layers", "moe", "down_proj")] == P(None, None, "tensor", None)
 
 
 def test_a_parameter_axis_that_does_not_divide_is_an_error_naming_parameter_and_mesh():
