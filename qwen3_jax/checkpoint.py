@@ -5,9 +5,10 @@ never holds more than one layer's local slice on the host besides the model itse
 is allocated once (on its devices / shards) and filled layer by layer with a donated update, and each
 process reads only the slices its own devices hold (`safe_open(...).get_slice`). Saving gathers one layer
 at a time (across processes on a pod slice) and process 0 writes.
-Both the hub's per-expert names (`mlp.experts.{j}.gate_proj.weight`) and transformers 5's fused names
-(`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj` [E, D, F]) are read; the hub layout is
-written. safetensors only: nothing is ever unpickled.
+Every tensor's name, shape and transform come from the weight table (qwen3_jax.weights). Both the hub's per-expert
+names (`mlp.experts.{j}.gate_proj.weight`) and transformers 5's fused names (`mlp.experts.gate_up_proj` [E, 2F, D],
+`mlp.experts.down_proj` [E, D, F]) are read; the hub layout is written. safetensors only: nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import functools
 import json
 import os
 import re
-from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +30,7 @@ from .config import Qwen3Config
 from .hostmem import release_host_memory
 from .model import Qwen3ForCausalLM
 from .params import param_shardings
+from .weights import Fused, Weight, weights
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -39,74 +39,6 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 class CheckpointError(ValueError):
     """A checkpoint does not match its config or is damaged; the message names tensor and file."""
-
-
-# ============================================================================ name mapping
-@dataclass(frozen=True)
-class Slot:
-    """One of our stacked parameters: its path in the module, and per stack index the HF source."""
-
-    path: tuple[str, ...]
-    shape: tuple[int, ...]
-    hf_names: Callable[[int], list[str]]                 # stack index -> hub tensor names (one or E)
-    to_hf: Callable[[np.ndarray], list[np.ndarray]]      # our slice -> hub tensors (`_read_block` inverts it)
-    stacked: bool = True
-
-
-def _slots(cfg: Qwen3Config) -> list[Slot]:
-    d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    L, V = cfg.num_hidden_layers, cfg.vocab_size
-    moe_layers, dense_layers = cfg.moe_layers, cfg.dense_layers
-    E, F, I = cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size
-    T = lambda x: np.ascontiguousarray(x.T)               # noqa: E731
-    lay = "model.layers.{}."
-    slots = [
-        Slot(("embed_tokens",), (V, d), lambda _: ["model.embed_tokens.weight"], lambda x: [x], False),
-        Slot(("norm",), (d,), lambda _: ["model.norm.weight"], lambda x: [x], False),
-    ]
-    if not cfg.tie_word_embeddings:
-        slots.append(Slot(("lm_head",), (d, V), lambda _: ["lm_head.weight"], lambda x: [T(x)], False))
-
-    def attn(name, hf, shape, to_hf):
-        slots.append(Slot(("layers", "attn", name), (L, *shape), lambda i: [(lay + hf).format(i)], lambda x: [to_hf(x)]))
-
-    qkv_out = lambda n: (lambda x: np.ascontiguousarray(x.reshape(n * hd, d)))  # noqa: E731
-    attn("q_proj", "self_attn.q_proj.weight", (h, hd, d), qkv_out(h))    # ours [H, hd, D] <- hub [H*hd, D]
-    attn("k_proj", "self_attn.k_proj.weight", (kv, hd, d), qkv_out(kv))
-    attn("v_proj", "self_attn.v_proj.weight", (kv, hd, d), qkv_out(kv))
-    attn("o_proj", "self_attn.o_proj.weight", (h, hd, d), lambda x: T(x.reshape(h * hd, d)))  # <- hub [D, H*hd]
-    attn("q_norm", "self_attn.q_norm.weight", (hd,), lambda x: x)
-    attn("k_norm", "self_attn.k_norm.weight", (hd,), lambda x: x)
-    attn("input_layernorm", "input_layernorm.weight", (d,), lambda x: x)
-    attn("post_attention_layernorm", "post_attention_layernorm.weight", (d,), lambda x: x)
-
-    if moe_layers:
-        Lm = len(moe_layers)
-        ml = lambda i: lay.format(moe_layers[i]) + "mlp."  # noqa: E731
-        per_expert = lambda proj: (lambda i: [f"{ml(i)}experts.{j}.{proj}.weight" for j in range(E)])  # noqa: E731
-        unstack_T = lambda x: [np.ascontiguousarray(x[j].T) for j in range(E)]  # noqa: E731
-        slots += [
-            Slot(("layers", "moe", "router"), (Lm, d, E), lambda i: [ml(i) + "gate.weight"], lambda x: [T(x)]),
-            Slot(("layers", "moe", "gate_proj"), (Lm, E, d, F), per_expert("gate_proj"), unstack_T),
-            Slot(("layers", "moe", "up_proj"), (Lm, E, d, F), per_expert("up_proj"), unstack_T),
-            Slot(("layers", "moe", "down_proj"), (Lm, E, F, d), per_expert("down_proj"), unstack_T),
-        ]
-    if dense_layers:
-        Ld = len(dense_layers)
-        dl = lambda i: lay.format(dense_layers[i]) + "mlp."  # noqa: E731
-        for proj, shape in (("gate_proj", (d, I)), ("up_proj", (d, I)), ("down_proj", (I, d))):
-            slots.append(Slot(("layers", "mlp", proj), (Ld, *shape), functools.partial(lambda p, i: [f"{dl(i)}{p}.weight"], proj),
-                              lambda x: [T(x)]))
-    return slots
-
-
-def _fused_name(slot: Slot, cfg: Qwen3Config, i: int) -> str | None:
-    """transformers 5's fused expert tensor of a MoE slot (gate_up_proj [E, 2F, D], gate rows first;
-    down_proj [E, D, F]), or None for other slots."""
-    if slot.path[:2] != ("layers", "moe") or slot.path[2] == "router":
-        return None
-    base = f"model.layers.{cfg.moe_layers[i]}.mlp.experts."
-    return base + ("down_proj" if slot.path[2] == "down_proj" else "gate_up_proj")
 
 
 # ============================================================================ reading
@@ -142,7 +74,7 @@ class _Reader:
                     self.where[name] = fn
                     self.shapes[name] = tuple(f.get_slice(name).get_shape())
         self.used: set[str] = set()
-        self.sources: dict = {}  # (slot path, stack index) -> ("hub" | "fused", names), set by check_checkpoint
+        self.sources: dict = {}  # (parameter path, stack index) -> its Fused source, or None: the hub names
 
     def _open(self, fn: str):
         full = os.path.join(self.path, fn)
@@ -185,25 +117,18 @@ class _Reader:
         return sorted(n for n in self.where if n not in self.used and not _IGNORED.match(n))
 
 
-def _hf_shapes(slot: Slot, cfg: Qwen3Config) -> list[tuple[int, ...]]:
-    """Hub shapes of one stack index of `slot` (from the inverse conversion of a dummy slice)."""
-    shape = slot.shape[1:] if slot.stacked else slot.shape
-    return [t.shape for t in slot.to_hf(np.zeros(shape, np.int8))]
-
-
-def _source(slot: Slot, cfg: Qwen3Config, reader: _Reader, i: int) -> tuple[str, list[str]]:
-    """Check where stack index i of `slot` comes from: ("hub", names) or, for experts, transformers 5's
-    ("fused", [name]); raises CheckpointError naming the missing / misshapen tensor."""
-    names = slot.hf_names(i)
-    if len(names) > 1 and not reader.has(names[0]):
-        fused = _fused_name(slot, cfg, i)
-        if fused is not None and reader.has(fused):
-            E, F, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-            reader.check(fused, (E, D, F) if slot.path[2] == "down_proj" else (E, 2 * F, D))
-            return "fused", [fused]
-    for name, shape in zip(names, _hf_shapes(slot, cfg)):
+def _source(w: Weight, reader: _Reader, i: int) -> Fused | None:
+    """Check where stack index i of `w` comes from: its hub tensors (None) or, for experts, transformers 5's fused
+    tensor; raises CheckpointError naming the missing / misshapen tensor."""
+    names = w.hf_names(i)
+    if len(names) > 1 and not reader.has(names[0]) and w.fused is not None:
+        fused = w.fused(i)
+        if reader.has(fused.name):
+            reader.check(fused.name, fused.shape)
+            return fused
+    for name, shape in zip(names, w.hub_shapes()):
         reader.check(name, shape)
-    return "hub", names
+    return None
 
 
 def check_checkpoint(path, cfg: Qwen3Config) -> _Reader:
@@ -211,8 +136,7 @@ def check_checkpoint(path, cfg: Qwen3Config) -> _Reader:
     read): every tensor present with its shape, no unexpected tensor, no truncated file. Raises
     CheckpointError naming the tensor and file."""
     reader = _Reader(os.fspath(path))
-    reader.sources = {(slot.path, i): _source(slot, cfg, reader, i)
-                      for slot in _slots(cfg) for i in range(slot.shape[0] if slot.stacked else 1)}
+    reader.sources = {(w.path, i): _source(w, reader, i) for w in weights(cfg) for i in range(w.count)}
     extra = reader.unexpected()
     if cfg.tie_word_embeddings:
         extra = [n for n in extra if n != "lm_head.weight"]  # tied: transformers ignores it too
@@ -222,36 +146,12 @@ def check_checkpoint(path, cfg: Qwen3Config) -> _Reader:
     return reader
 
 
-def _read_block(slot: Slot, cfg: Qwen3Config, reader: _Reader, i: int, idx: tuple[slice, ...]) -> np.ndarray:
-    """The block `idx` (slices of our layout, without the layer axis) of stack index i of `slot`, reading only
-    the hub slices it needs."""
-    kind, names = reader.sources[(slot.path, i)]
-    name = slot.path[-1]
-    hd = cfg.head_dim
-    if slot.path[:2] == ("layers", "moe") and name != "router":      # experts: [E, D, F] / [E, F, D]
-        se, s1, s2 = idx
-        if kind == "fused":                                          # [E, 2F, D] gate|up, [E, D, F] down
-            if name == "down_proj":
-                (w,) = reader.read([(names[0], (se, s2, s1))])
-            else:
-                off = 0 if name == "gate_proj" else cfg.moe_intermediate_size
-                (w,) = reader.read([(names[0], (se, slice(s2.start + off, s2.stop + off), s1))])
-            return np.ascontiguousarray(w.transpose(0, 2, 1))
-        ws = reader.read([(names[j], (s2, s1)) for j in range(se.start, se.stop)])  # hub [F, D] / [D, F] each
-        return np.ascontiguousarray(np.stack([w.T for w in ws]))
-    if name in ("q_proj", "k_proj", "v_proj"):                        # ours [N, hd, D] <- hub [N*hd, D]
-        sn, sh, sd = idx
-        (w,) = reader.read([(names[0], (slice(sn.start * hd, sn.stop * hd), sd))])
-        return np.ascontiguousarray(w.reshape(-1, hd, w.shape[1])[:, sh, :])
-    if name == "o_proj":                                              # ours [H, hd, D] <- hub [D, H*hd]
-        sn, sh, sd = idx
-        (w,) = reader.read([(names[0], (sd, slice(sn.start * hd, sn.stop * hd)))])
-        return np.ascontiguousarray(w.T.reshape(-1, hd, w.shape[0])[:, sh, :])
-    if len(idx) == 2 and name != "embed_tokens":                      # lm_head, router, dense MLP: transposed
-        (w,) = reader.read([(names[0], (idx[1], idx[0]))])
-        return np.ascontiguousarray(w.T)
-    (w,) = reader.read([(names[0], idx)])                             # embeddings and norms: as stored
-    return w
+def _read_block(w: Weight, reader: _Reader, i: int, idx: tuple[slice, ...]) -> np.ndarray:
+    """The block `idx` (slices of our layout, without the layer axis) of stack index i of `w`, reading only the
+    hub slices it needs."""
+    fused = reader.sources[(w.path, i)]
+    names = [fused.name] if fused is not None else w.hf_names(i)
+    return w.read(idx, lambda requests: reader.read([(names[k], index) for k, index in requests]), fused)
 
 
 def _layer_sharding(sharding):
@@ -291,30 +191,28 @@ def _placement(shape, dtype, sharding):
 
 
 def load_params(path: str, cfg: Qwen3Config, param_dtype, shardings: dict | None = None) -> dict:
-    """Read a checkpoint into {slot path: array}. `shardings` maps slot path -> jax Sharding (optional).
+    """Read a checkpoint into {parameter path: array}. `shardings` maps parameter path -> jax Sharding (optional).
 
     The whole checkpoint is validated from its headers first. Then each process reads, per layer, only the
     slices of each tensor that its own devices hold (a device's experts, its columns of a projection, ...),
     so host memory stays at one layer's local slice besides the model."""
     reader = check_checkpoint(path, cfg)
     out = {}
-    for slot in _slots(cfg):
-        sharding = (shardings or {}).get(slot.path)
-        if not slot.stacked:
-            out[slot.path] = _local_array(lambda idx: _read_block(slot, cfg, reader, 0, idx), slot.shape,
-                                          param_dtype, sharding)
+    for w in weights(cfg):
+        sharding = (shardings or {}).get(w.path)
+        if not w.stacked:
+            out[w.path] = _local_array(lambda idx: _read_block(w, reader, 0, idx), w.shape, param_dtype, sharding)
             continue
         layer_sharding = _layer_sharding(sharding)
-        buf = _placement(slot.shape, param_dtype, sharding)
-        for i in range(slot.shape[0]):
-            val = _local_array(lambda idx: _read_block(slot, cfg, reader, i, idx), slot.shape[1:], param_dtype,
-                               layer_sharding)
+        buf = _placement(w.shape, param_dtype, sharding)
+        for i in range(w.count):
+            val = _local_array(lambda idx: _read_block(w, reader, i, idx), w.block_shape, param_dtype, layer_sharding)
             # wait for each write: with async dispatch the loop would run ahead, keeping many layers' host
             # slices alive at once (host memory would then depend on how fast the device drains the queue)
             buf = jax.block_until_ready(_set_index(buf, val, i))
             del val
             release_host_memory()  # per layer: freed slices go back to the OS before the next read
-        out[slot.path] = buf
+        out[w.path] = buf
     return out
 
 
@@ -322,6 +220,9 @@ def from_pretrained(path, dtype="float32", param_dtype=None, *, mesh=None, rules
                     **model_kw) -> Qwen3ForCausalLM:
     """Load a Hugging Face Qwen3 / Qwen3-MoE checkpoint directory (config.json + safetensors).
 
+    mesh: place every tensor straight into its shards on this mesh, by `rules`: None (training placement,
+    qwen3_jax.partition.PARAM_RULES), a logical table such as SERVE_PARAM_RULES ({logical axis: mesh axes}), or a
+    regex table ((path pattern, spec), ...); see qwen3_jax.params.param_specs.
     adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, qwen3_jax.lora), merged
     into the weights it adapts (W + alpha / r * B A, computed in fp32): the model then runs as fast as the base."""
     path = os.fspath(path)
@@ -391,14 +292,14 @@ def save_pretrained(model: Qwen3ForCausalLM, path, max_shard_size="5GB") -> None
     cfg = model.config
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     dtype = np.dtype(state[("embed_tokens",)][...].dtype)
-    # plan rows (hf name, slot, stack index, position in the slot's hub list, nbytes), layer by layer
+    # plan rows (hf name, weight, stack index, position in its hub list, nbytes), layer by layer
     plan = []
-    for slot in _slots(cfg):
-        shapes = _hf_shapes(slot, cfg)
-        for i in range(slot.shape[0] if slot.stacked else 1):
-            for j, (name, shp) in enumerate(zip(slot.hf_names(i), shapes)):
-                plan.append((name, slot, i, j, int(np.prod(shp)) * dtype.itemsize))
-    plan.sort(key=lambda r: _layer_of(r[0]))  # stable: within a layer, slot order
+    for w in weights(cfg):
+        shapes = w.hub_shapes()
+        for i in range(w.count):
+            for j, (name, shp) in enumerate(zip(w.hf_names(i), shapes)):
+                plan.append((name, w, i, j, int(np.prod(shp)) * dtype.itemsize))
+    plan.sort(key=lambda r: _layer_of(r[0]))  # stable: within a layer, table order
     limit = _parse_size(max_shard_size)
     shards, cur, size = [], [], 0
     for row in plan:
@@ -414,14 +315,14 @@ def save_pretrained(model: Qwen3ForCausalLM, path, max_shard_size="5GB") -> None
     cache: dict = {}  # hub tensors of the current layer's slices, converted once each
     for fn, rows in zip(names, shards):
         tensors = {}
-        for name, slot, i, j, _ in rows:
-            key = (slot.path, i)
+        for name, w, i, j, _ in rows:
+            key = (w.path, i)
             if key not in cache:
                 if cache and _layer_of(name) != _layer_of(next(iter(cache.values()))[0][0]):
                     cache.clear()
-                value = host_value(state[slot.path][...], i if slot.stacked else None)
-                hub = slot.to_hf(value) if writer else [None] * len(slot.hf_names(i))
-                cache[key] = [(nm, t) for nm, t in zip(slot.hf_names(i), hub)]
+                value = host_value(state[w.path][...], i if w.stacked else None)
+                hub = w.to_hf(value) if writer else [None] * len(w.hf_names(i))
+                cache[key] = [(nm, t) for nm, t in zip(w.hf_names(i), hub)]
             tensors[name] = cache[key][j][1]
             weight_map[name] = fn
         if writer:

@@ -8,7 +8,8 @@ Shape letters: B batch, T query positions, S key positions, D hidden, H query he
 G = H / K query heads per kv head, hd head dim, E experts, k top-k, F expert width, I dense MLP width,
 V vocab, L layers, M = tokens x top-k routed rows.
 
-Parameters are stored `[in, out]` (x @ W) with the layer axis first:
+Parameters are stored `[in, out]` (x @ W) with the layer axis first, each declared once in qwen3_jax.weights (shape,
+init, logical axes, Hugging Face names); the modules below create them from that table:
     embed_tokens [V, D]; lm_head [D, V] (absent when tied)
     layers.attn:  q_proj [L, H, hd, D], k_proj/v_proj [L, K, hd, D] (output-major, as the hub stores them),
                   o_proj [L, H, hd, D],
@@ -40,6 +41,8 @@ from .moe import moe_layer
 from .partition import constrain as constrain_activation
 from .runtime import FIELDS as RUNTIME_FIELDS
 from .runtime import Runtime
+from .weights import Weight
+from .weights import group as weight_group
 
 
 # ============================================================================ pure math
@@ -277,54 +280,49 @@ def positions_from_mask(mask_bt):
 
 
 # ============================================================================ modules
-def _normal(rngs, shape, std, dtype):
-    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+def init_param(w: Weight, rngs: nnx.Rngs, dtype) -> nnx.Param:
+    """A parameter's initial value by its entry in the weight table (qwen3_jax.weights)."""
+    if w.init == "ones":
+        return nnx.Param(jnp.ones(w.shape, dtype))
+    if w.init == "normal":
+        return nnx.Param((jax.random.normal(rngs.params(), w.shape, jnp.float32) * w.std).astype(dtype))
+    raise ValueError(f"weight {w.name}: unknown init {w.init!r}")
+
+
+def _declare(module: nnx.Module, cfg: Qwen3Config, prefix: tuple[str, ...], rngs: nnx.Rngs, param_dtype) -> None:
+    """Create the module's parameters from the weight table's entries under `prefix`, in table order."""
+    for w in weight_group(cfg, prefix):
+        setattr(module, w.path[-1], init_param(w, rngs, param_dtype))
 
 
 class Attention(nnx.Module):
-    """Stacked over `n` layers: GQA projections and per-head q/k RMSNorm, plus the two layer norms."""
+    """Stacked over the layers: GQA projections and per-head q/k RMSNorm, plus the two layer norms."""
 
-    def __init__(self, cfg: Qwen3Config, n: int, *, rngs: nnx.Rngs, param_dtype):
-        d, h, kv, hd, std = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.initializer_range
-        self.q_proj = nnx.Param(_normal(rngs, (n, h, hd, d), std, param_dtype))
-        self.k_proj = nnx.Param(_normal(rngs, (n, kv, hd, d), std, param_dtype))
-        self.v_proj = nnx.Param(_normal(rngs, (n, kv, hd, d), std, param_dtype))
-        self.o_proj = nnx.Param(_normal(rngs, (n, h, hd, d), std, param_dtype))
-        self.q_norm = nnx.Param(jnp.ones((n, hd), param_dtype))
-        self.k_norm = nnx.Param(jnp.ones((n, hd), param_dtype))
-        self.input_layernorm = nnx.Param(jnp.ones((n, d), param_dtype))
-        self.post_attention_layernorm = nnx.Param(jnp.ones((n, d), param_dtype))
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs, param_dtype):
+        _declare(self, cfg, ("layers", "attn"), rngs, param_dtype)
 
 
 class MoE(nnx.Module):
-    """Stacked over `n` MoE layers: router and the experts' SwiGLU weights."""
+    """Stacked over the MoE layers: router and the experts' SwiGLU weights."""
 
-    def __init__(self, cfg: Qwen3Config, n: int, *, rngs: nnx.Rngs, param_dtype):
-        d, e, f, std = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.initializer_range
-        self.router = nnx.Param(_normal(rngs, (n, d, e), std, param_dtype))
-        self.gate_proj = nnx.Param(_normal(rngs, (n, e, d, f), std, param_dtype))
-        self.up_proj = nnx.Param(_normal(rngs, (n, e, d, f), std, param_dtype))
-        self.down_proj = nnx.Param(_normal(rngs, (n, e, f, d), std, param_dtype))
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs, param_dtype):
+        _declare(self, cfg, ("layers", "moe"), rngs, param_dtype)
 
 
 class MLP(nnx.Module):
-    """Stacked over `n` dense layers: SwiGLU MLP."""
+    """Stacked over the dense layers: SwiGLU MLP."""
 
-    def __init__(self, cfg: Qwen3Config, n: int, *, rngs: nnx.Rngs, param_dtype):
-        d, i, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
-        self.gate_proj = nnx.Param(_normal(rngs, (n, d, i), std, param_dtype))
-        self.up_proj = nnx.Param(_normal(rngs, (n, d, i), std, param_dtype))
-        self.down_proj = nnx.Param(_normal(rngs, (n, i, d), std, param_dtype))
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs, param_dtype):
+        _declare(self, cfg, ("layers", "mlp"), rngs, param_dtype)
 
 
 class DecoderLayers(nnx.Module):
     """All decoder layers, parameters stacked on a leading layer axis."""
 
     def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs, param_dtype):
-        n_moe, n_dense = len(cfg.moe_layers), len(cfg.dense_layers)
-        self.attn = Attention(cfg, cfg.num_hidden_layers, rngs=rngs, param_dtype=param_dtype)
-        self.moe = MoE(cfg, n_moe, rngs=rngs, param_dtype=param_dtype) if n_moe else None
-        self.mlp = MLP(cfg, n_dense, rngs=rngs, param_dtype=param_dtype) if n_dense else None
+        self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype)
+        self.moe = MoE(cfg, rngs=rngs, param_dtype=param_dtype) if cfg.moe_layers else None
+        self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype) if cfg.dense_layers else None
 
 
 @dataclasses.dataclass
@@ -402,11 +400,11 @@ class Qwen3ForCausalLM(nnx.Module):
         self.runtime = (runtime or Runtime()).replace(**runtime_kw)
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
-        v, d, std = config.vocab_size, config.hidden_size, config.initializer_range
-        self.embed_tokens = nnx.Param(_normal(rngs, (v, d), std, param_dtype))
+        top = {w.path[0]: w for w in weight_group(config, ())}  # embed_tokens, norm, lm_head (absent when tied)
+        self.embed_tokens = init_param(top["embed_tokens"], rngs, param_dtype)
         self.layers = DecoderLayers(config, rngs=rngs, param_dtype=param_dtype)
-        self.norm = nnx.Param(jnp.ones((d,), param_dtype))
-        self.lm_head = None if config.tie_word_embeddings else nnx.Param(_normal(rngs, (d, v), std, param_dtype))
+        self.norm = init_param(top["norm"], rngs, param_dtype)
+        self.lm_head = init_param(top["lm_head"], rngs, param_dtype) if "lm_head" in top else None
         inv_freq, scale = rope_inv_freq(config)
         self._rope = (tuple(float(f) for f in inv_freq), scale)  # static, hashable
 

@@ -1,5 +1,6 @@
-"""The model's parameters from its abstract shapes (no allocation): counts, shapes, partition specs and
-shardings by the rules of qwen3_jax.partition, and the split of a model into graph, abstract state and a pure dict."""
+"""The model's parameters from the weight table (qwen3_jax.weights; no allocation): counts, shapes, partition specs
+and shardings by the rules of qwen3_jax.partition, and the split of a model into graph, abstract state and a pure
+dict."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .config import Qwen3Config
 from .model import Qwen3ForCausalLM
 from .partition import check_experts, spec_for
+from .weights import weights
 
 
 def abstract_model(cfg: Qwen3Config, param_dtype=jnp.bfloat16, *, dtype=None, runtime=None) -> Qwen3ForCausalLM:
@@ -31,32 +33,37 @@ def param_count(cfg: Qwen3Config | str) -> dict[str, int]:
     """
     if isinstance(cfg, str):
         cfg = Qwen3Config.preset(cfg)
-    flat = nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))
     total = active = 0
-    for path, var in flat:
-        n = math.prod(var.get_value().shape)
+    for w in weights(cfg):
+        n = math.prod(w.shape)
         total += n
-        if path[:2] == ("layers", "moe") and path[2] != "router":
+        if "expert" in w.axes:
             n = n * cfg.num_experts_per_tok // cfg.num_experts  # only top-k experts per token
         active += n
     return {"total": int(total), "active": int(active)}
 
 
 def param_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """{parameter path: shape} of the real module, from its abstract (unallocated) instance."""
-    flat = nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))
-    return {tuple(path): tuple(var.get_value().shape) for path, var in flat}
+    """{parameter path: shape}, from the weight table (the shapes the model's modules create)."""
+    return {w.path: w.shape for w in weights(cfg)}
 
 
 def param_specs(cfg, mesh_shape: Mapping[str, int], rules=None) -> dict[tuple[str, ...], P]:
-    """{parameter path: PartitionSpec}; needs only the mesh's axis sizes (no devices)."""
+    """{parameter path: PartitionSpec}; needs only the mesh's axis sizes (no devices).
+
+    rules: None (qwen3_jax.partition.PARAM_RULES), a logical table {logical axis: mesh axes} such as
+    SERVE_PARAM_RULES, applied to each weight's logical axes (qwen3_jax.weights), or a regex table
+    ((path pattern, spec), ...) matched against "layers/moe/gate_proj"-style paths, first match wins.
+    A parameter no rule covers, or a mesh axis that does not divide a parameter's dimension (where the rule does not
+    say IfDivides), is a ValueError naming the parameter and the mesh."""
     mesh_shape = dict(mesh_shape)
     check_experts(cfg.num_experts if cfg.is_moe else 0, mesh_shape)
-    return {path: spec_for(path, shape, mesh_shape, rules) for path, shape in param_shapes(cfg).items()}
+    return {w.path: spec_for(w.path, w.shape, mesh_shape, rules, axes=w.axes) for w in weights(cfg)}
 
 
 def param_shardings(cfg, mesh, rules=None) -> dict[tuple[str, ...], NamedSharding]:
-    """{parameter path, e.g. ("layers", "moe", "gate_proj"): NamedSharding} for `from_pretrained`."""
+    """{parameter path, e.g. ("layers", "moe", "gate_proj"): NamedSharding} for `from_pretrained`
+    (rules: as `param_specs`)."""
     return {path: NamedSharding(mesh, spec) for path, spec in param_specs(cfg, mesh.shape, rules).items()}
 
 

@@ -131,19 +131,76 @@ def test_make_mesh_says_why_it_has_no_device_layout(monkeypatch):
     assert list(mesh.devices.flat) == jax.devices()[:8]
 
 
-def test_rules_degrade_gracefully_when_not_divisible():
+def test_activations_degrade_gracefully_when_not_divisible():
     sizes = {"data": 2, "fsdp": 2, "expert": 4, "tensor": 2}
     assert fit_spec(("tensor", ("fsdp", "expert")), (7, 64), sizes) == P(None, ("fsdp", "expert"))
     assert fit_spec((("data", "fsdp", "expert"), None), (4, 3), sizes) == P(("data", "fsdp"), None)
     assert fit_spec((("data", "fsdp", "expert"), None), (1, 3), sizes) == P(None, None)
-    specs = param_specs(CFG.replace(num_key_value_heads=1, num_attention_heads=3), {"tensor": 2, "expert": 8})
+
+
+def test_param_specs_follow_logical_axes_and_say_where_they_may_replicate():
+    # GQA with tensor > kv heads: the table says kv heads (and vocab) split only where 'tensor' divides them
+    specs = param_specs(CFG.replace(num_key_value_heads=1, num_attention_heads=2), {"tensor": 2, "expert": 8})
     assert specs[("layers", "attn", "k_proj")] == P(None, None, None, "expert")   # 1 kv head: not split
-    assert specs[("layers", "attn", "q_proj")] == P(None, None, None, "expert")   # 3 heads: not split
+    assert specs[("layers", "attn", "q_proj")] == P(None, "tensor", None, "expert")
     assert specs[("layers", "moe", "gate_proj")] == P(None, "expert", None, "tensor")
+    assert param_specs(CFG.replace(vocab_size=127), {"tensor": 2})[("embed_tokens",)] == P(None, None)
     full = param_specs(CFG, {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
     assert full[("layers", "moe", "down_proj")] == P(None, "expert", "tensor", "fsdp")
+    assert full[("layers", "moe", "router")] == P(None, ("fsdp", "expert"), None)
     assert full[("embed_tokens",)] == P("tensor", ("fsdp", "expert"))
+    assert full[("lm_head",)] == P(("fsdp", "expert"), "tensor")
+    mixed = param_specs(CFG.replace(mlp_only_layers=[1]), {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
+    assert mixed[("layers", "mlp", "down_proj")] == P(None, "tensor", ("fsdp", "expert"))
+    assert mixed[("layers", "mlp", "up_proj")] == P(None, ("fsdp", "expert"), "tensor")
     assert all(spec[0] is None for path, spec in full.items() if path[0] == "layers")  # layer axis never split
+    serve = param_specs(CFG, {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}, qwen3_jax.sharding.SERVE_PARAM_RULES)
+    assert serve[("layers", "attn", "q_proj")] == P(None, "tensor", None, None)
+    assert serve[("layers", "moe", "gate_proj")] == P(None, "expert", None, "tensor")
+    assert serve[("embed_tokens",)] == P("tensor", None) and serve[("layers", "moe", "router")] == P(None, None, None)
+    # serving on every device over 'tensor' (qwen3-jax-infer's multi-process default): 4 heads on tensor=8 replicate
+    wide = param_specs(CFG, {"tensor": 8}, qwen3_jax.sharding.SERVE_PARAM_RULES)
+    assert wide[("layers", "attn", "o_proj")] == P(None, None, None, None)
+    assert wide[("layers", "moe", "down_proj")] == P(None, None, "tensor", None)
+
+
+def test_a_parameter_axis_that_does_not_divide_is_an_error_naming_parameter_and_mesh():
+    with pytest.raises(ValueError, match=r"parameter layers/attn/q_proj \(2, 3, 16, 64\): dimension 1 \(heads\) of "
+                       r"size 3 is not divisible by mesh axis 'tensor' \(size 2\) of the mesh \(tensor=2, expert=8\)"):
+        param_specs(CFG.replace(num_key_value_heads=1, num_attention_heads=3), {"tensor": 2, "expert": 8})
+    # the expert width F=36 over tensor=8 (8 query heads divide; the 2 kv heads are replicated)
+    mesh = make_mesh(tensor=8)
+    with pytest.raises(ValueError, match=r"layers/moe/gate_proj .*dimension 3 \(mlp\) of size 36 .*'tensor' "
+                       r"\(size 8\) of the mesh \(data=1, fsdp=1, expert=1, tensor=8\)"):
+        shard_model(_build(CFG.replace(num_attention_heads=8, moe_intermediate_size=36)), mesh)
+    # FSDP over fsdp x expert: D=64 on fsdp=4 x expert=2 divides; on D=36 the 'expert' factor does not
+    odd = CFG.replace(hidden_size=36)
+    with pytest.raises(ValueError, match=r"embed_tokens \(128, 36\): dimension 1 \(embed\) of size 36 .*"
+                       r"'expert' \(size 2, after \['fsdp'\] of size 4\)"):
+        param_specs(odd, {"fsdp": 4, "expert": 2})
+
+
+def test_a_parameter_no_rule_covers_is_an_error_naming_it():
+    regex = ((r"embed_tokens", ("tensor", None)), (r"layers/.*", None))
+    with pytest.raises(ValueError, match=r"parameter norm \(64,\): no partition rule matches it .*mesh \(tensor=2\)"):
+        param_specs(CFG, {"tensor": 2}, regex)
+    partial = {k: v for k, v in qwen3_jax.sharding.PARAM_RULES.items() if k != "router_experts"}
+    with pytest.raises(ValueError, match=r"parameter layers/moe/router \(2, 64, 16\): no partition rule for its "
+                       r"logical axes \['router_experts'\]"):
+        param_specs(CFG, {"tensor": 2}, partial)
+
+
+def test_a_users_regex_rules_still_place_parameters():
+    """rules= also takes today's regex table ((pattern, spec), first match wins), strict the same way."""
+    rules = ((r"embed_tokens|lm_head", (None, None)), (r"norm", (None,)), (r"layers/attn/.*norm", (None, None)),
+             (r"layers/attn/.*", (None, "tensor", None, None)), (r"layers/moe/router", (None, None, None)),
+             (r"layers/moe/.*", (None, "expert", None, None)))
+    specs = param_specs(CFG, {"tensor": 2, "expert": 4}, rules)
+    assert specs[("layers", "attn", "k_proj")] == P(None, "tensor", None, None)
+    assert specs[("layers", "moe", "down_proj")] == P(None, "expert", None, None)
+    assert specs[("lm_head",)] == P(None, None)
+    with pytest.raises(ValueError, match=r"layers/attn/k_proj .*dimension 1 \(kv_heads\) of size 2 .*'tensor' \(size 4\)"):
+        param_specs(CFG, {"tensor": 4}, rules)
 
 
 @pytest.mark.parametrize("name", list(MESHES))

@@ -11,7 +11,11 @@ from qwen3_jax.partition import place
 
 
 def shard_model(model, mesh, rules=None):
-    """Move an existing model's parameters onto `mesh` by the rules, in place; sets `model.mesh`."""
+    """Move an existing model's parameters onto `mesh` by the rules, in place; sets `model.mesh`.
+
+    rules: None (qwen3_jax.partition.PARAM_RULES), a logical table {logical axis: mesh axes} (SERVE_PARAM_RULES), or
+    a regex table ((path pattern, spec), ...): see qwen3_jax.params.param_specs. A parameter no rule covers, or a
+    mesh axis that does not divide a parameter's dimension, is a ValueError naming the parameter and the mesh."""
     shardings = param_shardings(model.config, mesh, rules)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         var.set_value(place(var.get_value(), shardings[tuple(path)]))
