@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 import qwen3_jax
-from qwen3_jax import Qwen3Config, Qwen3ForCausalLM
+from qwen3_jax import Qwen3Config, Qwen3ForCausalLM, Runtime
 from qwen3_jax.kernels.gmm import grouped_swiglu
 from tests.hf_ref import CONFIGS, hf_forward
 
@@ -251,3 +251,14 @@ def test_few_rows_read_the_layer_stack_once_per_distinct_expert():
     kernel = jax.jit(lambda x: grouped_swiglu(x, *w_l, sizes, impl="cpu", stacked=(ws, jnp.int32(layer))))
     np.testing.assert_allclose(kernel(x), _swiglu_reference(x, w_l, sizes), rtol=1e-5, atol=1e-6)
     assert "while" in kernel.lower(x).compile().as_text()          # the kernel's loop, not the gather
+
+
+def test_attention_for_falls_back_to_xla_where_the_kernel_cannot_run():
+    """kernels.Kernels.attention_for: splash needs T in blocks of 128, cuDNN bf16 / fp16; else the choice stands."""
+    import dataclasses
+
+    ks = Runtime().kernels
+    splash, cudnn = dataclasses.replace(ks, attention="splash"), dataclasses.replace(ks, attention="cudnn")
+    assert splash.attention_for(256, jnp.float32) == "splash" and splash.attention_for(200, jnp.bfloat16) == "xla"
+    assert cudnn.attention_for(200, jnp.bfloat16) == "cudnn" and cudnn.attention_for(200, jnp.float32) == "xla"
+    assert ks.attention_for(7, jnp.float32) == ks.attention

@@ -31,6 +31,7 @@ import glob
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from .gmm import IMPLS as GMM
 
@@ -140,6 +141,15 @@ class Kernels:
         if self.platform != "cpu":
             return 0
         return num_experts // 2 if stacked else num_experts
+
+    def attention_for(self, seq_len: int, dtype) -> str:
+        """The attention of a call without a cache: the platform's choice, or XLA's where that kernel cannot run
+        it (splash tiles the sequence in blocks of 128; cuDNN's fused attention is bf16 / fp16)."""
+        if self.attention == "splash" and seq_len % 128:
+            return "xla"
+        if self.attention == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            return "xla"
+        return self.attention
 
     def in_place_moe_rows(self, num_experts: int) -> int:
         """Most token copies for which KV-cached inference runs the XLA:CPU experts kernel, which streams each

@@ -43,11 +43,7 @@ def segment_mask(seg_bt, t: int, b: int):
 def attention(q_bthd, k_bthd, v_bthd, seg_bt, *, ks, mesh=None):
     """See the module docstring; ks: the qwen3_jax.kernels choices, mesh: the mesh of a sharded program."""
     b, t, h, hd = q_bthd.shape
-    impl = ks.attention
-    if impl == "splash" and t % 128:
-        impl = "xla"       # splash tiles the sequence in blocks of 128
-    if impl == "cudnn" and q_bthd.dtype not in (jnp.bfloat16, jnp.float16):
-        impl = "xla"       # cuDNN's fused attention is bf16 / fp16
+    impl = ks.attention_for(t, q_bthd.dtype)
     if impl == "splash":
         return splash_attention(q_bthd, k_bthd, v_bthd, seg_bt, mesh=mesh, interpret=ks.interpret)
     if impl == "chunked":
