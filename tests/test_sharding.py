@@ -348,12 +348,12 @@ def test_ragged_dispatch_bounded_buffers_rounds_and_padding():
 
     valid = jnp.asarray(np.random.default_rng(5).random((2, 5)) > 0.4)
     for r_t in (rt, Runtime(mesh=mesh)):                                       # ragged and padded
-        y3, _, d3 = ep_moe(x, valid, p, CFG, r_t)
+        y3, _, d3 = jax.jit(lambda x, v, p: ep_moe(x, v, p, CFG, r_t))(x, valid, p)
         want_y = moe_block(x, p, CFG, KS, valid_bt=valid)[0]
         np.testing.assert_allclose(np.asarray(y3), np.asarray(want_y), atol=1e-5, rtol=0)
         assert not np.asarray(y3)[~np.asarray(valid)].any() and int(d3) == 0
     tight = Runtime(mesh=mesh, capacity_factor=0.5)
-    assert int(ep_moe(x, jnp.zeros((2, 5), bool), p, CFG, tight)[2]) == 0     # padding never counts as dropped
+    assert int(jax.jit(lambda x, p: ep_moe(x, jnp.zeros((2, 5), bool), p, CFG, tight))(x, p)[2]) == 0  # padding: not dropped
 
     real = rt.replace(ep_dispatch="ragged")
     text = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2).lower(x, p, real).as_text()
@@ -494,17 +494,18 @@ def test_kv_cached_inference_never_drops():
     ref = moe_block(x, p, CFG, KS)[0]
     for rt in (Runtime(mesh=mesh, capacity_factor=0.25), Runtime(mesh=mesh, ep_dispatch="ragged_emulated",
                                                                   ep_buffer_factor=0.25)):
-        assert int(ep_moe(x, None, p, CFG, rt)[2]) > 0                            # training: drops
+        assert int(jax.jit(lambda x, p: ep_moe(x, None, p, CFG, rt))(x, p)[2]) > 0  # training: drops
         y, _, dropped = jax.jit(lambda x, p: ep_moe(x, None, p, CFG, rt, inference=True))(x, p)
         np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5, rtol=0)
         assert int(dropped) == 0
     from qwen3_jax.model import KVCache
 
     ids = _ids(TRAIN, seed=3)
-    one = _build()(ids, cache=KVCache.init(CFG, TRAIN[0], 8))
+    cached = nnx.jit(lambda m, ids: m(ids, cache=KVCache.init(CFG, TRAIN[0], 8)))
+    one = cached(_build(), ids)
     model = shard_model(_build(capacity_factor=0.25), mesh)
-    assert int(np.asarray(model(ids).dropped_tokens).sum()) > 0                 # without a cache: a training forward
-    out = model(ids, cache=KVCache.init(CFG, TRAIN[0], 8))
+    assert int(np.asarray(_fwd(model, ids).dropped_tokens).sum()) > 0            # without a cache: a training forward
+    out = cached(model, ids)
     assert int(np.asarray(out.dropped_tokens).sum()) == 0
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(one.logits), atol=1e-5, rtol=0)
 
