@@ -20,6 +20,7 @@ from qwen3_jax import aot
 from qwen3_jax import cli as demo_cli
 from qwen3_jax.infer import chat_cli
 from qwen3_jax.infer import cli as infer_cli
+from qwen3_jax.infer import server as serve_cli
 from qwen3_jax.kernels import accelerator_present
 from qwen3_jax.routing import cli as routing_cli
 from qwen3_jax.sharding import plan as plan_cli
@@ -84,6 +85,9 @@ def test_bad_checkpoint_is_one_line_exit_2_everywhere(models, tmp_path, capsys, 
 def test_missing_things_and_bad_flags_are_one_line_exit_2(models, tmp_path, capsys):
     run = ["--data", models["data"], "--output", str(tmp_path / "run"), "--steps", "1", "--no-progress"]
     missing = str(tmp_path / "nowhere")
+    bad_tok = tmp_path / "bad_tokenizer"
+    bad_tok.mkdir()
+    (bad_tok / "tokenizer.json").write_text("{not json")
     cases = [
         (train_cli.main, ["--model", missing, *run], "qwen3-jax-train", "not a checkpoint directory nor a preset"),
         (train_cli.main, ["--model", models["good"], *run, "--bogus"], "qwen3-jax-train", "--bogus"),
@@ -103,6 +107,8 @@ def test_missing_things_and_bad_flags_are_one_line_exit_2(models, tmp_path, caps
         (infer_cli.main, ["--model", models["good"], "--input", models["data"], "--output", str(tmp_path / "o.jsonl"),
                           "--top-k", "20"], "qwen3-jax-infer", "1..4", "--sampling-top-k"),
         (plot_cli.main, [missing], "qwen3-jax-plot", "no metrics.jsonl"),
+        (serve_cli.main, ["--model", models["good"], "--tokenizer", str(bad_tok), "--port", "0"], "qwen3-jax-serve",
+         "cannot load tokenizer.json"),
         (demo_cli.main, ["demo", "--steps", "many"], "qwen3-jax demo", "--steps"),
     ]
     for fn, argv, prog, *why in cases:

@@ -48,7 +48,7 @@ from qwen3_jax.hostmem import tune_malloc
 from qwen3_jax.launch import ArgumentParser, default_platform
 
 from . import protocol as P
-from .loading import (SAMPLING_FLAGS, SamplingDefaults, add_model_args, add_sampling_flags, load_model, load_tokenizer,
+from .loading import (SAMPLING_FLAGS, SamplingDefaults, add_model_args, add_sampling_flags, checked_tokenizer, load_model,
                       setup)
 from .scheduler import EngineDead, QueueFull
 from .serving import (RESERVED_TEMPLATE_KWARGS, BadRequest, ChatPlan, ChatRun, ChoiceOutput, EngineService,
@@ -913,7 +913,7 @@ def main(argv=None) -> int:
         except MCPError as e:
             p.error(str(e))
         log.info("MCP tools: %s", ", ".join(sorted(mcp.names)) or "(none)")
-    tokenizer = load_tokenizer(args)
+    tokenizer = checked_tokenizer(p, args)   # a tokenizer.json that does not load: one usage line
     model = load_model(args)
     max_len = args.max_len or min(cfg.max_position_embeddings, 8192)
     holder = {}
